@@ -1,0 +1,25 @@
+# Two entry points from a fresh clone: `make test` (and, with the embedded-model issue, `make demo`).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch is pinned before the package installs so that pip never resolves an unpinned torch:
+# here this is the local CPU wheel; on a GPU machine PyTorch's CUDA build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
