@@ -1,0 +1,138 @@
+"""The one preprocessing path: any supported file or folder → model-ready images with provenance.
+
+Training, evaluation, annotation and serving all call :func:`load_images`, so a DICOM is windowed,
+inverted and sampled the same way everywhere (no train/serve skew).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from emma.errors import InputError
+from emma.io.image import ModelImage
+from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.io.windows import Window
+
+Plane = Literal["axial", "coronal", "sagittal"]
+SliceMode = Literal["slice", "slab", "mip"]
+
+
+class SourceFormat(StrEnum):
+    DICOM = "dicom"
+    DICOM_SERIES = "dicom-series"
+    NIFTI = "nifti"
+    RASTER = "raster"
+
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def detect_format(path: str | os.PathLike[str]) -> SourceFormat:
+    """Decide how to read ``path`` from its content first, its name second."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return SourceFormat.DICOM_SERIES
+    name = p.name.lower()
+    with p.open("rb") as fh:
+        head = fh.read(352)
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return SourceFormat.DICOM
+    if name.endswith(_NIFTI_SUFFIXES) or head[344:348] in (b"n+1\0", b"ni1\0"):
+        return SourceFormat.NIFTI
+    if name.endswith(".dcm"):
+        return SourceFormat.DICOM
+    if name.endswith(_RASTER_SUFFIXES):
+        return SourceFormat.RASTER
+    # Content sniffing for extension-less files: a raster PIL recognises, else DICOM without preamble.
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p):
+            return SourceFormat.RASTER
+    except (UnidentifiedImageError, OSError):
+        pass
+    return SourceFormat.DICOM
+
+
+@dataclass(frozen=True)
+class VolumeSampling:
+    """How a 3D volume becomes 2D images for a VLM."""
+
+    plane: Plane = "axial"
+    n: int = 8
+    mode: SliceMode = "slice"
+    slab_mm: float = 10.0
+
+
+def load_images(
+    path: str | os.PathLike[str],
+    *,
+    window: Window | str | None = None,
+    sampling: VolumeSampling = VolumeSampling(),
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[ModelImage]:
+    """Read a file or a DICOM series folder into RGB uint8 images, each with its provenance.
+
+    2D files give one image per frame; series, NIfTI volumes and mosaics give ``sampling.n`` images in
+    ``sampling.plane``. ``window`` is a :class:`Window`, a preset name or ``"C,W"``; ``None`` uses the
+    file's own VOI (or a robust percentile window when it has none).
+    """
+    from emma.io import dicom, nifti, raster, volume
+
+    fmt = detect_format(path)
+    if fmt is SourceFormat.RASTER:
+        return raster.raster_images(path, window=window, limits=limits, source=str(path))
+    if fmt is SourceFormat.NIFTI:
+        vol = nifti.load_nifti(path, limits=limits)
+    elif fmt is SourceFormat.DICOM_SERIES:
+        vol = volume.load_series(path, limits=limits)
+    else:
+        ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
+        if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+            return dicom.dicom_images(path, window=window, limits=limits, source=str(path))
+        vol = volume.load_series([Path(path)], limits=limits)
+    return volume.sample_slices(
+        vol,
+        plane=sampling.plane,
+        n=sampling.n,
+        mode=sampling.mode,
+        slab_mm=sampling.slab_mm,
+        window=window,
+    )
+
+
+def describe(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Header-level summary for ``emma info``: no pixel decoding, PHI fields by name only."""
+    from emma.io import deid, dicom, nifti, raster, volume
+
+    fmt = detect_format(path)
+    info: dict[str, Any] = {"path": str(path), "format": fmt.value}
+    if fmt is SourceFormat.RASTER:
+        info.update(raster.raster_summary(path))
+    elif fmt is SourceFormat.NIFTI:
+        vol = nifti.load_nifti(path, limits=limits)
+        info.update(
+            {
+                "shape": list(vol.data.shape),
+                "spacing": [round(float(s), 4) for s in vol.spacing],
+                "affine": [[round(float(v), 4) for v in row] for row in vol.affine],
+                "geometry": vol.geometry.as_dict(),
+            }
+        )
+    elif fmt is SourceFormat.DICOM_SERIES:
+        series = volume.series_summary(path, limits)
+        info["series_count"] = len(series)
+        info["series"] = series
+    else:
+        ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
+        info.update(dicom.dicom_summary(ds))
+        info["phi_fields"] = deid.phi_keywords_present(ds)
+    return info
+
