@@ -1,0 +1,213 @@
+"""Raster images (PNG, JPEG, TIFF, BMP, GIF, WebP) → model-ready RGB uint8 images with provenance.
+
+- 8-bit grayscale → RGB; RGBA / LA → alpha dropped; palette, CMYK, YCbCr → RGB; EXIF orientation
+  applied (recorded).
+- High bit depth grayscale (16-bit PNG/TIFF: PIL modes ``I;16*``, 32-bit ``I``, float ``F``) → float →
+  explicit window / preset or a robust percentile window → uint8 with clipping. Never ``>> 8``, never
+  wraparound.
+- Multi-page TIFF (and animated GIF/WebP) → one image per frame.
+
+Bounds are checked after :func:`PIL.Image.open` (which reads only the header) and before any pixel
+data is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from emma.errors import CorruptFileError, ImageTooLargeError
+from emma.io.image import ModelImage
+from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.io.provenance import Provenance
+from emma.io.windows import Window, apply_window, gray_to_rgb, parse_window, percentile_window, to_uint8
+
+__all__ = ["RASTER_FORMATS", "raster_images", "raster_summary"]
+
+# PIL format name → provenance format. Only these decoders are enabled (no EPS/PDF/... plugins).
+RASTER_FORMATS: dict[str, str] = {
+    "PNG": "png",
+    "JPEG": "jpeg",
+    "MPO": "jpeg",
+    "TIFF": "tiff",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "WEBP": "webp",
+}
+_OPEN_FORMATS = ["PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP"]  # the JPEG plugin also yields MPO
+_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+_EXIF_ORIENTATION = 0x0112
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path, formats=_OPEN_FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"{path}: image dimensions over the decoder's safety bound") from None
+    except UnidentifiedImageError:
+        raise CorruptFileError(f"{path}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WebP)") from None
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise CorruptFileError(f"{path}: unreadable image header ({type(exc).__name__})") from None
+
+
+def _n_frames(im: Image.Image, path: Path) -> int:
+    try:
+        return int(getattr(im, "n_frames", 1))
+    except _DECODE_ERRORS as exc:
+        raise CorruptFileError(f"{path}: unreadable frame directory ({type(exc).__name__})") from None
+
+
+def _resolve_window(window: Window | str | None) -> tuple[Window | None, str]:
+    if isinstance(window, Window):
+        return window, "explicit"
+    if isinstance(window, str):
+        return parse_window(window)
+    return None, ""
+
+
+def _window_params(window: Window, source: str) -> dict[str, Any]:
+    return {
+        "source": source,
+        "center": float(window.center),
+        "width": float(window.width),
+        "function": str(window.function),
+    }
+
+
+def _gray_to_uint8(
+    values: np.ndarray, window: Window | None, label: str, prov: Provenance, *, fallback: bool
+) -> np.ndarray:
+    """Window grayscale ``values`` to uint8: the given window, else (when ``fallback``) a percentile one,
+    else the values unchanged (already 8-bit)."""
+    if window is None and not fallback:
+        return values.astype(np.uint8, copy=False)
+    x = values.astype(np.float32, copy=False)
+    finite = np.isfinite(x) if x.dtype.kind == "f" else None
+    has_nonfinite = finite is not None and not finite.all()
+    if window is None:
+        sample = x[finite] if has_nonfinite else x
+        if sample.size == 0:
+            raise CorruptFileError(f"{prov.source}: image has no finite pixel values")
+        window, label = percentile_window(sample), "percentile"
+    prov.add("voi", **_window_params(window, label))
+    unit = apply_window(x, window)
+    if has_nonfinite:
+        unit = np.nan_to_num(unit, nan=0.0)
+    prov.add("to_uint8", method="round_clip", range=[0, 255])
+    return to_uint8(unit)
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # malformed EXIF: ignore it rather than refuse the image
+        return 1
+
+
+def _frame_to_rgb(im: Image.Image, window: Window | None, label: str, prov: Provenance) -> np.ndarray:
+    mode = im.mode
+    if mode in _HIGH_DEPTH_MODES:
+        prov.add("decode", mode=mode)
+        return gray_to_rgb(_gray_to_uint8(np.asarray(im), window, label, prov, fallback=True))
+    if mode in ("L", "LA", "1", "La"):
+        if mode != "L":
+            im = im.convert("L")
+            prov.add(
+                "convert",
+                mode_from=mode,
+                mode_to="L",
+                alpha="dropped" if "A" in mode or "a" in mode else None,
+            )
+        return gray_to_rgb(_gray_to_uint8(np.asarray(im), window, label, prov, fallback=False))
+    if mode != "RGB":
+        converted = im.convert("RGB")
+        prov.add(
+            "convert", mode_from=mode, mode_to="RGB", alpha="dropped" if "A" in mode or "a" in mode else None
+        )
+        im = converted
+    if window is not None:
+        prov.add("color", to="RGB", window_ignored=True)
+    return np.array(im, dtype=np.uint8)
+
+
+def raster_images(
+    path: str | os.PathLike[str],
+    *,
+    window: Window | str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    source: str | None = None,
+) -> list[ModelImage]:
+    """Read a PNG/JPEG/TIFF/BMP/GIF/WebP file → one RGB uint8 :class:`ModelImage` per frame/page.
+
+    ``window`` (a :class:`Window`, preset name or ``"C,W"``) applies to grayscale images; high bit depth
+    grayscale without a window gets a percentile window. Size and frame count are checked against
+    ``limits`` before decoding; unreadable or truncated files raise CorruptFileError.
+    """
+    path = Path(path)
+    limits.check_file(path)
+    src = source or str(path)
+    win, label = _resolve_window(window)
+    images: list[ModelImage] = []
+    with _open(path) as im:
+        fmt = RASTER_FORMATS.get(im.format or "", (im.format or "image").lower())
+        n = _n_frames(im, path)
+        width, height = im.size
+        limits.check_image(height, width, n, what=src)
+        for i in range(n):
+            try:
+                if i:
+                    im.seek(i)
+                w, h = im.size
+                limits.check_image(h, w, n, what=src)
+                im.load()
+                prov = Provenance(source=src, format=fmt, frame=i)
+                frame = im
+                orientation = _exif_orientation(im)
+                if orientation in range(2, 9):
+                    frame = ImageOps.exif_transpose(im)
+                    prov.add("exif_transpose", orientation=orientation)
+                pixels = _frame_to_rgb(frame, win, label, prov)
+            except (ImageTooLargeError, CorruptFileError):
+                raise
+            except _DECODE_ERRORS as exc:
+                raise CorruptFileError(
+                    f"{src}: truncated or corrupt image data in frame {i} ({type(exc).__name__})"
+                ) from None
+            images.append(ModelImage(pixels=np.ascontiguousarray(pixels), provenance=prov))
+    return images
+
+
+def raster_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """JSON-able header summary (no pixel decoding, no embedded text/metadata that could hold PHI)."""
+    path = Path(path)
+    with _open(path) as im:
+        mode = im.mode
+        bits = {"1": 1, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}.get(mode, 8)
+        dpi = im.info.get("dpi")
+        return {
+            "format": RASTER_FORMATS.get(im.format or "", (im.format or "").lower()),
+            "mode": mode,
+            "width": im.size[0],
+            "height": im.size[1],
+            "frames": _n_frames(im, path),
+            "bits_per_sample": bits,
+            "grayscale": mode in _HIGH_DEPTH_MODES or mode in ("1", "L", "LA", "La"),
+            "has_alpha": mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info,
+            "dpi": [float(v) for v in dpi] if isinstance(dpi, tuple) else None,
+        }
