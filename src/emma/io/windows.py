@@ -99,4 +99,4 @@ def to_uint8(unit: np.ndarray, invert: bool = False) -> np.ndarray:
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     """Stack an ``(H, W)`` uint8 image to ``(H, W, 3)``."""
-    return np.repeat(gray[..., None], 3, axis=-1)
+    return np.stack((gray, gray, gray), axis=-1)
