@@ -1,0 +1,84 @@
+"""Request and response types of the Engine interface: every model call in EMMA speaks these."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from PIL import Image
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class TextPart:
+    text: str
+
+
+@dataclass
+class ImagePart:
+    """A model-ready RGB image (already through emma.io's preprocessing path)."""
+
+    image: Image.Image
+
+
+@dataclass
+class Message:
+    role: Role
+    content: list[TextPart | ImagePart]
+
+    @classmethod
+    def text(cls, role: Role, text: str) -> "Message":
+        return cls(role=role, content=[TextPart(text)])
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [p.image for p in self.content if isinstance(p, ImagePart)]
+
+    @property
+    def text_content(self) -> str:
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 → greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[Message]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancel: threading.Event = field(default_factory=threading.Event)  # set → stop generating
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [im for m in self.messages for im in m.images]
+
+
+@dataclass
+class GenerationResponse:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    first_token_s: float | None = None
+    error: str | None = None  # set when finish_reason == "error" (one line, no PHI)
+
+
+@dataclass
+class StreamChunk:
+    """One streamed delta; the last chunk of a stream carries the final ``response`` (usage, finish)."""
+
+    delta: str
+    response: GenerationResponse | None = None
