@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, scorers, statistics, tasks, runner and reports."""
