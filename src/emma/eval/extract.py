@@ -34,11 +34,40 @@ fracture"`` → no (``no`` is a whole word there, and it leads). ``abnormal``, `
 ``not normal`` are not yes/no words (no substring matching), so ``"The image is abnormal"`` is
 unparseable, never a "no".
 
+**Chinese yes/no** (SLAKE-zh; every CJK character is its own token, so the whole-word rule above
+cannot tell 是 from 不是). :func:`extract_yes_no` and :func:`extract_closed` take
+``lang="en" | "zh" | None``; ``None`` (the default) picks ``"zh"`` when the located answer (or, for
+:func:`extract_closed`, the gold) contains a CJK character, else ``"en"`` (pure-ASCII answers are
+scored exactly as before). With ``"zh"`` the normalised located answer is scanned left to right for
+the expressions below; the **leading** one wins and at each position the **longest** one is tried
+first, so negated forms beat their positive substrings (不是 before 是, 没有 before 有, 不存在
+before 存在). A *clause* starts at the beginning of the answer or after punctuation/whitespace.
+
+- no, anywhere (like English "no fracture"): 不是, 没有, 无, 不存在, 未见, 未发现;
+- no, at a clause start: 否; as a whole clause only: 不, 不对 (so 不正常, 不确定, 不对称 are not "no");
+- yes, at a clause start only: 是的, 是, 对的, 有, 存在; as a whole clause: 对. A positive word in
+  mid-clause is a copula or verb, not an answer: 这是CT is unparseable, like English "This is CT";
+- English ``yes`` / ``no`` as whole words (bounded by space, CJK or the ends), anywhere;
+- never yes/no (skipped as a unit, so their characters cannot match): 是否, 是不是, 有没有, 有无,
+  能否, 可否, 与否, 否则, 否认, 无法, 无论, 无关, 无从, 无名 (无名骨), 有可能, 有些, 有点, 有时.
+
+正常 / 异常 / 不正常 are not yes/no words (as English normal/abnormal), so 异常 is unparseable; 无明显异常
+is "no" (无 leads, like "no abnormality"). ``"是的，有骨折"`` → yes; ``"是的，没有骨折"`` → yes (the
+leading expression). The value is always the polarity ``"yes"`` / ``"no"``. A gold is yes/no
+(:func:`yes_no_value`) when, normalised, it is ``yes``/``no`` or one of the Chinese expressions above
+(是, 是的, 对, 对的, 有, 存在 → yes; 否, 不, 不是, 不对, 没有, 无, 不存在, 未见, 未发现 → no); the
+scorer compares polarities, so gold 是 and answer 有 agree, gold 有 and answer 没有 do not.
+
 **Closed, gold not yes/no** (:func:`extract_closed`): correct when the normalised located answer equals
 the normalised gold, or the gold's tokens occur as a contiguous whole-word run in it. The value is then
 the normalised gold; otherwise the normalised located answer (a parsed, wrong answer). Known limit:
 ``"left, not right"`` contains gold ``right`` as whole words and counts as right (the rule the issue
-fixes; a question's alternatives are not known to the extractor).
+fixes; a question's alternatives are not known to the extractor). In ``"zh"`` mode the gold's tokens
+must occur as a contiguous run (for CJK: a substring) that is **not negated**: an occurrence
+directly preceded by a negator (不 / 没 / 无 / 非 / 未), optionally followed by one of 是 / 在 / 为 / 于 /
+有 / 见 / 是在 / 位于 / 属于, does not count. So ``"不是左边而是右边"`` is wrong for gold 左 and right for
+gold 右; ``"不，左侧"`` is right for 左 (punctuation ends the negation). Known limit, as in English:
+``"左右两侧"`` contains 左.
 
 **Multiple choice** (:func:`extract_choice`), value = option index:
 
@@ -92,6 +121,7 @@ _NON_WORD_RE = re.compile(r"[^\w\s]|_")
 _ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_CJK_RE = re.compile(rf"[{_CJK}]")
 
 
 def normalize_answer(text: str) -> str:
@@ -105,6 +135,11 @@ def normalize_answer(text: str) -> str:
 def tokens(text: str) -> list[str]:
     """Tokens of the normalised text: whitespace-separated words, each CJK character on its own."""
     return _TOKEN_RE.findall(normalize_answer(text))
+
+
+def has_cjk(text: str) -> bool:
+    """Whether ``text`` contains a CJK ideograph or kana (the ``lang=None`` auto-detection)."""
+    return _CJK_RE.search(text) is not None
 
 
 def contains_phrase(haystack: Sequence[str], needle: Sequence[str]) -> bool:
@@ -193,35 +228,107 @@ def _empty(located: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ yes / no
 
+Lang = Literal["en", "zh"]
 
-def extract_yes_no(text: str | None) -> Extraction:
-    """The leading whole word ``yes``/``no`` of the located answer (see module docstring)."""
+# Chinese yes/no expressions (see the module docstring). Positions: "any" anywhere, "start" at a
+# clause start, "clause" as a whole clause; polarity None = never yes/no (skipped as a unit).
+_ZH_RULES: tuple[tuple[str, str, str | None], ...] = (
+    ("不是", "any", "no"), ("没有", "any", "no"), ("无", "any", "no"), ("不存在", "any", "no"),
+    ("未见", "any", "no"), ("未发现", "any", "no"),
+    ("否", "start", "no"), ("不", "clause", "no"), ("不对", "clause", "no"),
+    ("是的", "start", "yes"), ("是", "start", "yes"), ("对的", "start", "yes"), ("有", "start", "yes"),
+    ("存在", "start", "yes"), ("对", "clause", "yes"),
+    ("是否", "any", None), ("是不是", "any", None), ("有没有", "any", None), ("有无", "any", None),
+    ("能否", "any", None), ("可否", "any", None), ("与否", "any", None), ("否则", "any", None),
+    ("否认", "any", None), ("无法", "any", None), ("无论", "any", None), ("无关", "any", None),
+    ("无从", "any", None), ("无名", "any", None), ("有可能", "any", None), ("有些", "any", None),
+    ("有点", "any", None), ("有时", "any", None),
+)  # fmt: skip
+_ZH_POLARITY: dict[str, str | None] = {w: p for w, _, p in _ZH_RULES} | {"yes": "yes", "no": "no"}
+_ZH_GOLD: dict[str, str] = {w: p for w, _, p in _ZH_RULES if p is not None}
+_POSITION_RE = {"any": "{}", "start": r"(?<!\S){}", "clause": r"(?<!\S){}(?!\S)"}
+_ZH_YES_NO_RE = re.compile(
+    "|".join(
+        [_POSITION_RE[pos].format(re.escape(w)) for w, pos, _ in sorted(_ZH_RULES, key=lambda r: -len(r[0]))]
+        + [rf"(?<![^\s{_CJK}])(?:yes|no)(?![^\s{_CJK}])"]
+    )
+)
+_ZH_NEGATED_RE = re.compile(r"[不没无非未](?:是在|位于|属于|[是在为于有见])?$")
+
+
+def _lang(lang: Lang | None, *texts: str) -> Lang:
+    if lang is not None:
+        if lang not in ("en", "zh"):
+            raise ValueError(f"unknown language {lang!r} (expected 'en', 'zh' or None)")
+        return lang
+    return "zh" if any(has_cjk(t) for t in texts) else "en"
+
+
+def _zh_yes_no(located: str) -> str | None:
+    for m in _ZH_YES_NO_RE.finditer(normalize_answer(located)):
+        polarity = _ZH_POLARITY[m.group(0)]
+        if polarity is not None:
+            return polarity
+    return None
+
+
+def extract_yes_no(text: str | None, lang: Lang | None = None) -> Extraction:
+    """The leading yes/no of the located answer: English whole words or, for ``lang="zh"`` (auto-detected
+    from CJK characters when ``None``), the Chinese expressions (see module docstring). Value ``"yes"``
+    or ``"no"``."""
     located = locate_answer(text)
     if _empty(located):
         return Extraction(None, "empty", located)
+    if _lang(lang, located) == "zh":
+        polarity = _zh_yes_no(located)
+        if polarity is not None:
+            return Extraction(polarity, "ok", located)
+        return Extraction(None, "unparseable", located)
     for tok in tokens(located):
         if tok in YES_NO_WORDS:
             return Extraction(tok, "ok", located)
     return Extraction(None, "unparseable", located)
 
 
-def is_yes_no(gold: str) -> bool:
-    return normalize_answer(gold) in YES_NO_WORDS
-
-
-def extract_closed(text: str | None, gold: str) -> Extraction:
-    """A closed answer: yes/no rules when the gold is yes/no, else exact or whole-word gold match."""
+def yes_no_value(gold: str) -> str | None:
+    """The polarity (``"yes"`` / ``"no"``) of a yes/no gold (English or Chinese), else ``None``."""
     g = normalize_answer(gold)
     if g in YES_NO_WORDS:
-        return extract_yes_no(text)
+        return g
+    return _ZH_GOLD.get(g.replace(" ", ""))
+
+
+def is_yes_no(gold: str) -> bool:
+    return yes_no_value(gold) is not None
+
+
+def _zh_gold_found(located: str, gold_toks: list[str]) -> bool:
+    """Whether the gold tokens occur in the located answer at least once not directly negated."""
+    n = normalize_answer(located)
+    spans = [m.span() for m in _TOKEN_RE.finditer(n)]
+    hay = [n[a:b] for a, b in spans]
+    return any(not _ZH_NEGATED_RE.search(n[: spans[i][0]]) for i, _ in _occurrences(hay, gold_toks))
+
+
+def extract_closed(text: str | None, gold: str, lang: Lang | None = None) -> Extraction:
+    """A closed answer: yes/no rules when the gold is yes/no, else exact or whole-word gold match
+    (``lang``: see :func:`extract_yes_no`; ``None`` = ``"zh"`` when the gold or the answer has CJK)."""
     located = locate_answer(text)
+    language = _lang(lang, gold, located)
+    g = normalize_answer(gold)
+    if yes_no_value(gold) is not None:
+        return extract_yes_no(text, language)
     if _empty(located):
         return Extraction(None, "empty", located)
     toks = tokens(located)
     if not toks:
         return Extraction(None, "unparseable", located)
-    n = " ".join(toks)
-    if g and (n == g or contains_phrase(toks, tokens(gold))):
+    gold_toks = tokens(gold)
+    if language == "zh":
+        found = bool(gold_toks) and (toks == gold_toks or _zh_gold_found(located, gold_toks))
+    else:
+        found = bool(g) and (" ".join(toks) == g or contains_phrase(toks, gold_toks))
+    if found:
         return Extraction(g, "ok", located)
     return Extraction(normalize_answer(located), "ok", located)
 

@@ -66,6 +66,7 @@ from emma.eval.extract import (
     locate_answer,
     normalize_answer,
     tokens,
+    yes_no_value,
 )
 from emma.eval.stats import bootstrap_cis
 
@@ -80,7 +81,8 @@ class SampleScore:
 
     ``correct``: closed/choice: the extracted answer equals the gold; open: exact match.
     ``extracted``: the extracted value (closed: normalised answer text; choice: option index; open:
-    the located answer text). ``gold``: the normalised gold answer (choice: the gold index).
+    the located answer text). ``gold``: the normalised gold answer (choice: the gold index; a closed
+    yes/no gold, English or Chinese: its polarity ``"yes"`` / ``"no"``, e.g. 有 → ``"yes"``).
     Token metrics are set for open questions only. ``judge_correct``: an LLM judge's verdict (open
     questions only count; see :func:`aggregate_vqa`).
     """
@@ -141,7 +143,7 @@ def _kind(task_type: TaskType | str) -> VqaKind:
 
 def score_closed(gold: Gold | str, prediction: str | None) -> SampleScore:
     answer = _gold_answer(gold)
-    g = normalize_answer(answer)
+    g = yes_no_value(answer) or normalize_answer(answer)  # a yes/no gold (是, 没有, ...): its polarity
     ex = extract_closed(prediction, answer)
     correct = ex.ok and bool(g) and ex.value == g
     return SampleScore("closed", ex.status, correct, ex.value, g, ex.located)
