@@ -1,0 +1,560 @@
+"""The in-process Engine: a transformers image-text-to-text model, batched generation and token streaming.
+
+Prompts are built by the processor's own chat template (``{"type": "image"}`` / ``{"type": "text"}``
+content parts), with the images handed to the processor and left padding so that a batch generates
+exactly as each prompt would alone. Control tokens written in message text (``<image>``,
+``<|im_start|>``, ...) are defanged with a zero-width space after their first character, so a message
+cannot forge image placeholders or turns. (transformers' ``sanitize_control_tokens`` does this only
+for some processors: Idefics3's fails with it in transformers 5.x.)
+
+Sampling: ``temperature == 0`` is greedy; otherwise sampling with ``temperature`` and ``top_p``, with
+no top-k cut unless the model's generation config sets one (a ``top_k`` or repetition penalty there is
+kept, as vLLM does; transformers' implicit ``top_k=50`` is not applied). A ``seed`` seeds torch's RNG for that batch inside :func:`torch.random.fork_rng`, so the
+caller's global RNG state is left untouched; the same seed and the same batch give the same text
+(requests with different seeds are never batched together).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from emma.errors import InputError
+from emma.infer.types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResponse,
+    ImagePart,
+    Message,
+    SamplingParams,
+    StreamChunk,
+    TextPart,
+)
+from emma.model.registry import LoadedModel
+
+_MAX_ERROR_CHARS = 200
+_ZWSP = "\u200b"
+
+# Families whose answers carry boxes in special tokens: those survive decoding, other specials do not.
+_KEEP_SPECIAL: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"),
+}
+
+
+def error_line(exc: BaseException) -> str:
+    """One line naming the failure; library messages carry no PHI, and request content is never echoed."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text[:_MAX_ERROR_CHARS]
+
+
+def _batch_key(s: SamplingParams) -> tuple[Any, ...]:
+    """Requests with equal keys share one ``model.generate`` call (greedy ignores top_p and seed)."""
+    if s.temperature <= 0:
+        return (s.max_new_tokens, 0.0, 1.0, tuple(s.stop), None)
+    return (s.max_new_tokens, s.temperature, s.top_p, tuple(s.stop), s.seed)
+
+
+class _RowStopper(StoppingCriteria):
+    """Stops each row whose request is cancelled (or whose stream was abandoned); records where."""
+
+    def __init__(
+        self, requests: Sequence[GenerationRequest], prompt_len: int, abandon: threading.Event | None = None
+    ):
+        self.requests = list(requests)
+        self.prompt_len = prompt_len
+        self.abandon = abandon
+        self.cancelled_at: dict[int, int] = {}
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None = None, **kwargs: Any
+    ) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        abandoned = self.abandon is not None and self.abandon.is_set()
+        for row, request in enumerate(self.requests):
+            if abandoned or request.cancel.is_set():
+                self.cancelled_at.setdefault(row, input_ids.shape[1] - self.prompt_len)
+                done[row] = True
+        return done  # type: ignore[return-value]
+
+
+class _FilteringStreamer(TextIteratorStreamer):
+    """A TextIteratorStreamer that drops the given token ids before decoding (and decodes the rest as is)."""
+
+    def __init__(self, tokenizer: Any, drop_ids: frozenset[int]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        self.drop_ids = drop_ids
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:
+            super().put(value)
+            return
+        flat = value.reshape(-1).tolist()
+        super().put(torch.tensor([t for t in flat if t not in self.drop_ids], dtype=torch.long))
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Records when the first generated token (after the prompt) arrives."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.prompt_seen = False
+        self.first_token_s: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        elif self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class _Encoded:
+    inputs: dict[str, Any]
+    prompt_tokens: list[int]
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+class TransformersEngine:
+    """A loaded transformers VLM behind the :class:`~emma.infer.engine.Engine` interface.
+
+    ``max_batch_size`` bounds one ``model.generate`` call; ``max_prompt_tokens`` bounds a prompt (images
+    included), by default the model's context length when its config states one. One lock serialises
+    generation on the model, so concurrent callers are safe.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 8,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        self.max_batch_size = max_batch_size
+        self.max_prompt_tokens = max_prompt_tokens or self._context_length()
+        self._lock = threading.Lock()
+        spec = self._family_spec()
+        self._system_role = bool(getattr(spec, "supports_system_role", True)) if spec is not None else True
+        self._max_images: int | None = getattr(spec, "max_images", None) if spec is not None else None
+        self._eos_ids = self._eos_token_ids()
+        self._drop_ids = self._special_ids_to_drop()
+        self._control_re = self._control_tokens_re(spec)
+
+    # ------------------------------------------------------------------------------ properties
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def family(self) -> str | None:
+        return self.loaded.family or None
+
+    # --------------------------------------------------------------------------------- set-up
+
+    def _family_spec(self) -> Any:
+        from emma.model import families
+
+        if not self.loaded.family:
+            return None
+        try:
+            return families.get_family(self.loaded.family)
+        except (KeyError, ValueError):
+            return None
+
+    def _context_length(self) -> int | None:
+        config = self.model.config
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        for name in ("max_position_embeddings", "max_sequence_length", "seq_length"):
+            value = getattr(text_config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in eos if isinstance(eos, list) else [eos]:
+            if value is not None:
+                ids.add(int(value))
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def _control_tokens_re(self, spec: Any) -> re.Pattern[str] | None:
+        tokens: set[str] = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        tokens |= {str(tok) for tok in decoder.values() if getattr(tok, "special", False)}
+        tokens |= set(getattr(spec, "image_tokens", ()) or ())
+        for name in ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_token"):
+            value = getattr(self.processor, name, None)
+            if isinstance(value, str):
+                tokens.add(value)
+        tokens = {t for t in tokens if len(t) >= 2}
+        if not tokens:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+    def _defang(self, text: str, *, keep_box_tokens: bool = False) -> str:
+        """Break every control token in ``text``; with ``keep_box_tokens`` (the model's own answers),
+        the family's box tokens stay intact so the model reads its earlier boxes as it wrote them."""
+        if self._control_re is None:
+            return text
+        keep = _KEEP_SPECIAL.get(self.loaded.family or "", ()) if keep_box_tokens else ()
+
+        def breaks(match: re.Match[str]) -> str:
+            token = match.group(0)
+            return token if token in keep else token[0] + _ZWSP + token[1:]
+
+        return self._control_re.sub(breaks, text)
+
+    def _special_ids_to_drop(self) -> frozenset[int] | None:
+        """For families in ``_KEEP_SPECIAL``: every special token id except the kept ones; else None."""
+        keep = _KEEP_SPECIAL.get(self.loaded.family or "")
+        if not keep:
+            return None
+        keep_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in keep}
+        keep_ids = {
+            i for i in keep_ids if isinstance(i, int) and self.tokenizer.convert_ids_to_tokens(i) in keep
+        }
+        special = set(getattr(self.tokenizer, "all_special_ids", []))
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        special |= {i for i, tok in decoder.items() if getattr(tok, "special", False)}
+        return frozenset(special - keep_ids)
+
+    @property
+    def _pad_id(self) -> int | None:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if pad is None and self._eos_ids:
+            pad = min(self._eos_ids)
+        return pad
+
+    # ------------------------------------------------------------------------------ prompts
+
+    def conversation(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        """Messages in the processor's chat-template shape; system text folded into the first user turn
+        for families whose template has no system role."""
+        if not messages:
+            raise InputError("a request needs at least one message")
+        system = [m.text_content for m in messages if m.role == "system"]
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            if m.role == "system" and not self._system_role:
+                continue
+            parts: list[dict[str, Any]] = []
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    if m.role != "user":
+                        raise InputError(
+                            f"images are accepted in user messages only, not in a {m.role} message"
+                        )
+                    parts.append({"type": "image", "image": p.image.convert("RGB")})
+                elif isinstance(p, TextPart):
+                    text = self._defang(p.text, keep_box_tokens=m.role == "assistant")
+                    parts.append({"type": "text", "text": text})
+            out.append({"role": m.role, "content": parts})
+        if system and not self._system_role:
+            folded = self._defang("\n\n".join(t for t in system if t))
+            first_user = next((m for m in out if m["role"] == "user"), None)
+            if first_user is None:
+                raise InputError("a request needs a user message")
+            if folded:
+                first_user["content"] = [{"type": "text", "text": folded + "\n\n"}, *first_user["content"]]
+        if not out or out[-1]["role"] != "user":
+            raise InputError("the last message must be a user message")
+        return out
+
+    def _check_images(self, request: GenerationRequest) -> None:
+        n = len(request.images)
+        if self._max_images is not None and n > self._max_images:
+            raise InputError(f"{n} images in one request, over the model's limit of {self._max_images}")
+
+    def _encode(self, requests: Sequence[GenerationRequest]) -> _Encoded:
+        for request in requests:
+            self._check_images(request)
+        conversations = [self.conversation(r.messages) for r in requests]
+        try:
+            inputs = self.processor.apply_chat_template(
+                conversations,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                processor_kwargs={"padding": True, "padding_side": "left", "return_tensors": "pt"},
+            )
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise InputError(f"cannot build the prompt: {error_line(exc)}") from None
+        mask = inputs["attention_mask"]
+        prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
+        if self.max_prompt_tokens is not None:
+            for n in prompt_tokens:
+                if n > self.max_prompt_tokens:
+                    raise InputError(f"prompt has {n} tokens, over the limit of {self.max_prompt_tokens}")
+        device = getattr(self.model, "device", None)
+        dtype = getattr(self.model, "dtype", None)
+        moved: dict[str, Any] = {}
+        for key, value in dict(inputs).items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device) if device is not None else value
+                if value.is_floating_point() and dtype is not None:
+                    value = value.to(dtype)
+            moved[key] = value
+        return _Encoded(moved, prompt_tokens)
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """Prompt tokens of ``request``, image tokens included (raises InputError over the bound)."""
+        return self._encode([request]).prompt_tokens[0]
+
+    # --------------------------------------------------------------------------- generation
+
+    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
+        config = copy.deepcopy(self.model.generation_config)
+        if sampling.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+        config.max_new_tokens = sampling.max_new_tokens
+        config.max_length = None
+        config.num_beams = 1
+        config.num_return_sequences = 1
+        config.pad_token_id = self._pad_id
+        if sampling.temperature <= 0:
+            config.do_sample = False
+            config.temperature = None
+            config.top_p = None
+            config.top_k = None
+        else:
+            config.do_sample = True
+            config.temperature = float(sampling.temperature)
+            config.top_p = float(sampling.top_p)
+            if config.top_k is None:
+                config.top_k = 0  # OpenAI semantics: no top-k unless the model's config sets one (not 50)
+        config.stop_strings = list(sampling.stop) or None
+        return config
+
+    def _run(
+        self,
+        encoded: _Encoded,
+        sampling: SamplingParams,
+        stopper: _RowStopper,
+        streamer: BaseStreamer,
+    ) -> torch.Tensor:
+        config = self._generation_config(sampling)
+        kwargs: dict[str, Any] = {
+            **encoded.inputs,
+            "generation_config": config,
+            "stopping_criteria": StoppingCriteriaList([stopper]),
+            "streamer": streamer,
+        }
+        if config.stop_strings:
+            kwargs["tokenizer"] = self.tokenizer
+        with self._lock, torch.inference_mode():
+            if sampling.temperature > 0 and sampling.seed is not None:
+                devices = [self.model.device] if getattr(self.model.device, "type", "cpu") == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(sampling.seed)
+                    return self.model.generate(**kwargs)
+            return self.model.generate(**kwargs)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Generated token ids → text: special tokens removed, except the box tokens of families that
+        write boxes with them (Qwen2-VL)."""
+        if self._drop_ids is None:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return self.tokenizer.decode(
+            [t for t in tokens if t not in self._drop_ids], skip_special_tokens=False
+        )
+
+    def _finalize(
+        self,
+        request: GenerationRequest,
+        generated: list[int],
+        prompt_tokens: int,
+        cancelled_at: int | None,
+        start: float,
+        first_token_s: float | None,
+    ) -> GenerationResponse:
+        eos_at = next((i for i, t in enumerate(generated) if t in self._eos_ids), None)
+        if eos_at is not None and (cancelled_at is None or eos_at < cancelled_at):
+            body, finish, counted = generated[:eos_at], "stop", eos_at + 1
+        elif cancelled_at is not None:
+            body, finish, counted = generated[:cancelled_at], "cancelled", cancelled_at
+        else:
+            body = generated
+            finish = "length" if len(generated) >= request.sampling.max_new_tokens else "stop"
+            counted = len(generated)
+        text = self.decode(body)
+        cut = _first_stop(text, request.sampling.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+            counted = self._tokens_until_stop(body, request.sampling.stop)
+        reason: FinishReason = finish  # type: ignore[assignment]
+        return GenerationResponse(
+            request_id=request.request_id,
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=counted,
+            latency_s=time.perf_counter() - start,
+            first_token_s=first_token_s,
+        )
+
+    def _tokens_until_stop(self, body: list[int], stops: Sequence[str]) -> int:
+        """Fewest generated tokens whose text contains a stop string (binary search over prefixes)."""
+        lo, hi = 1, len(body)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _first_stop(self.decode(body[:mid]), stops) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+    def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+        start = time.perf_counter()
+        encoded = self._encode(batch)
+        stopper = _RowStopper(batch, encoded.prompt_len)
+        clock = _FirstTokenClock(start)
+        sequences = self._run(encoded, batch[0].sampling, stopper, clock)
+        out = []
+        for row, request in enumerate(batch):
+            generated = sequences[row, encoded.prompt_len :].tolist()
+            out.append(
+                self._finalize(
+                    request,
+                    generated,
+                    encoded.prompt_tokens[row],
+                    stopper.cancelled_at.get(row),
+                    start,
+                    clock.first_token_s,
+                )
+            )
+        return out
+
+    def _error(self, request: GenerationRequest, exc: BaseException, start: float) -> GenerationResponse:
+        return GenerationResponse(
+            request.request_id, "", "error", latency_s=time.perf_counter() - start, error=error_line(exc)
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+        """One response per request, in order.
+
+        Requests with the same sampling settings are batched (up to ``max_batch_size``), one
+        ``model.generate`` per batch. If a batch fails, its requests are retried one by one so that only
+        the failing request reports ``finish_reason="error"``.
+        """
+        results: dict[int, GenerationResponse] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, request in enumerate(requests):
+            if request.cancel.is_set():
+                results[i] = GenerationResponse(request.request_id, "", "cancelled")
+                continue
+            groups.setdefault(_batch_key(request.sampling), []).append(i)
+        for indices in groups.values():
+            for at in range(0, len(indices), self.max_batch_size):
+                chunk = indices[at : at + self.max_batch_size]
+                batch = [requests[i] for i in chunk]
+                try:
+                    for i, response in zip(chunk, self._generate_batch(batch), strict=True):
+                        results[i] = response
+                except Exception as exc:  # noqa: BLE001 — isolate the failing request
+                    if len(batch) == 1:
+                        results[chunk[0]] = self._error(batch[0], exc, time.perf_counter())
+                        continue
+                    for i in chunk:
+                        start = time.perf_counter()
+                        try:
+                            results[i] = self._generate_batch([requests[i]])[0]
+                        except Exception as single_exc:  # noqa: BLE001
+                            results[i] = self._error(requests[i], single_exc, start)
+        return [results[i] for i in range(len(requests))]
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        """Text deltas as tokens are generated; the last chunk carries the final response.
+
+        Generation runs in a background thread feeding a :class:`TextIteratorStreamer`; setting
+        ``request.cancel`` (or closing this iterator) stops it at the next token, and the thread is
+        always joined before this generator finishes. Text is held back just enough never to emit part
+        of a stop string. Unusable input raises :class:`InputError` before anything is yielded.
+        """
+        start = time.perf_counter()
+        encoded = self._encode([request])
+        abandon = threading.Event()
+        stopper = _RowStopper([request], encoded.prompt_len, abandon)
+        streamer = (
+            TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            if self._drop_ids is None
+            else _FilteringStreamer(self.tokenizer, self._drop_ids)
+        )
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["sequences"] = self._run(encoded, request.sampling, stopper, streamer)
+            except Exception as exc:  # noqa: BLE001 — reported in the final chunk
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="emma-generate", daemon=True)
+        thread.start()
+        stops = list(request.sampling.stop)
+        hold = max((len(s) for s in stops), default=1) - 1
+        seen = ""
+        sent = 0
+        first: float | None = None
+        stopped = False
+        try:
+            for piece in streamer:
+                if stopped or not piece:
+                    continue
+                seen += piece
+                cut = _first_stop(seen, stops)
+                limit = cut if cut is not None else len(seen) - hold
+                stopped = cut is not None
+                if limit > sent:
+                    if first is None:
+                        first = time.perf_counter() - start
+                    yield StreamChunk(seen[sent:limit])
+                    sent = limit
+        finally:
+            abandon.set()  # no-op when generation already ended; stops it when the caller went away
+            thread.join()
+        if "error" in outcome:
+            yield StreamChunk("", self._error(request, outcome["error"], start))
+            return
+        generated = outcome["sequences"][0, encoded.prompt_len :].tolist()
+        final = self._finalize(
+            request, generated, encoded.prompt_tokens[0], stopper.cancelled_at.get(0), start, first
+        )
+        emitted = seen[:sent]
+        if final.text.startswith(emitted) and len(final.text) > len(emitted):
+            yield StreamChunk(final.text[len(emitted) :])
+        if final.first_token_s is None and final.text:
+            final.first_token_s = time.perf_counter() - start
+        yield StreamChunk("", final)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
