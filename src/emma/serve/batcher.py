@@ -1,0 +1,461 @@
+"""Request queue and dynamic batching in front of an :class:`~emma.infer.engine.Engine`.
+
+One asyncio queue with a fixed capacity holds the admitted requests; a full queue refuses at once
+(:class:`QueueFullError`, the server's 503 with ``Retry-After``). One worker task takes requests off the
+queue and runs every engine call on one dedicated engine thread (a single-thread executor), so the
+event loop keeps answering (health checks, new requests, disconnects) while the model works, and the
+model and its tokenizer are only ever used from one thread.
+
+- Non-streaming requests are batched: the worker takes the first waiting request plus every request
+  already queued, up to ``max_batch_size``, and waits up to ``batch_wait_ms`` for more only while other
+  requests are still being prepared (images decoding), so a lone request is never delayed. The whole
+  batch goes to ``engine.generate`` in one call.
+- Streaming requests go through ``engine.stream`` one at a time (the Engine interface streams a
+  single request), in queue order with the batches.
+- Before generating, each request's prompt is counted with ``engine.count_tokens`` on the engine
+  thread; unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
+  (:class:`PromptError`), before any token is generated.
+- Cancellation: a request whose ``cancel`` event is set is skipped if still queued and stopped by the
+  engine at its next token if running. :meth:`Batcher.generate` and the iterator of
+  :meth:`Batcher.open_stream` poll the caller's ``is_disconnected`` while they wait and set ``cancel``
+  when the client has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from emma.errors import EmmaError
+from emma.infer.engine import Engine
+from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
+
+IsDisconnected = Callable[[], Awaitable[bool]]
+
+DEFAULT_POLL_S = 0.2  # how often a waiting caller checks whether its client is still there
+
+
+class BatcherError(Exception):
+    """Base of the batcher's errors (messages carry no request content)."""
+
+
+class QueueFullError(BatcherError):
+    """The queue is at capacity: answer 503 and ask the client to retry later."""
+
+    def __init__(self, capacity: int, retry_after_s: int) -> None:
+        super().__init__(f"the request queue is full ({capacity} waiting); retry later")
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+
+
+class PromptError(BatcherError):
+    """The request cannot be generated: unusable input or a prompt over the token bound."""
+
+    def __init__(self, message: str, *, n_tokens: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.n_tokens = n_tokens
+        self.limit = limit
+
+
+class EngineFailure(BatcherError):
+    """The engine raised (a bug or a broken backend); the message names only the exception type."""
+
+
+class ClientGone(BatcherError):
+    """The client disconnected while its request waited or streamed; its generation was cancelled."""
+
+
+class ShuttingDown(BatcherError):
+    """The server is stopping; queued requests are refused."""
+
+
+class _End:
+    """Marks the end of a stream's events."""
+
+
+class _Started:
+    """Marks that a streaming request passed its prompt check and is generating."""
+
+
+_END = _End()
+_STARTED = _Started()
+
+StreamEvent = StreamChunk | _End | _Started | BaseException
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    stream: bool
+    future: asyncio.Future[GenerationResponse] | None = None
+    events: asyncio.Queue[StreamEvent] | None = None
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Queue + dynamic batching + streaming in front of one engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        queue_capacity: int = 64,
+        max_prompt_tokens: int | None = None,
+        retry_after_s: int = 1,
+        poll_s: float = DEFAULT_POLL_S,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if queue_capacity < 1:
+            raise ValueError(f"queue_capacity must be >= 1, got {queue_capacity}")
+        if batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.capacity = queue_capacity
+        self.max_prompt_tokens = max_prompt_tokens
+        self.retry_after_s = retry_after_s
+        self.poll_s = poll_s
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._active: list[_Job] = []
+        self._preparing = 0
+        self._stopping = False
+        self.batches_run = 0  # engine.generate calls so far (for tests and benchmarks)
+        self.largest_batch = 0
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue (not counting the ones generating now)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def active(self) -> int:
+        """Requests the engine is working on now."""
+        return len(self._active)
+
+    async def start(self) -> None:
+        """Start the worker on the running event loop (idempotent)."""
+        if self.running:
+            return
+        self._stopping = False
+        self._queue = asyncio.Queue(maxsize=self.capacity)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emma-engine")
+        self._worker = asyncio.create_task(self._work(), name="emma-batcher")
+
+    async def _ensure_started(self) -> None:
+        # Normally started by the app's lifespan; started here too for hosts that run no lifespan.
+        if not self.running and not self._stopping:
+            await self.start()
+
+    async def stop(self) -> None:
+        """Cancel what runs, refuse what waits, and stop the worker."""
+        self._stopping = True
+        for job in self._active:
+            job.request.cancel.set()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self._queue is not None:
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                job.request.cancel.set()
+                _fail(job, ShuttingDown("the server is shutting down"))
+        for job in self._active:
+            _fail(job, ShuttingDown("the server is shutting down"))
+        self._active = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._worker = None
+        self._queue = None
+        self._executor = None
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Mark a request as on its way (being decoded) so the worker may wait briefly to batch it."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    # ------------------------------------------------------------------------------ submitting
+
+    def _enqueue(self, request: GenerationRequest, *, stream: bool) -> _Job:
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        if not self.running or self._queue is None:
+            raise BatcherError("the batcher is not running (start() it on the server's event loop)")
+        loop = asyncio.get_running_loop()
+        job = _Job(request=request, stream=stream)
+        if stream:
+            job.events = asyncio.Queue()
+        else:
+            job.future = loop.create_future()
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFullError(self.capacity, self.retry_after_s) from None
+        return job
+
+    async def generate(
+        self, request: GenerationRequest, *, is_disconnected: IsDisconnected | None = None
+    ) -> GenerationResponse:
+        """Queue ``request`` and wait for its response (batched with others).
+
+        Raises :class:`QueueFullError` at once when the queue is full, :class:`PromptError` for unusable
+        input, :class:`ClientGone` when ``is_disconnected`` reports the client left (its generation is
+        cancelled), :class:`EngineFailure` when the engine raised.
+        """
+        await self._ensure_started()
+        job = self._enqueue(request, stream=False)
+        assert job.future is not None
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=self.poll_s)
+                if done:
+                    return job.future.result()
+                if is_disconnected is not None and await is_disconnected():
+                    raise ClientGone("client disconnected")
+        except (asyncio.CancelledError, ClientGone):
+            request.cancel.set()
+            job.future.cancel()  # nobody waits for it any more; the worker skips or drops its result
+            raise
+
+    async def open_stream(
+        self, request: GenerationRequest, *, is_disconnected: IsDisconnected | None = None
+    ) -> AsyncIterator[StreamChunk]:
+        """Queue a streaming request and wait until it starts generating; then iterate its chunks.
+
+        Everything that can refuse the request (full queue, prompt check) raises here, before any
+        response is sent. Leaving the returned iterator early (client gone) cancels the generation.
+        """
+        await self._ensure_started()
+        job = self._enqueue(request, stream=True)
+        try:
+            first = await self._next_event(job, is_disconnected)
+        except BaseException:
+            request.cancel.set()
+            raise
+        if isinstance(first, BaseException):
+            raise first
+        if isinstance(first, _End):  # cancelled before it started
+            raise ClientGone("client disconnected")
+        return self._iterate(job, is_disconnected)
+
+    async def _iterate(self, job: _Job, is_disconnected: IsDisconnected | None) -> AsyncIterator[StreamChunk]:
+        try:
+            while True:
+                event = await self._next_event(job, is_disconnected)
+                if isinstance(event, _End):
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, StreamChunk):
+                    yield event
+        finally:
+            # Normal end: a no-op. Consumer gone (closed, cancelled, disconnected): stops the engine.
+            job.request.cancel.set()
+
+    async def _next_event(self, job: _Job, is_disconnected: IsDisconnected | None) -> StreamEvent:
+        assert job.events is not None
+        last_check = time.perf_counter()
+        while True:
+            try:
+                event = job.events.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=self.poll_s)
+                except TimeoutError:
+                    event = None
+            now = time.perf_counter()
+            if is_disconnected is not None and (event is None or now - last_check >= self.poll_s):
+                last_check = now
+                if await is_disconnected():
+                    job.request.cancel.set()
+                    raise ClientGone("client disconnected")
+            if event is not None:
+                return event
+
+    # ---------------------------------------------------------------------------------- worker
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        held: _Job | None = None
+        while True:
+            job = held if held is not None else await self._queue.get()
+            held = None
+            if job.stream:
+                await self._run_stream(job)
+                continue
+            batch = [job]
+            deadline = loop.time() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if self._preparing <= 0 or remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+                    except TimeoutError:
+                        break
+                if nxt.stream:
+                    held = nxt  # runs right after this batch, keeping queue order
+                    break
+                batch.append(nxt)
+            await self._run_batch(batch)
+
+    def _check_prompt(self, request: GenerationRequest) -> int:
+        """Count the prompt on the engine thread; raise PromptError for unusable or over-long input."""
+        try:
+            n = self.engine.count_tokens(request)
+        except EmmaError as exc:
+            raise PromptError(_first_line(str(exc)) or "unusable input") from None
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise PromptError(
+                f"the prompt has {n} tokens (images included), over the limit of {self.max_prompt_tokens}",
+                n_tokens=n,
+                limit=self.max_prompt_tokens,
+            )
+        return n
+
+    def _generate_sync(self, requests: list[GenerationRequest]) -> list[GenerationResponse | BaseException]:
+        out: list[GenerationResponse | BaseException | None] = [None] * len(requests)
+        live: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                self._check_prompt(request)
+                live.append(i)
+            except PromptError as exc:
+                out[i] = exc
+            except Exception as exc:  # noqa: BLE001 — a broken engine fails its requests, not the server
+                out[i] = EngineFailure(f"engine failed counting tokens ({type(exc).__name__})")
+        if live:
+            try:
+                responses = self.engine.generate([requests[i] for i in live])
+                if len(responses) != len(live):
+                    raise RuntimeError("engine returned a wrong number of responses")
+            except Exception as exc:  # noqa: BLE001
+                failure = EngineFailure(f"engine failed ({type(exc).__name__})")
+                for i in live:
+                    out[i] = failure
+            else:
+                for i, response in zip(live, responses, strict=True):
+                    out[i] = response
+        return [o if o is not None else EngineFailure("no response") for o in out]
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        live = []
+        for job in batch:
+            if job.request.cancel.is_set() or (job.future is not None and job.future.done()):
+                _resolve(job, GenerationResponse(job.request.request_id, "", "cancelled"))
+            else:
+                live.append(job)
+        if not live:
+            return
+        self._active = live
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(live))
+        try:
+            assert self._executor is not None
+            results = await loop.run_in_executor(self._executor, self._generate_sync, [j.request for j in live])
+        except asyncio.CancelledError:
+            for job in live:
+                job.request.cancel.set()
+            raise
+        finally:
+            self._active = []
+        for job, result in zip(live, results, strict=True):
+            if isinstance(result, BaseException):
+                _fail(job, result)
+            else:
+                _resolve(job, result)
+
+    def _stream_sync(self, job: _Job, emit: Callable[[StreamEvent], None]) -> None:
+        request = job.request
+        try:
+            if request.cancel.is_set():
+                return
+            try:
+                self._check_prompt(request)
+            except PromptError as exc:
+                emit(exc)
+                return
+            emit(_STARTED)
+            chunks = self.engine.stream(request)
+            try:
+                for chunk in chunks:  # after request.cancel is set the engine ends with "cancelled"
+                    emit(chunk)
+                    if chunk.response is not None:
+                        break
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+        except EmmaError as exc:
+            emit(PromptError(_first_line(str(exc)) or "unusable input"))
+        except Exception as exc:  # noqa: BLE001 — reported to the client as a server error
+            emit(EngineFailure(f"engine failed ({type(exc).__name__})"))
+        finally:
+            emit(_END)
+
+    async def _run_stream(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        events = job.events
+        assert events is not None and self._executor is not None
+
+        def emit(event: StreamEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a late event (shutdown)
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        if job.request.cancel.is_set():
+            events.put_nowait(_END)
+            return
+        self._active = [job]
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, 1)
+        try:
+            await loop.run_in_executor(self._executor, self._stream_sync, job, emit)
+        except asyncio.CancelledError:
+            job.request.cancel.set()
+            raise
+        finally:
+            self._active = []
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def _resolve(job: _Job, response: GenerationResponse) -> None:
+    if job.future is not None and not job.future.done():
+        job.future.set_result(response)
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    if job.future is not None:
+        if not job.future.done():
+            job.future.set_exception(exc)
+    elif job.events is not None:
+        job.events.put_nowait(exc)
+        job.events.put_nowait(_END)
+

@@ -1,0 +1,270 @@
+"""Image URLs of a request → model-ready images, through EMMA's one preprocessing path.
+
+A ``data:<mime>;base64,...`` URL (any image type EMMA reads: PNG, JPEG, TIFF, ..., DICOM
+``application/dicom``, NIfTI ``application/x-nifti`` / ``application/gzip``) is decoded, bounded, and
+written to a private temporary file (mode 0600 in a 0700 folder) that :func:`emma.io.load.load_images`
+reads exactly as ``emma chat`` reads a file; the file is deleted at once. A remote ``http(s)`` URL is
+refused unless remote images are allowed and its host is on the allow-list; it is then fetched with a
+size and time bound, following at most a few redirects and only within the same host. ``file:`` URLs,
+plain paths and any other scheme are always refused.
+
+Decoding runs in a worker thread, one image at a time, with pydicom's value validation and warnings
+silenced (their messages can quote element values, i.e. PHI). Error messages name the image by its
+index in the request, never by a path, URL or value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+
+from emma.errors import ImageTooLargeError, InputError
+from emma.io.image import ModelImage
+from emma.io.limits import Limits
+from emma.io.load import VolumeSampling, load_images
+from emma.io.windows import Window, parse_window
+from emma.serve.schemas import ImageOptions
+from emma.serve.security import APIError, host_allowed
+
+DICOM_TYPES = ("application/dicom", "application/dicom+binary", "image/dicom")
+NIFTI_TYPES = ("application/x-nifti", "application/nifti", "image/nifti", "application/gzip", "application/x-gzip")
+OTHER_TYPES = ("application/octet-stream",)
+RASTER_SUFFIXES = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/jpg": ".jpg",
+    "image/tiff": ".tif",
+    "image/bmp": ".bmp",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+}
+MAX_REDIRECTS = 3
+
+
+def _too_large(message: str) -> APIError:
+    return APIError(413, message, code="image_too_large")
+
+
+def _bad_image(message: str, code: str = "invalid_image") -> APIError:
+    return APIError(400, message, code=code, param="messages")
+
+
+def parse_data_url(url: str, *, max_bytes: int, index: int) -> tuple[str, bytes]:
+    """``(media type, bytes)`` of a base64 data URL of an accepted type; 400/413 otherwise."""
+    header, comma, payload = url[len("data:") :].partition(",")
+    params = [p.strip().lower() for p in header.split(";")]
+    mime = params[0] or "text/plain"
+    if not comma or "base64" not in params[1:]:
+        raise _bad_image(f"image {index}: malformed data URL (expected data:<type>;base64,<data>)")
+    if not (mime.startswith("image/") or mime in DICOM_TYPES + NIFTI_TYPES + OTHER_TYPES):
+        raise _bad_image(f"image {index}: unsupported media type in the data URL", code="unsupported_media_type")
+    if (len(payload) * 3) // 4 > max_bytes + 3:
+        raise _too_large(f"image {index}: over the limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_image(f"image {index}: invalid base64 in the data URL") from None
+    if not data:
+        raise _bad_image(f"image {index}: empty image")
+    if len(data) > max_bytes:
+        raise _too_large(f"image {index}: over the limit of {max_bytes} bytes")
+    return mime, data
+
+
+def file_suffix(data: bytes, mime: str) -> str:
+    """A file name suffix that makes :func:`emma.io.load.detect_format` read ``data`` as what it is."""
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"  # the only gzip-wrapped format EMMA reads
+    if data[128:132] == b"DICM":
+        return ".dcm"
+    if data[344:348] in (b"n+1\0", b"ni1\0"):
+        return ".nii"
+    if mime in DICOM_TYPES:
+        return ".dcm"
+    return RASTER_SUFFIXES.get(mime, "")
+
+
+def resolve_window(spec: str | None) -> Window | None:
+    if spec is None or not spec.strip():
+        return None
+    try:
+        return parse_window(spec)[0]
+    except ValueError:
+        raise APIError(
+            400, 'unknown window: use a preset name (e.g. "lung") or "CENTER,WIDTH"', code="invalid_window"
+        ) from None
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom's value validation off and warnings ignored: their messages can quote values (PHI)."""
+    from pydicom import config as pydicom_config
+
+    with pydicom_config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class ImageResolver:
+    """Turns a request's image URLs into model-ready images under the server's bounds."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits,
+        max_images: int,
+        allow_remote_images: bool = False,
+        allowed_domains: Sequence[str] = (),
+        remote_timeout_s: float = 10.0,
+    ) -> None:
+        self.limits = limits
+        self.max_images = max_images
+        self.allow_remote_images = allow_remote_images
+        self.allowed_domains = tuple(allowed_domains)
+        self.remote_timeout_s = remote_timeout_s
+        # Decoding is serialised: the pydicom/warnings switches are process-wide, and one image at a
+        # time bounds the memory that decoding can take.
+        self._lock = threading.Lock()
+
+    async def resolve(self, urls: Sequence[str], options: ImageOptions) -> list[list[ModelImage]]:
+        """The images of each URL, in order (a volume or multi-frame file gives several)."""
+        if len(urls) > self.max_images:
+            raise APIError(
+                413, f"{len(urls)} images in one request, over the limit of {self.max_images}", code="too_many_images"
+            )
+        window = resolve_window(options.window)
+        sampling = VolumeSampling(plane=options.plane, n=options.slices, mode=options.volume_mode)
+        out: list[list[ModelImage]] = []
+        total = 0
+        for index, url in enumerate(urls):
+            mime, data = await self.fetch(url, index)
+            images = await asyncio.to_thread(self.decode, data, mime, index, window, sampling)
+            out.append(images)
+            total += len(images)
+            if total > self.max_images:
+                raise APIError(
+                    413,
+                    f"the request's images give more than {self.max_images} model images "
+                    "(volumes and multi-frame files count each sampled slice or frame)",
+                    code="too_many_images",
+                )
+        return out
+
+    async def fetch(self, url: str, index: int) -> tuple[str, bytes]:
+        """``(media type, bytes)`` of one image URL; only data: URLs and allowed http(s) hosts."""
+        scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
+        if scheme == "data":
+            return parse_data_url(url.strip(), max_bytes=self.limits.max_file_bytes, index=index)
+        if scheme in ("http", "https"):
+            return await self._fetch_remote(url.strip(), index)
+        raise _bad_image(
+            f"image {index}: unsupported image URL (send a data: URL; file paths and file: URLs are refused)",
+            code="unsupported_image_url",
+        )
+
+    async def _fetch_remote(self, url: str, index: int) -> tuple[str, bytes]:
+        if not self.allow_remote_images:
+            raise _bad_image(
+                f"image {index}: remote image URLs are refused by this server; send the image as a data: URL",
+                code="remote_image_refused",
+            )
+        first_host = urlsplit(url).hostname
+        max_bytes = self.limits.max_file_bytes
+        current = url
+        try:
+            async with asyncio.timeout(self.remote_timeout_s), httpx.AsyncClient(
+                timeout=self.remote_timeout_s, follow_redirects=False
+            ) as client:
+                for _hop in range(MAX_REDIRECTS + 1):
+                    parts = urlsplit(current)
+                    if parts.scheme not in ("http", "https") or not host_allowed(parts.hostname, self.allowed_domains):
+                        raise _bad_image(
+                            f"image {index}: the image URL's host is not on this server's allow-list",
+                            code="remote_image_refused",
+                        )
+                    if parts.hostname != first_host:
+                        raise _bad_image(
+                            f"image {index}: redirect to another host refused", code="remote_image_refused"
+                        )
+                    async with client.stream("GET", current) as response:
+                        if response.is_redirect:
+                            location = response.headers.get("location", "")
+                            current = str(response.url.join(location))
+                            continue
+                        if response.status_code != 200:
+                            raise _bad_image(
+                                f"image {index}: the remote server answered {response.status_code}",
+                                code="remote_image_failed",
+                            )
+                        declared = response.headers.get("content-length", "")
+                        if declared.isdigit() and int(declared) > max_bytes:
+                            raise _too_large(f"image {index}: over the limit of {max_bytes} bytes")
+                        buf = bytearray()
+                        async for chunk in response.aiter_bytes():
+                            buf += chunk
+                            if len(buf) > max_bytes:
+                                raise _too_large(f"image {index}: over the limit of {max_bytes} bytes")
+                        mime = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                        return mime, bytes(buf)
+                raise _bad_image(f"image {index}: too many redirects", code="remote_image_failed")
+        except TimeoutError:
+            raise _bad_image(f"image {index}: fetching the remote image timed out", code="remote_image_failed") from None
+        except httpx.HTTPError as exc:
+            raise _bad_image(
+                f"image {index}: could not fetch the remote image ({type(exc).__name__})", code="remote_image_failed"
+            ) from None
+
+    def decode(
+        self, data: bytes, mime: str, index: int, window: Window | None, sampling: VolumeSampling
+    ) -> list[ModelImage]:
+        """Bytes → model-ready images via a private temporary file, deleted before returning."""
+        label = f"image {index}"
+        with self._lock, tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
+            path = Path(tmp) / f"upload{file_suffix(data, mime)}"
+            with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
+                fh.write(data)
+            try:
+                with quiet_pydicom():
+                    images = load_images(path, window=window, sampling=sampling, limits=self.limits)
+            except ImageTooLargeError as exc:
+                raise _too_large(_clean(str(exc), path, label)) from None
+            except Image.DecompressionBombError:
+                raise _too_large(f"{label}: too many pixels") from None
+            except InputError as exc:
+                raise _bad_image(_clean(str(exc), path, label)) from None
+            except (ValueError, OSError, MemoryError) as exc:
+                raise _bad_image(f"{label}: could not be decoded ({type(exc).__name__})") from None
+        for image in images:
+            image.provenance.source = f"upload:{index}"
+        if not images:
+            raise _bad_image(f"{label}: no image in the file")
+        return images
+
+
+def _clean(message: str, path: Path, label: str) -> str:
+    """The first line of a library message with the temporary path replaced by the image's label."""
+    first = message.strip().splitlines()[0] if message.strip() else "unreadable image"
+    for token in (str(path), str(path.parent), path.name):
+        first = first.replace(token, label)
+    if label not in first:
+        first = f"{label}: {first}"
+    return first[:300]
+
+
+def png_data_url(image: ModelImage) -> str:
+    """``data:image/png;base64,...`` of a model-ready image (lossless: the exact pixels the model sees)."""
+    buf = io.BytesIO()
+    image.to_pil().save(buf, format="PNG", compress_level=3)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
