@@ -1,0 +1,235 @@
+"""Evaluation commands: ``emma eval`` (generate and score, or score a predictions file),
+``emma eval compare`` and ``emma eval tasks``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from emma.cli import app
+from emma.cli.common import fail, handle_errors
+
+eval_app = typer.Typer(
+    help=(
+        "Evaluate a model on a benchmark task (generate through an engine and score), or score a "
+        "predictions file. Subcommands: compare (two runs, paired tests), tasks (the registry)."
+    ),
+    invoke_without_command=True,
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _print_results(results: dict[str, Any], out: Path) -> None:
+    console = _console()
+    title = f"{results['task']} ({results['split']}), {results['model']}: n={results['n']}"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% CI", justify="right")
+    for name, value in results["metrics"].items():
+        ci = results["ci95"].get(name)
+        table.add_row(name, f"{value:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
+    console.print(table)
+    ablation = results.get("ablation")
+    if ablation:
+        t = Table(title=f"ablation {ablation['mode']}: delta = ablated - real image (paired)")
+        for col in ("metric", "real", "ablated", "delta", "95% CI", "p (perm.)"):
+            t.add_column(col, justify="left" if col == "metric" else "right")
+        for name, d in ablation["delta"].items():
+            t.add_row(
+                name,
+                f"{d['a']:.4f}",
+                f"{d['b']:.4f}",
+                f"{d['delta']:+.4f}",
+                f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+                f"{d['p_permutation']:.4f}",
+            )
+        console.print(t)
+    for note in results.get("notes", []):
+        console.print(f"note: {note}", markup=False)
+    console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}", markup=False)
+
+
+@eval_app.callback()
+@handle_errors
+def eval_command(
+    ctx: typer.Context,
+    task: str | None = typer.Option(None, "--task", help="Task name (see `emma eval tasks`)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset folder (dataset.json) or the official release folder (imported once)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Model spec: emma-tiny, a model folder, a hub id, or openai:URL#MODEL."
+    ),
+    predictions: Path | None = typer.Option(
+        None,
+        "--predictions",
+        help='Score this JSONL file ({"id", "prediction"} per line) instead of a model.',
+    ),
+    split: str | None = typer.Option(None, "--split", help="Split to evaluate (default: the task's)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/<task>-<split>-<model>)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples only."),
+    ablate: str | None = typer.Option(
+        None, "--ablate", help="Also answer with a blank, noise or shuffle (mismatched) image; report deltas."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests per engine call."),
+    judge: str | None = typer.Option(
+        None, "--judge", help="LLM judge for open questions (openai:URL#MODEL); needs emma.eval.judge."
+    ),
+    train_data: Path | None = typer.Option(
+        None,
+        "--train-data",
+        help="Training dataset folder: report image and question overlap with the split.",
+    ),
+    compat: str | None = typer.Option(
+        None,
+        "--compat",
+        help="Reproduce a published scorer for comparison (medevalkit); labelled everywhere.",
+    ),
+    family: str | None = typer.Option(
+        None,
+        "--family",
+        help="Box convention of the predictions' model family (grounding; default: the engine's).",
+    ),
+    temperature: float | None = typer.Option(None, "--temperature", min=0.0, help="Override (default 0)."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Override the task's."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap, ablations and sampling."),
+    n_resamples: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples for CIs."),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json instead of tables."),
+) -> None:
+    """Generate with a model and score, or score a predictions file; write results.json, per_sample.jsonl
+    and the reports to the run folder. A rerun into the same folder resumes from the cached predictions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if task is None or data is None:
+        typer.echo(ctx.get_help())
+        raise fail("--task and --data are required (or use a subcommand: compare, tasks)")
+    from emma.eval.runner import EvalOptions, run_eval
+
+    options = EvalOptions(
+        task=task,
+        data=data,
+        model=model,
+        predictions=predictions,
+        split=split,
+        out=out,
+        limit=limit,
+        ablate=ablate,
+        batch_size=batch_size,
+        judge=judge,
+        train_data=train_data,
+        compat=compat,
+        family=family,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        n_resamples=n_resamples,
+    )
+    err = Console(stderr=True)
+    progress = Progress(
+        TextColumn(f"evaluating {task}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    bar = progress.add_task("generate", total=None)
+
+    def report_progress(done: int, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(bar, completed=done, total=total)
+
+    try:
+        run = run_eval(options, progress=report_progress)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    if as_json:
+        typer.echo(json.dumps(run.results, indent=2, ensure_ascii=False))
+    else:
+        _print_results(run.results, run.out)
+
+
+@eval_app.command("compare")
+@handle_errors
+def compare_command(
+    run_a: Path = typer.Argument(..., help="Run folder A (the reference)."),
+    run_b: Path = typer.Argument(..., help="Run folder B."),
+    n_resamples: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed"),
+    output: Path | None = typer.Option(None, "--output", help="Also write the comparison JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Paired comparison of two runs on their shared samples: delta = B - A per metric, paired bootstrap CI,
+    bootstrap and permutation p-values."""
+    from emma.cli.common import atomic_path
+    from emma.eval.runner import compare_runs
+
+    result = compare_runs(run_a, run_b, n_resamples=n_resamples, seed=seed)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if output is not None:
+        with atomic_path(output) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        typer.echo(text)
+        return
+    console = _console()
+    table = Table(title=f"{result['task']}: B - A on {result['n_shared']} shared samples")
+    for col in ("metric", "A", "B", "delta", "95% CI", "p (boot.)", "p (perm.)"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, d in result["metrics"].items():
+        table.add_row(
+            name,
+            f"{d['a']:.4f}",
+            f"{d['b']:.4f}",
+            f"{d['delta']:+.4f}",
+            f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+            f"{d['p_bootstrap']:.4f}",
+            f"{d['p_permutation']:.4f}",
+        )
+    console.print(f"A: {result['a']['model']} ({result['a']['run']})", markup=False)
+    console.print(f"B: {result['b']['model']} ({result['b']['run']})", markup=False)
+    console.print(table)
+    if result["only_a"] or result["only_b"]:
+        console.print(f"not shared: {result['only_a']} only in A, {result['only_b']} only in B", markup=False)
+    for w in result["warnings"]:
+        console.print(f"warning: {w}", markup=False)
+
+
+@eval_app.command("tasks")
+@handle_errors
+def tasks_command(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON.")) -> None:
+    """The registered tasks: kind, importer, default split, prompts."""
+    from emma.eval.tasks import TASKS
+
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    n: {**t.config(), "default_split": t.default_split, "description": t.description}
+                    for n, t in TASKS.items()
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    table = Table(title="evaluation tasks")
+    for col in ("task", "kind", "dataset", "split", "description"):
+        table.add_column(col)
+    for name, t in TASKS.items():
+        table.add_row(name, t.kind, t.importer, t.default_split, t.description)
+    _console().print(table)
