@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -171,21 +170,6 @@ def test_judge_adds_metrics_and_never_touches_rule_based_ones() -> None:
     assert (c["open_judged"], c["open_unjudged"], c["judge_correct"]) == (3, 1, 3)
     values = vqa_values(judged)
     assert {k: float(v.mean()) for k, v in values.items()} == m
-
-
-def test_scoring_100k_predictions_is_fast() -> None:
-    rng = np.random.default_rng(0)
-    golds = vqa_rad_like()
-    preds = ["No.", "Yes, there is no fracture", "The answer is left", "<answer>finding number 3</answer>",
-             "The image is abnormal", ""]  # fmt: skip
-    picks = rng.integers(0, len(golds), 100_000)
-    texts = rng.integers(0, len(preds), 100_000)
-    t0 = time.perf_counter()
-    scores = [score_vqa(golds[i][0], golds[i][1], preds[j]) for i, j in zip(picks, texts)]
-    summary = summarize_vqa(scores, n_resamples=200)
-    elapsed = time.perf_counter() - t0
-    assert summary.counts["n"] == 100_000
-    assert elapsed < 20.0, f"scoring 100k predictions took {elapsed:.1f} s"
 
 
 # ----------------------------------------------------------------------------------------- grounding
