@@ -105,7 +105,10 @@ def by_id(root: Path) -> dict[str, object]:
 
 
 def test_registry_names_and_lookup() -> None:
-    assert set(IMPORTERS) == {"vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "generic"}
+    assert set(IMPORTERS) == {
+        "vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "gmai-mmbench", "mmmu-med", "iu-xray",
+        "mimic-cxr", "generic",
+    }
     assert get_importer("VQA_RAD").fn is import_vqa_rad
     assert get_importer("pmcvqa").fn is import_pmc_vqa
     with pytest.raises(DataFormatError, match="unknown dataset 'nope'"):

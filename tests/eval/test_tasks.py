@@ -25,8 +25,8 @@ from emma.errors import DataFormatError
 from emma.eval.runner import EvalOptions, run_eval
 from emma.eval.tasks import TASKS, get_task, open_task_data
 from emma.eval.tasks.data import resolve_data
-from emma.eval.tasks.mc_readers import read_gmai_mmbench, read_mmmu_med
-from emma.eval.tasks.report_readers import REPORT_INSTRUCTION, read_iu_xray, read_mimic_cxr, report_sections
+from emma.data.sources.mc_benchmarks import read_gmai_mmbench, read_mmmu_med
+from emma.data.sources.report_datasets import REPORT_INSTRUCTION, read_iu_xray, read_mimic_cxr, report_sections
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

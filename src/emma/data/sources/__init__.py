@@ -17,8 +17,10 @@ from typing import Any
 from emma.data.sources._common import ImportReport, ProgressFn, probe_image
 from emma.data.sources.generic import import_generic
 from emma.data.sources.omnimedvqa import import_omnimedvqa
+from emma.data.sources.mc_benchmarks import read_gmai_mmbench, read_mmmu_med
 from emma.data.sources.pathvqa import import_pathvqa
 from emma.data.sources.pmc_vqa import import_pmc_vqa
+from emma.data.sources.report_datasets import read_iu_xray, read_mimic_cxr
 from emma.data.sources.slake import import_slake
 from emma.data.sources.vqa_rad import import_vqa_rad
 from emma.errors import DataFormatError
@@ -61,6 +63,21 @@ IMPORTERS: Mapping[str, ImporterSpec] = MappingProxyType(
                 import_omnimedvqa,
                 "OmniMedVQA benchmark ('QA information/' + Images/)",
                 "various",
+            ),
+            ImporterSpec(
+                "gmai-mmbench", read_gmai_mmbench, "GMAI-MMBench multiple choice (GMAI-MMBench_*.tsv)", "CC-BY-NC-4.0"
+            ),
+            ImporterSpec(
+                "mmmu-med", read_mmmu_med, "MMMU Health & Medicine subjects (parquet or JSON)", "Apache-2.0"
+            ),
+            ImporterSpec(
+                "iu-xray", read_iu_xray, "IU X-ray reports (R2Gen annotation.json or Open-i XML)", "Open-i"
+            ),
+            ImporterSpec(
+                "mimic-cxr",
+                read_mimic_cxr,
+                "MIMIC-CXR reports (R2Gen layout or official split CSV + files/)",
+                "PhysioNet-CHDL-1.5.0",
             ),
             ImporterSpec(
                 "generic", import_generic, "any CSV/JSON/JSONL table with image, question, answer", None

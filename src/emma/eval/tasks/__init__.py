@@ -10,10 +10,10 @@ pathvqa            vqa     pathvqa              test        yes/no = closed; pic
                                                             ``emma data import pathvqa --allow-pickle``
 pmc-vqa            mc      pmc-vqa              test        4 options
 omnimedvqa         mc      omnimedvqa           test        2-4 options; benchmark only (no train split)
-gmai-mmbench       mc      gmai-mmbench         validation  reader in :mod:`.mc_readers` (test: no answers)
-mmmu-med           mc      mmmu-med             validation  reader in :mod:`.mc_readers`, 5 medical subjects
-iu-xray            report  iu-xray              test        reader in :mod:`.report_readers`; findings
-mimic-cxr          report  mimic-cxr            test        reader in :mod:`.report_readers`; findings
+gmai-mmbench       mc      gmai-mmbench         validation  reader in :mod:`emma.data.sources.mc_benchmarks` (test: no answers)
+mmmu-med           mc      mmmu-med             validation  reader in :mod:`emma.data.sources.mc_benchmarks`, 5 medical subjects
+iu-xray            report  iu-xray              test        reader in :mod:`emma.data.sources.report_datasets`; findings
+mimic-cxr          report  mimic-cxr            test        reader in :mod:`emma.data.sources.report_datasets`; findings
 slake-grounding    ground  slake (en)           test        one question per (image, organ) from SLAKE boxes
 =================  ======  ===================  ==========  ===============================================
 
@@ -42,8 +42,6 @@ from emma.eval.tasks.base import (
 )
 from emma.eval.tasks.data import DataSource, is_canonical, resolve_data
 from emma.eval.tasks.grounding import derive_organ_grounding
-from emma.eval.tasks.mc_readers import read_gmai_mmbench, read_mmmu_med
-from emma.eval.tasks.report_readers import read_iu_xray, read_mimic_cxr
 
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 VQA_PROMPT_ZH = "{question}\n请用一个词或短语回答问题。"
@@ -55,16 +53,6 @@ VQA_DECODING = Decoding(max_new_tokens=64)
 MC_DECODING = Decoding(max_new_tokens=32)
 REPORT_DECODING = Decoding(max_new_tokens=384)
 GROUNDING_DECODING = Decoding(max_new_tokens=96)
-
-#: Readers for benchmarks without an importer in emma.data.sources (same signature as importers).
-LOCAL_READERS: Mapping[str, Any] = MappingProxyType(
-    {
-        "gmai-mmbench": read_gmai_mmbench,
-        "mmmu-med": read_mmmu_med,
-        "iu-xray": read_iu_xray,
-        "mimic-cxr": read_mimic_cxr,
-    }
-)
 
 _VQA_LAYOUT = "see emma.data.sources.{module} (official release layout)"
 
@@ -111,7 +99,7 @@ def _report(name: str, description: str) -> TaskDef:
         prompts=MappingProxyType({"report": REPORT_PROMPT}),
         task_types=frozenset({TaskType.REPORT}),
         decoding=REPORT_DECODING,
-        layout="see emma.eval.tasks.report_readers",
+        layout="see emma.data.sources.report_datasets",
     )
 
 
@@ -141,14 +129,14 @@ TASKS: Mapping[str, TaskDef] = MappingProxyType(
             _mc(
                 "gmai-mmbench",
                 "gmai-mmbench",
-                "see emma.eval.tasks.mc_readers",
+                "see emma.data.sources.mc_benchmarks",
                 "GMAI-MMBench multiple choice (validation: the split with answers)",
                 split="validation",
             ),
             _mc(
                 "mmmu-med",
                 "mmmu-med",
-                "see emma.eval.tasks.mc_readers",
+                "see emma.data.sources.mc_benchmarks",
                 "MMMU Health & Medicine subjects, multiple choice",
                 split="validation",
             ),
@@ -181,9 +169,7 @@ def get_task(name: str) -> TaskDef:
 
 
 def importer_for(task: TaskDef) -> Any:
-    """The import function of a task's dataset (a local reader, else an emma.data.sources importer)."""
-    if task.importer in LOCAL_READERS:
-        return LOCAL_READERS[task.importer]
+    """The import function of a task's dataset (from the emma.data.sources registry)."""
     from emma.data.sources import get_importer
 
     return get_importer(task.importer).fn
@@ -195,7 +181,6 @@ def open_task_data(task: TaskDef, data_dir: Path, *, out_dir: Path | None) -> Da
 
 
 __all__ = [
-    "LOCAL_READERS",
     "TASKS",
     "DataSource",
     "Decoding",

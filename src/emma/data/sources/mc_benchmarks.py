@@ -1,4 +1,4 @@
-"""Readers for multiple-choice benchmarks that have no importer in emma.data.sources.
+"""Importers for multiple-choice benchmarks (GMAI-MMBench, MMMU medical subjects).
 
 Both write a canonical dataset (like the importers: resumable, images checked and stored by content
 hash) so the harness evaluates them like any other dataset. Their signature is the importers' one:
