@@ -10,7 +10,7 @@ from PIL import Image
 
 from emma.errors import InputError
 from emma.infer.engine import Engine
-from emma.infer.transformers_engine import TransformersEngine
+from emma.infer.transformers_engine import PromptTooLongError, TransformersEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from emma.model.registry import LoadedModel
 from emma.model.tiny import load_tiny
@@ -188,6 +188,32 @@ def test_prompt_token_bound(engine: TransformersEngine) -> None:
         next(bounded.stream(request))
     [response] = bounded.generate([request])
     assert response.finish_reason == "error" and "over the limit of 10" in (response.error or "")
+
+
+def test_request_prompt_bound_is_a_typed_error_before_generating(engine: TransformersEngine) -> None:
+    assert engine.checks_prompt_tokens is True
+    good = [_req(m) for m in _prompts()[:2]]
+    n = engine.count_tokens(good[1])
+    long = _req(_prompts()[1])
+    long.max_prompt_tokens = n - 1  # the request's bound applies on top of the engine's own
+    out = engine.generate([good[0], long, good[1]])
+    assert out[1].finish_reason == "error" and out[1].error_kind == "prompt_too_long"
+    assert out[1].prompt_tokens == n and out[1].completion_tokens == 0
+    assert f"the prompt has {n} tokens" in (out[1].error or "") and f"limit of {n - 1}" in (
+        out[1].error or ""
+    )
+    # the other requests of the batch are generated as they would be alone, with their own usage
+    alone = [engine.generate([g])[0] for g in good]
+    assert [o.text for o in (out[0], out[2])] == [a.text for a in alone]
+    assert [o.prompt_tokens for o in (out[0], out[2])] == [a.prompt_tokens for a in alone]
+    assert all(o.error is None and o.error_kind is None for o in (out[0], out[2]))
+    with pytest.raises(PromptTooLongError) as info:
+        next(engine.stream(long))
+    assert (info.value.n_tokens, info.value.limit) == (n, n - 1)
+    long.max_prompt_tokens = n  # exactly at the bound is allowed
+    assert engine.generate([long])[0].error is None
+    [bad] = engine.generate([_req([Message.text("user", "q"), Message.text("assistant", "a")])])
+    assert bad.error_kind == "input" and bad.prompt_tokens == 0
 
 
 def test_control_tokens_in_text_cannot_forge_images(engine: TransformersEngine) -> None:

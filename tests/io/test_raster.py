@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -11,8 +12,9 @@ import pytest
 from dicom_factory import assert_uint8_matches, linear_exact_window, linear_window, to_uint8_reference
 from PIL import Image
 
-from emma.errors import CorruptFileError, ImageTooLargeError
+from emma.errors import CorruptFileError, ImageTooLargeError, InputError
 from emma.io.limits import Limits
+from emma.io.load import SourceFormat, detect_format, load_images
 from emma.io.raster import raster_images, raster_summary
 from emma.io.windows import Window
 
@@ -209,3 +211,95 @@ def test_window_is_ignored_for_colour_and_recorded(tmp_path: Path):
     (image,) = raster_images(path, window="lung")
     assert np.array_equal(image.pixels, rgb)
     assert steps(image)["color"]["window_ignored"] is True
+
+
+# ------------------------------------------------------------------------------- in-memory input
+
+
+class _Unseekable(io.RawIOBase):
+    """A binary stream that can only be read forwards (a socket or pipe)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        chunk = self._data.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_bytes_and_file_objects_take_the_path_route(tmp_path: Path):
+    rng = np.random.default_rng(4)
+    values = rng.integers(1000, 3000, size=(30, 20)).astype(np.uint16)
+    path = tmp_path / "x16.png"
+    Image.fromarray(values).save(path)
+    data = path.read_bytes()
+    (ref,) = raster_images(path, window="2000,1500")
+    with path.open("rb") as fh:
+        inputs = [data, bytearray(data), memoryview(data), io.BytesIO(data), fh, _Unseekable(data)]
+        outputs = [raster_images(x, window="2000,1500")[0] for x in inputs]
+    for out in outputs:
+        assert np.array_equal(out.pixels, ref.pixels)
+        assert out.provenance.steps == ref.provenance.steps and out.provenance.format == "png"
+        assert out.provenance.source == "<memory>"
+    (labelled,) = raster_images(data, source="upload:3")
+    assert labelled.provenance.source == "upload:3"
+    prefixed = io.BytesIO(b"junk" + data)
+    prefixed.read(4)  # a stream not at its start is read from where it is
+    assert np.array_equal(raster_images(prefixed, window="2000,1500")[0].pixels, ref.pixels)
+    tiff = io.BytesIO()
+    first, *rest = (Image.fromarray(np.full((4, 5), v, dtype=np.uint8)) for v in (10, 200))
+    first.save(tiff, format="TIFF", save_all=True, append_images=rest)
+    frames = raster_images(tiff.getvalue())
+    assert [im.provenance.frame for im in frames] == [0, 1] and frames[1].pixels[0, 0, 0] == 200
+
+
+def test_in_memory_bounds_and_errors_name_the_source(tmp_path: Path):
+    big = Image.new("L", (20000, 20000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    header_only = buf.getvalue()[:200]  # decoding would fail as truncated: the bound comes first
+    with pytest.raises(ImageTooLargeError, match="^img 1: "):
+        raster_images(header_only, limits=Limits(max_pixels=10_000_000), source="img 1")
+    small = io.BytesIO()
+    Image.new("L", (50, 50)).save(small, format="PNG")
+    with pytest.raises(ImageTooLargeError, match="bytes, over the limit of 10"):
+        raster_images(small.getvalue(), limits=Limits(max_file_bytes=10))
+    with pytest.raises(ImageTooLargeError, match="bytes, over the limit of 10"):
+        raster_images(_Unseekable(small.getvalue()), limits=Limits(max_file_bytes=10))
+    with pytest.raises(CorruptFileError, match="^img 2: not a supported image"):
+        raster_images(random.Random(5).randbytes(2048), source="img 2")
+    with pytest.raises(CorruptFileError, match="<memory>"):
+        raster_images(small.getvalue()[: len(small.getvalue()) // 2])
+    with pytest.raises(TypeError):
+        raster_images(12345)  # type: ignore[arg-type]
+
+
+def test_load_images_from_memory(tmp_path: Path, testdata):
+    rgb = np.zeros((6, 8, 3), dtype=np.uint8)
+    rgb[..., 2] = 150
+    path = tmp_path / "c.png"
+    Image.fromarray(rgb).save(path)
+    data = path.read_bytes()
+    assert (
+        detect_format(data) is SourceFormat.RASTER and detect_format(io.BytesIO(data)) is SourceFormat.RASTER
+    )
+    (from_path,) = load_images(path)
+    (from_bytes,) = load_images(data, source="upload:0")
+    (from_file,) = load_images(io.BytesIO(data))
+    assert np.array_equal(from_bytes.pixels, from_path.pixels) and np.array_equal(from_file.pixels, rgb)
+    assert from_bytes.provenance.source == "upload:0" and from_file.provenance.source == "<memory>"
+    with pytest.raises(ImageTooLargeError):
+        load_images(data, limits=Limits(max_pixels=10))
+    dicom = Path(testdata("CT_small.dcm")).read_bytes()
+    assert detect_format(dicom) is SourceFormat.DICOM
+    with pytest.raises(InputError, match="read from a file"):
+        load_images(dicom)
+    assert detect_format(b"\x1f\x8b" + b"\0" * 400) is SourceFormat.NIFTI
+    assert detect_format(b"\0" * 344 + b"n+1\0") is SourceFormat.NIFTI

@@ -31,12 +31,18 @@ TINY_FAMILY = "llava"  # the fastest tiny family to generate with on CPU
 
 
 class InstrumentedEngine:
-    """A transparent wrapper around a real engine: records requests and final responses, and can hold
-    ``generate`` until :attr:`release` is set (to fill the queue deterministically)."""
+    """A transparent wrapper around a real engine: records requests, final responses and token
+    counts, and can hold ``generate`` until :attr:`release` is set (to fill the queue
+    deterministically). ``checks_prompts=False`` hides the engine's own prompt check (the batcher
+    then counts tokens first, as for any engine that does not check prompts itself)."""
 
-    def __init__(self, inner: TransformersEngine, *, gated: bool = False) -> None:
+    def __init__(
+        self, inner: TransformersEngine, *, gated: bool = False, checks_prompts: bool = True
+    ) -> None:
         self.inner = inner
         self.processor = inner.processor
+        self.checks_prompt_tokens = checks_prompts and inner.checks_prompt_tokens
+        self.counted = 0
         self.entered = threading.Event()
         self.release = threading.Event()
         if not gated:
@@ -54,6 +60,7 @@ class InstrumentedEngine:
         return self.inner.family
 
     def count_tokens(self, request: GenerationRequest) -> int:
+        self.counted += 1
         return self.inner.count_tokens(request)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:

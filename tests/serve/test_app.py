@@ -65,7 +65,9 @@ def test_validation_errors_are_openai_shaped_and_quote_no_content(client: TestCl
     r = client.post(CHAT, json={"messages": _user({"type": "SECRET-TAG-7", "text": "x"})})
     _error(r, 422, "validation_error")
     assert "SECRET-TAG-7" not in r.text
-    _error(client.post(CHAT, json={"messages": _user(_text("hi")), "temperature": 3}), 422, "validation_error")
+    _error(
+        client.post(CHAT, json={"messages": _user(_text("hi")), "temperature": 3}), 422, "validation_error"
+    )
 
 
 def test_invalid_json_is_400(client: TestClient) -> None:
@@ -92,7 +94,9 @@ def test_unsupported_or_out_of_bound_parameters(
 
 
 def test_message_roles_checked(client: TestClient, png_url: str) -> None:
-    body = {"messages": [{"role": "assistant", "content": [_image(png_url)]}, {"role": "user", "content": "hi"}]}
+    body = {
+        "messages": [{"role": "assistant", "content": [_image(png_url)]}, {"role": "user", "content": "hi"}]
+    }
     _error(client.post(CHAT, json=body), 400, "invalid_request")
     body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     _error(client.post(CHAT, json=body), 400, "invalid_request")
@@ -111,6 +115,28 @@ def test_prompt_over_token_bound_is_400_stream_or_not(tiny_engine: Any, make_set
         assert "limit of 8" in err["message"]
         r = c.post(CHAT, json={**body, "stream": True})
         _error(r, 400, "context_length_exceeded")  # refused before the event stream starts
+
+
+def test_prompt_bound_is_checked_once_by_the_engine(
+    tiny_engine: Any, instrument: Any, make_settings: Any, png_url: str
+) -> None:
+    engine = instrument(tiny_engine)
+    system = {"role": "system", "content": "Be brief."}
+    short = {"messages": [system, *_user(_image(png_url), _text("hi"))], "max_tokens": 3}
+    with TestClient(create_app(engine, make_settings(max_prompt_tokens=200))) as c:
+        r = c.post(CHAT, json=short)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        expected = tiny_engine.count_tokens(engine.requests[-1])  # counted here, not by the server
+        assert usage["prompt_tokens"] == expected and 1 <= usage["completion_tokens"] <= 3
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        long = {"messages": [system, *_user(_text("word " * 300))]}
+        err = _error(c.post(CHAT, json=long), 400, "context_length_exceeded")
+        assert "limit of 200" in err["message"] and "word" not in err["message"]
+        assert engine.finals[-1].finish_reason == "error" and engine.finals[-1].completion_tokens == 0
+        _error(c.post(CHAT, json={**long, "stream": True}), 400, "context_length_exceeded")
+        assert len(engine.finals) == 2  # the refused stream never generated
+    assert engine.counted == 0  # no separate count: the processor ran once per request
 
 
 def test_developer_role_and_string_image_url_accepted(client: TestClient, png_url: str) -> None:
@@ -138,9 +164,13 @@ def test_apply_mode_structured_wraps_last_question() -> None:
     options = EmmaOptions(mode="structured", context="fall, wrist pain")
     out = _apply_mode(messages, options, "llava")
     assert [m.role for m in out] == ["system", "user"]
-    assert out[0].text_content == prompts.join_blocks(prompts.system_prompt("structured", "llava"), "Client rules.")
+    assert out[0].text_content == prompts.join_blocks(
+        prompts.system_prompt("structured", "llava"), "Client rules."
+    )
     assert isinstance(out[1].content[0], ImagePart) and out[1].content[0].image is image
-    assert out[1].text_content == structured_prompt("Any fracture?", context="fall, wrist pain", family="llava")
+    assert out[1].text_content == structured_prompt(
+        "Any fracture?", context="fall, wrist pain", family="llava"
+    )
 
 
 def test_apply_mode_chat_keeps_client_messages() -> None:
@@ -169,7 +199,9 @@ def test_preview_samples_nifti_volume(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     images = r.json()["images"]
     assert [im["index"] for im in images] == [0, 1, 2]
-    assert all(im["provenance"]["format"] == "nifti" and im["provenance"]["plane"] == "axial" for im in images)
+    assert all(
+        im["provenance"]["format"] == "nifti" and im["provenance"]["plane"] == "axial" for im in images
+    )
     assert all(im["provenance"]["source"] == "upload:0" for im in images)
     first = Image.open(io.BytesIO(base64.b64decode(images[0]["png"].split(",", 1)[1])))
     assert first.size == (images[0]["width"], images[0]["height"])
@@ -234,6 +266,68 @@ def test_batcher_refuses_when_full_and_skips_cancelled(tiny_engine: Any, instrum
 
 async def _always_true() -> bool:
     return True
+
+
+@pytest.mark.parametrize("checks_prompts", [True, False])
+def test_batcher_prompt_bound_with_or_without_the_engine_check(
+    tiny_engine: Any, instrument: Any, checks_prompts: bool
+) -> None:
+    engine = instrument(tiny_engine, checks_prompts=checks_prompts)
+    good = _request("hi")
+    bound = tiny_engine.count_tokens(good) + 2
+    long = _request("word " * 40)
+
+    async def scenario() -> None:
+        # A long wait for batching, cut short because the second request is known to be on its way.
+        batcher = Batcher(engine, max_prompt_tokens=bound, batch_wait_ms=5000)
+        await batcher.start()
+        try:
+            arrival = batcher.arrival()
+            started = asyncio.get_running_loop().time()
+            first = asyncio.create_task(batcher.generate(good))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(batcher.generate(long, arrival=arrival))
+            response = await first
+            with pytest.raises(PromptError) as info:
+                await second
+            assert asyncio.get_running_loop().time() - started < 2.5
+        finally:
+            await batcher.stop()
+        assert response.finish_reason in ("stop", "length") and response.prompt_tokens == bound - 2
+        assert info.value.limit == bound and info.value.n_tokens is not None and info.value.n_tokens > bound
+        assert "limit of" in str(info.value) and "word" not in str(info.value)
+        if checks_prompts:
+            assert engine.counted == 0 and engine.batches == [2]  # one batch; the engine refused one row
+        else:
+            assert engine.counted == 2 and engine.batches == [1]  # counted first; only one generated
+
+    asyncio.run(scenario())
+
+
+def test_batcher_never_delays_a_lone_request(tiny_engine: Any, instrument: Any) -> None:
+    engine = instrument(tiny_engine)
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, batch_wait_ms=5000)
+        await batcher.start()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await batcher.generate(_request("alone"))
+            assert loop.time() - started < 2.5
+            # an arrival that ends without its request being queued (refused) stops the wait too
+            arrival = batcher.arrival()
+            started = loop.time()
+            task = asyncio.create_task(batcher.generate(_request("waits briefly")))
+            await asyncio.sleep(0.05)
+            arrival.done()
+            await task
+            assert loop.time() - started < 2.5
+            assert engine.batches == [1, 1] and batcher.depth == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
 
 
 def test_batcher_stream_prompt_check_and_early_close(tiny_engine: Any, instrument: Any) -> None:
@@ -304,8 +398,12 @@ class _FailingEngine:
 
 def test_engine_failures_are_reported_without_detail(tiny_engine: Any, make_settings: Any) -> None:
     with TestClient(create_app(_FailingEngine(tiny_engine), make_settings())) as c:
-        body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 1.0,
-                "seed": 1, "max_tokens": 32}
+        body = {
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "temperature": 1.0,
+            "seed": 1,
+            "max_tokens": 32,
+        }
         r = c.post(CHAT, json=body)
         err = _error(r, 500, "engine_error")
         assert err["type"] == "server_error" and "SECRET" not in r.text

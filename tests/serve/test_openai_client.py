@@ -21,6 +21,7 @@ from emma.io.load import load_images
 from emma.serve.app import create_app
 from emma.serve.security import AUDIT_LOGGER_NAME
 
+
 def _client(base_url: str, api_key: str = "unused", **kw: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
 
@@ -84,7 +85,9 @@ def test_image_tokens_count_in_usage(client: openai.OpenAI, model_id: str, png_u
     text_only = client.chat.completions.create(
         model=model_id, messages=[{"role": "user", "content": "What do you see?"}], max_tokens=1
     )
-    with_image = client.chat.completions.create(model=model_id, messages=_image_message(png_url), max_tokens=1)
+    with_image = client.chat.completions.create(
+        model=model_id, messages=_image_message(png_url), max_tokens=1
+    )
     assert text_only.usage is not None and with_image.usage is not None
     assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens
 
@@ -92,7 +95,9 @@ def test_image_tokens_count_in_usage(client: openai.OpenAI, model_id: str, png_u
 def test_streaming_matches_non_streaming(client: openai.OpenAI, model_id: str, png_url: str) -> None:
     messages = _image_message(png_url)
     whole = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12)
-    chunks = list(client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, stream=True)
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -155,7 +160,9 @@ def test_structured_mode_has_emma_object(client: openai.OpenAI, model_id: str, p
 
 def test_report_mode_has_report_object(client: openai.OpenAI, model_id: str, dicom_url: str) -> None:
     resp = client.chat.completions.create(
-        model=model_id, messages=_image_message(dicom_url, text=""), max_tokens=8,
+        model=model_id,
+        messages=_image_message(dicom_url, text=""),
+        max_tokens=8,
         extra_body={"emma": {"mode": "report"}},
     )
     emma = _extra(resp, "emma")
@@ -181,7 +188,9 @@ def _error_code(exc: openai.APIStatusError) -> str:
 
 def test_bad_image_is_400_json(client: openai.OpenAI, model_id: str) -> None:
     garbage = "data:image/png;base64," + base64.b64encode(b"not an image at all" * 20).decode()
-    exc = _status_error(lambda: client.chat.completions.create(model=model_id, messages=_image_message(garbage)))
+    exc = _status_error(
+        lambda: client.chat.completions.create(model=model_id, messages=_image_message(garbage))
+    )
     assert exc.status_code == 400 and _error_code(exc) == "invalid_image"
     assert "image 0" in exc.message and "/tmp" not in exc.message
 
@@ -215,7 +224,9 @@ def test_oversized_body_is_413(client: openai.OpenAI, model_id: str) -> None:
 
 def test_max_tokens_over_cap_and_unknown_model(client: openai.OpenAI, model_id: str) -> None:
     messages = [{"role": "user", "content": "hi"}]
-    exc = _status_error(lambda: client.chat.completions.create(model=model_id, messages=messages, max_tokens=65))
+    exc = _status_error(
+        lambda: client.chat.completions.create(model=model_id, messages=messages, max_tokens=65)
+    )
     assert exc.status_code == 400 and _error_code(exc) == "max_tokens_too_large"
     exc = _status_error(lambda: client.chat.completions.create(model="gpt-4o", messages=messages))
     assert exc.status_code == 404 and _error_code(exc) == "model_not_found"
@@ -295,7 +306,9 @@ def test_full_queue_answers_503_with_retry_after(
         assert second_box["result"].choices[0].finish_reason in ("stop", "length")
 
 
-def test_waiting_requests_are_batched(tiny_engine: Any, serve: Any, make_settings: Any, instrument: Any) -> None:
+def test_waiting_requests_are_batched(
+    tiny_engine: Any, serve: Any, make_settings: Any, instrument: Any
+) -> None:
     engine = instrument(tiny_engine, gated=True)
     app = create_app(engine, make_settings(queue_capacity=8, max_batch_size=8))
     with serve(app) as url:
@@ -323,7 +336,9 @@ def test_waiting_requests_are_batched(tiny_engine: Any, serve: Any, make_setting
         assert others[2][1]["result"].choices[0].message.content == alone.choices[0].message.content
 
 
-def test_client_disconnect_cancels_stream(tiny_engine: Any, serve: Any, make_settings: Any, instrument: Any) -> None:
+def test_client_disconnect_cancels_stream(
+    tiny_engine: Any, serve: Any, make_settings: Any, instrument: Any
+) -> None:
     engine = instrument(tiny_engine)
     limit = 4000
     with serve(create_app(engine, make_settings(max_tokens=limit))) as url:
@@ -453,7 +468,11 @@ def test_audit_log_has_one_line_per_request_and_no_content(
         resp = raw.parse()
 
         def audit_lines() -> list[str]:
-            return [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER_NAME and request_id in r.getMessage()]
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == AUDIT_LOGGER_NAME and request_id in r.getMessage()
+            ]
 
         _wait_for(lambda: bool(audit_lines()), timeout=5)  # written as the response ends
         time.sleep(0.2)
@@ -471,3 +490,26 @@ def test_audit_log_has_one_line_per_request_and_no_content(
     answer = (resp.choices[0].message.content or "").strip()
     if len(answer) >= 3:
         assert answer not in everything
+
+
+# --------------------------------------------------------------------------------- chained servers
+
+
+def test_server_fronting_another_server_through_openai_engine(
+    base_url: str, tiny_engine: Any, serve: Any, make_settings: Any, png_url: str
+) -> None:
+    """`emma serve --model openai:URL#MODEL`: our server in front of another OpenAI-compatible one."""
+    from emma.infer.openai_engine import OpenAIEngine
+
+    upstream = OpenAIEngine(f"{base_url}/v1", tiny_engine.model_name, api_key="unused", max_retries=0)
+    with serve(create_app(upstream, make_settings())) as url:
+        c = _client(url)
+        front = c.chat.completions.create(
+            model=tiny_engine.model_name, messages=_image_message(png_url), max_tokens=6
+        )
+        direct = _client(base_url).chat.completions.create(
+            model=tiny_engine.model_name, messages=_image_message(png_url), max_tokens=6
+        )
+    assert _extra(front, "emma")["images"][0]["width"] == 64
+    assert front.usage is not None and front.usage.completion_tokens >= 1
+    assert front.choices[0].message.content == direct.choices[0].message.content  # greedy, same model

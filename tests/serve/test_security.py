@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from emma.cli import app as cli_app
 from emma.io.limits import Limits
-from emma.io.load import VolumeSampling
+from emma.io.load import VolumeSampling, load_images
 from emma.serve.app import ServeSettings
 from emma.serve.images import ImageResolver, file_suffix, parse_data_url, quiet_pydicom
 from emma.serve.security import (
@@ -66,7 +66,9 @@ def test_host_allow_list() -> None:
 
 
 def test_normalise_domains() -> None:
-    assert normalise_domains(["https://Example.org:443/path", "*.pacs.net", ".x.io", "[::1]:80", "", "x.io"]) == (
+    assert normalise_domains(
+        ["https://Example.org:443/path", "*.pacs.net", ".x.io", "[::1]:80", "", "x.io"]
+    ) == (
         "example.org",
         "pacs.net",
         "x.io",
@@ -103,7 +105,9 @@ def test_settings_api_key_from_env_and_consistency(monkeypatch: pytest.MonkeyPat
         ServeSettings(allow_remote_images=True)
     with pytest.raises(ValidationError):
         ServeSettings(max_tokens=10, default_max_tokens=20)
-    assert ServeSettings(allowed_domains=["HTTPS://Pacs.Example.org/"]).allowed_domains == ("pacs.example.org",)
+    assert ServeSettings(allowed_domains=["HTTPS://Pacs.Example.org/"]).allowed_domains == (
+        "pacs.example.org",
+    )
 
 
 # ---------------------------------------------------------------------------------------- middleware
@@ -126,8 +130,13 @@ class _Probe:
             raise RuntimeError("PATIENT-NAME-IN-EXCEPTION")
 
         # A bare router: exceptions reach the middleware as they do from FastAPI's routes.
-        inner = Router(routes=[Route("/v1/echo", echo, methods=["POST"]), Route("/open", echo, methods=["POST"]),
-                               Route("/v1/boom", boom, methods=["GET"])])
+        inner = Router(
+            routes=[
+                Route("/v1/echo", echo, methods=["POST"]),
+                Route("/open", echo, methods=["POST"]),
+                Route("/v1/boom", boom, methods=["GET"]),
+            ]
+        )
         return GuardMiddleware(inner, api_key=api_key, max_body_bytes=max_body_bytes)
 
 
@@ -174,8 +183,12 @@ def test_unexpected_error_is_json_500_without_detail_and_audited(caplog: pytest.
     with caplog.at_level(logging.INFO), TestClient(probe.app(), raise_server_exceptions=False) as c:
         r = c.get("/v1/boom", headers=_auth())
     assert r.status_code == 500
-    assert r.json()["error"] == {"message": "internal server error", "type": "server_error",
-                                 "code": "internal_error", "param": None}
+    assert r.json()["error"] == {
+        "message": "internal server error",
+        "type": "server_error",
+        "code": "internal_error",
+        "param": None,
+    }
     assert "PATIENT-NAME" not in r.text
     assert "PATIENT-NAME" not in "\n".join(rec.getMessage() for rec in caplog.records)
     [line] = [rec.getMessage() for rec in caplog.records if rec.name == AUDIT_LOGGER_NAME]
@@ -198,8 +211,9 @@ def test_api_error_shape() -> None:
     err = APIError(503, "busy", type="server_overloaded", code="queue_full", headers={"Retry-After": "2"})
     r = err.response()
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
-    assert err.payload() == {"error": {"message": "busy", "type": "server_overloaded", "code": "queue_full",
-                                       "param": None}}
+    assert err.payload() == {
+        "error": {"message": "busy", "type": "server_overloaded", "code": "queue_full", "param": None}
+    }
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -210,7 +224,10 @@ def _b64(data: bytes) -> str:
 
 
 def test_parse_data_url() -> None:
-    assert parse_data_url(f"data:image/png;base64,{_b64(b'abc')}", max_bytes=10, index=0) == ("image/png", b"abc")
+    assert parse_data_url(f"data:image/png;base64,{_b64(b'abc')}", max_bytes=10, index=0) == (
+        "image/png",
+        b"abc",
+    )
     assert parse_data_url(f"data:application/dicom;base64,{_b64(b'abc')}", max_bytes=10, index=0)[1] == b"abc"
     cases = [
         ("data:image/png,abc", 400, "invalid_image"),  # not base64
@@ -261,6 +278,32 @@ def test_uploads_are_deleted_after_decoding(
         )
     assert info.value.status == 413 and info.value.code == "image_too_large"
     assert str(tmp_path) not in info.value.message and "image 0" in info.value.message
+
+
+def test_rasters_decode_from_memory_the_same_way(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, png_bytes: bytes, dicom_path: Path
+) -> None:
+    made: list[str] = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        made.append("dir")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
+    resolver = ImageResolver(limits=Limits(), max_images=4)
+    (image,) = resolver.decode(png_bytes, "image/png", 1, None, VolumeSampling())
+    path = tmp_path / "same.png"
+    path.write_bytes(png_bytes)
+    (reference,) = load_images(path)
+    assert image.pixels.tobytes() == reference.pixels.tobytes()
+    assert image.provenance.steps == reference.provenance.steps and image.provenance.source == "upload:1"
+    assert made == []  # no temporary file for a raster
+    with pytest.raises(APIError) as info:
+        resolver.decode(b"garbage" * 50, "image/png", 2, None, VolumeSampling())
+    assert info.value.status == 400 and info.value.message.startswith("image 2: not a supported image")
+    resolver.decode(dicom_path.read_bytes(), "application/dicom", 0, None, VolumeSampling())
+    assert made == ["dir"]  # DICOM still goes through a private temporary file
 
 
 def test_quiet_pydicom_silences_value_warnings(tmp_path: Path, dicom_path: Path) -> None:

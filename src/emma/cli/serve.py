@@ -29,15 +29,22 @@ def _audit_to_stderr() -> None:
 @app.command()
 @handle_errors
 def serve(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model spec: emma-tiny, a folder, a hub id, openai:URL#MODEL."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="Model spec: emma-tiny, a folder, a hub id, openai:URL#MODEL."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(
-        None, "--api-key", envvar="EMMA_API_KEY", show_envvar=True,
+        None,
+        "--api-key",
+        envvar="EMMA_API_KEY",
+        show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on /v1/*.",
     ),
     insecure: bool = typer.Option(
-        False, "--insecure", help="Allow a non-loopback --host without an API key (anyone on the network can use it)."
+        False,
+        "--insecure",
+        help="Allow a non-loopback --host without an API key (anyone on the network can use it).",
     ),
     allow_remote_images: bool = typer.Option(
         False, "--allow-remote-images", help="Fetch http(s) image URLs whose host is an --allowed-domain."
@@ -47,12 +54,16 @@ def serve(
     ),
     max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="Requests per engine batch."),
     queue_capacity: int = typer.Option(64, "--queue-capacity", min=1, help="Waiting requests before 503."),
-    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", min=0.0, help="Longest wait to fill a batch."),
+    batch_wait_ms: float = typer.Option(
+        5.0, "--batch-wait-ms", min=0.0, help="Longest wait to fill a batch."
+    ),
     max_images: int = typer.Option(16, "--max-images", min=1, help="Model-ready images per request."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", min=0.01, help="Largest request body, MiB."),
     max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Largest max_tokens a request may ask."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (in-process models)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16 (in-process models)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto, float32, bfloat16, float16 (in-process models)."
+    ),
 ) -> None:
     """Serve MODEL as an OpenAI-compatible API (/v1/chat/completions) with the web UI at /.
 
@@ -98,6 +109,8 @@ def serve(
     _audit_to_stderr()
     shown = f"[{host}]" if ":" in host else host
     auth = "API key required" if api_key else "no API key"
-    typer.echo(f"EMMA serving {settings.model_name or engine.model_name} at http://{shown}:{port}/ "
-               f"(OpenAI API at /v1, {auth}). Research tool, not for clinical use.")
+    typer.echo(
+        f"EMMA serving {settings.model_name or engine.model_name} at http://{shown}:{port}/ "
+        f"(OpenAI API at /v1, {auth}). Research tool, not for clinical use."
+    )
     uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)

@@ -30,6 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from emma.errors import InputError
 from emma.infer.types import (
+    ErrorKind,
     FinishReason,
     GenerationRequest,
     GenerationResponse,
@@ -48,6 +49,26 @@ _ZWSP = "\u200b"
 _KEEP_SPECIAL: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"),
 }
+
+
+class PromptTooLongError(InputError):
+    """A prompt over the token bound (the engine's own or the request's ``max_prompt_tokens``)."""
+
+    def __init__(self, n_tokens: int, limit: int) -> None:
+        super().__init__(f"the prompt has {n_tokens} tokens (images included), over the limit of {limit}")
+        self.n_tokens = n_tokens
+        self.limit = limit
+
+
+def _error_kind(exc: BaseException) -> ErrorKind:
+    if isinstance(exc, PromptTooLongError):
+        return "prompt_too_long"
+    return "input" if isinstance(exc, InputError) else "engine"
+
+
+def _prompt_limit(own: int | None, requested: int | None) -> int | None:
+    bounds = [b for b in (own, requested) if b is not None]
+    return min(bounds) if bounds else None
 
 
 def error_line(exc: BaseException) -> str:
@@ -134,9 +155,15 @@ class TransformersEngine:
     """A loaded transformers VLM behind the :class:`~emma.infer.engine.Engine` interface.
 
     ``max_batch_size`` bounds one ``model.generate`` call; ``max_prompt_tokens`` bounds a prompt (images
-    included), by default the model's context length when its config states one. One lock serialises
-    generation on the model, so concurrent callers are safe.
+    included), by default the model's context length when its config states one, and a request's own
+    ``max_prompt_tokens`` can lower it. Prompts are checked while they are built, before any token is
+    generated (``checks_prompt_tokens``): an over-long prompt raises :class:`PromptTooLongError` from
+    :meth:`stream` and :meth:`count_tokens`, and is an error response with
+    ``error_kind="prompt_too_long"`` (``prompt_tokens`` = its length) from :meth:`generate`, so callers
+    need not count first. One lock serialises generation on the model, so concurrent callers are safe.
     """
+
+    checks_prompt_tokens = True
 
     def __init__(
         self,
@@ -271,7 +298,8 @@ class TransformersEngine:
                         raise InputError(
                             f"images are accepted in user messages only, not in a {m.role} message"
                         )
-                    parts.append({"type": "image", "image": p.image.convert("RGB")})
+                    image = p.image if p.image.mode == "RGB" else p.image.convert("RGB")
+                    parts.append({"type": "image", "image": image})
                 elif isinstance(p, TextPart):
                     text = self._defang(p.text, keep_box_tokens=m.role == "assistant")
                     parts.append({"type": "text", "text": text})
@@ -308,10 +336,10 @@ class TransformersEngine:
             raise InputError(f"cannot build the prompt: {error_line(exc)}") from None
         mask = inputs["attention_mask"]
         prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
-        if self.max_prompt_tokens is not None:
-            for n in prompt_tokens:
-                if n > self.max_prompt_tokens:
-                    raise InputError(f"prompt has {n} tokens, over the limit of {self.max_prompt_tokens}")
+        for request, n in zip(requests, prompt_tokens, strict=True):
+            limit = _prompt_limit(self.max_prompt_tokens, request.max_prompt_tokens)
+            if limit is not None and n > limit:
+                raise PromptTooLongError(n, limit)
         device = getattr(self.model, "device", None)
         dtype = getattr(self.model, "dtype", None)
         moved: dict[str, Any] = {}
@@ -453,7 +481,13 @@ class TransformersEngine:
 
     def _error(self, request: GenerationRequest, exc: BaseException, start: float) -> GenerationResponse:
         return GenerationResponse(
-            request.request_id, "", "error", latency_s=time.perf_counter() - start, error=error_line(exc)
+            request.request_id,
+            "",
+            "error",
+            prompt_tokens=exc.n_tokens if isinstance(exc, PromptTooLongError) else 0,
+            latency_s=time.perf_counter() - start,
+            error=error_line(exc),
+            error_kind=_error_kind(exc),
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:

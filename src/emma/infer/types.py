@@ -11,6 +11,10 @@ from PIL import Image
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# What kind of failure an error response reports: unusable input (the caller's fault, e.g. a server's
+# 400), a prompt over the token bound (input too, with ``prompt_tokens`` set to its length), or a
+# failure of the engine itself.
+ErrorKind = Literal["input", "prompt_too_long", "engine"]
 
 
 @dataclass
@@ -58,6 +62,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel: threading.Event = field(default_factory=threading.Event)  # set → stop generating
+    # An extra bound on this request's prompt tokens (images included), applied on top of the engine's
+    # own by engines that check prompts themselves (``checks_prompt_tokens``); None: the engine's only.
+    max_prompt_tokens: int | None = None
 
     @property
     def images(self) -> list[Image.Image]:
@@ -74,6 +81,7 @@ class GenerationResponse:
     latency_s: float = 0.0
     first_token_s: float | None = None
     error: str | None = None  # set when finish_reason == "error" (one line, no PHI)
+    error_kind: ErrorKind | None = None  # set with ``error`` by engines that classify failures
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The one preprocessing path: any supported file or folder → model-ready images with provenance.
 
 Training, evaluation, annotation and serving all call :func:`load_images`, so a DICOM is windowed,
-inverted and sampled the same way everywhere (no train/serve skew).
+inverted and sampled the same way everywhere (no train/serve skew). Raster images can also be given
+as their content in memory (``bytes`` or a binary file object, e.g. a server upload), which goes
+through the same raster reader without a temporary file; DICOM and NIfTI are read from files.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from emma.errors import InputError
 from emma.io.image import ModelImage
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.windows import Window
+
+if TYPE_CHECKING:
+    from emma.io.raster import RasterSource
 
 Plane = Literal["axial", "coronal", "sagittal"]
 SliceMode = Literal["slice", "slab", "mip"]
@@ -30,10 +35,36 @@ class SourceFormat(StrEnum):
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def detect_format(path: str | os.PathLike[str]) -> SourceFormat:
-    """Decide how to read ``path`` from its content first, its name second."""
+def _detect_head(head: bytes) -> SourceFormat:
+    """The format of in-memory content from its first bytes: DICOM (``DICM`` marker), NIfTI (its magic,
+    or gzip), else raster (whose reader refuses what it does not recognise)."""
+    if head[128:132] == b"DICM":
+        return SourceFormat.DICOM
+    if head[:2] == _GZIP_MAGIC or head[344:348] in (b"n+1\0", b"ni1\0"):
+        return SourceFormat.NIFTI
+    return SourceFormat.RASTER
+
+
+def _head(stream: BinaryIO) -> bytes:
+    start = stream.tell()
+    head = stream.read(352)
+    stream.seek(start)
+    return head
+
+
+def detect_format(path: RasterSource) -> SourceFormat:
+    """Decide how to read ``path`` from its content first, its name second.
+
+    In-memory content (``bytes`` or a binary file object) is judged by content alone; a DICOM stream
+    without the 128-byte preamble is recognised only from a file.
+    """
+    if isinstance(path, bytes | bytearray | memoryview):
+        return _detect_head(bytes(memoryview(path)[:352]))
+    if not isinstance(path, str | os.PathLike):
+        return _detect_head(_head(path))
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
@@ -72,23 +103,35 @@ class VolumeSampling:
 
 
 def load_images(
-    path: str | os.PathLike[str],
+    path: RasterSource,
     *,
     window: Window | str | None = None,
     sampling: VolumeSampling = VolumeSampling(),
     limits: Limits = DEFAULT_LIMITS,
+    source: str | None = None,
 ) -> list[ModelImage]:
     """Read a file or a DICOM series folder into RGB uint8 images, each with its provenance.
 
     2D files give one image per frame; series, NIfTI volumes and mosaics give ``sampling.n`` images in
     ``sampling.plane``. ``window`` is a :class:`Window`, a preset name or ``"C,W"``; ``None`` uses the
     file's own VOI (or a robust percentile window when it has none).
+
+    ``path`` may also be a raster image's content: ``bytes`` or a binary file object (read from its
+    current position), bounded by ``limits.max_file_bytes`` before decoding; ``source`` then labels the
+    images' provenance and error messages (default ``"<memory>"``). DICOM or NIfTI content in memory
+    raises InputError (write it to a file).
     """
     from emma.io import dicom, nifti, raster, volume
 
+    if not isinstance(path, str | os.PathLike):
+        fp, what = raster.open_input(path, limits, source)
+        fmt = detect_format(fp)
+        if fmt is not SourceFormat.RASTER:
+            raise InputError(f"{what}: {fmt.value} data are read from a file, not from memory")
+        return raster.raster_images(fp, window=window, limits=limits, source=what)
     fmt = detect_format(path)
     if fmt is SourceFormat.RASTER:
-        return raster.raster_images(path, window=window, limits=limits, source=str(path))
+        return raster.raster_images(path, window=window, limits=limits, source=source or str(path))
     if fmt is SourceFormat.NIFTI:
         vol = nifti.load_nifti(path, limits=limits)
     elif fmt is SourceFormat.DICOM_SERIES:
@@ -135,4 +178,3 @@ def describe(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> d
         info.update(dicom.dicom_summary(ds))
         info["phi_fields"] = deid.phi_keywords_present(ds)
     return info
-

@@ -7,15 +7,18 @@
   wraparound.
 - Multi-page TIFF (and animated GIF/WebP) → one image per frame.
 
-Bounds are checked after :func:`PIL.Image.open` (which reads only the header) and before any pixel
-data is decoded.
+Input is a file path, or the file's content in memory (``bytes``) or a binary file object (read from
+its current position), e.g. an upload the server has decoded, so there is no temporary file; all take
+the same path through here. Bounds (byte size first) are checked after :func:`PIL.Image.open` (which
+reads only the header) and before any pixel data is decoded.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,7 +29,11 @@ from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance
 from emma.io.windows import Window, apply_window, gray_to_rgb, parse_window, percentile_window, to_uint8
 
-__all__ = ["RASTER_FORMATS", "raster_images", "raster_summary"]
+__all__ = ["RASTER_FORMATS", "RasterSource", "raster_images", "raster_summary"]
+
+# A file path, a file's content, or a binary file object (read from its current position).
+RasterSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+MEMORY_LABEL = "<memory>"  # names in-memory input in provenance and messages when no source is given
 
 # PIL format name → provenance format. Only these decoders are enabled (no EPS/PDF/... plugins).
 RASTER_FORMATS: dict[str, str] = {
@@ -53,24 +60,51 @@ _DECODE_ERRORS = (
 )
 
 
-def _open(path: Path) -> Image.Image:
+def open_input(source: RasterSource, limits: Limits, label: str | None = None) -> tuple[Path | BinaryIO, str]:
+    """``(what PIL opens, its label)`` after the byte-size bound: a :class:`Path`, or a seekable binary
+    stream over the content (a file object not at its start, or not seekable, is read from where it is,
+    bounded, into memory: PIL reads a stream from its start)."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        limits.check_file(path)
+        return path, str(path)
+    what = label or MEMORY_LABEL
+    if isinstance(source, bytes | bytearray | memoryview):
+        size = memoryview(source).nbytes
+        stream: BinaryIO = io.BytesIO(source)
+    elif callable(getattr(source, "read", None)):
+        stream = source  # type: ignore[assignment]
+        if getattr(stream, "seekable", lambda: False)() and stream.tell() == 0:
+            size = stream.seek(0, io.SEEK_END)
+            stream.seek(0)
+        else:
+            data = stream.read(limits.max_file_bytes + 1)
+            size, stream = len(data), io.BytesIO(data)
+    else:
+        raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
+    if size > limits.max_file_bytes:
+        raise ImageTooLargeError(f"{what}: file is {size} bytes, over the limit of {limits.max_file_bytes}")
+    return stream, what
+
+
+def _open(fp: Path | BinaryIO, what: str | Path) -> Image.Image:
     try:
-        return Image.open(path, formats=_OPEN_FORMATS)
+        return Image.open(fp, formats=_OPEN_FORMATS)
     except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{path}: image dimensions over the decoder's safety bound") from None
+        raise ImageTooLargeError(f"{what}: image dimensions over the decoder's safety bound") from None
     except UnidentifiedImageError:
-        raise CorruptFileError(f"{path}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WebP)") from None
+        raise CorruptFileError(f"{what}: not a supported image (PNG, JPEG, TIFF, BMP, GIF, WebP)") from None
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as exc:
-        raise CorruptFileError(f"{path}: unreadable image header ({type(exc).__name__})") from None
+        raise CorruptFileError(f"{what}: unreadable image header ({type(exc).__name__})") from None
 
 
-def _n_frames(im: Image.Image, path: Path) -> int:
+def _n_frames(im: Image.Image, what: str | Path) -> int:
     try:
         return int(getattr(im, "n_frames", 1))
     except _DECODE_ERRORS as exc:
-        raise CorruptFileError(f"{path}: unreadable frame directory ({type(exc).__name__})") from None
+        raise CorruptFileError(f"{what}: unreadable frame directory ({type(exc).__name__})") from None
 
 
 def _resolve_window(window: Window | str | None) -> tuple[Window | None, str]:
@@ -147,7 +181,7 @@ def _frame_to_rgb(im: Image.Image, window: Window | None, label: str, prov: Prov
 
 
 def raster_images(
-    path: str | os.PathLike[str],
+    path: RasterSource,
     *,
     window: Window | str | None = None,
     limits: Limits = DEFAULT_LIMITS,
@@ -155,18 +189,19 @@ def raster_images(
 ) -> list[ModelImage]:
     """Read a PNG/JPEG/TIFF/BMP/GIF/WebP file → one RGB uint8 :class:`ModelImage` per frame/page.
 
-    ``window`` (a :class:`Window`, preset name or ``"C,W"``) applies to grayscale images; high bit depth
-    grayscale without a window gets a percentile window. Size and frame count are checked against
-    ``limits`` before decoding; unreadable or truncated files raise CorruptFileError.
+    ``path`` is a file path, the file's content (``bytes``) or a binary file object; ``source`` labels
+    the images' provenance (default: the path, or ``"<memory>"``) and, for in-memory input, the error
+    messages. ``window`` (a :class:`Window`, preset name or ``"C,W"``) applies to grayscale images; high
+    bit depth grayscale without a window gets a percentile window. Byte size, pixel size and frame count
+    are checked against ``limits`` before decoding; unreadable or truncated files raise CorruptFileError.
     """
-    path = Path(path)
-    limits.check_file(path)
-    src = source or str(path)
+    fp, what = open_input(path, limits, source)
+    src = source or what
     win, label = _resolve_window(window)
     images: list[ModelImage] = []
-    with _open(path) as im:
+    with _open(fp, what) as im:
         fmt = RASTER_FORMATS.get(im.format or "", (im.format or "image").lower())
-        n = _n_frames(im, path)
+        n = _n_frames(im, what)
         width, height = im.size
         limits.check_image(height, width, n, what=src)
         for i in range(n):
@@ -196,7 +231,8 @@ def raster_images(
 def raster_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """JSON-able header summary (no pixel decoding, no embedded text/metadata that could hold PHI)."""
     path = Path(path)
-    with _open(path) as im:
+    what = str(path)
+    with _open(path, what) as im:
         mode = im.mode
         bits = {"1": 1, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": 32}.get(mode, 8)
         dpi = im.info.get("dpi")
@@ -205,7 +241,7 @@ def raster_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
             "mode": mode,
             "width": im.size[0],
             "height": im.size[1],
-            "frames": _n_frames(im, path),
+            "frames": _n_frames(im, what),
             "bits_per_sample": bits,
             "grayscale": mode in _HIGH_DEPTH_MODES or mode in ("1", "L", "LA", "La"),
             "has_alpha": mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info,

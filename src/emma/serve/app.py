@@ -33,13 +33,29 @@ from emma.data.schema import Box
 from emma.infer import prompts
 from emma.infer.engine import Engine
 from emma.infer.grounding import parse_model_boxes
+from emma.infer.openai_engine import OpenAIEngine
 from emma.infer.report import parse_report, report_prompt
 from emma.infer.structured import canonicalize_boxes, finding_boxes, parse_structured, structured_prompt
-from emma.infer.types import GenerationRequest, GenerationResponse, ImagePart, Message, SamplingParams, TextPart
+from emma.infer.types import (
+    GenerationRequest,
+    GenerationResponse,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+)
 from emma.io.image import ModelImage
 from emma.io.limits import Limits
 from emma.model.families import model_image_size
-from emma.serve.batcher import Batcher, ClientGone, EngineFailure, PromptError, QueueFullError, ShuttingDown
+from emma.serve.batcher import (
+    Arrival,
+    Batcher,
+    ClientGone,
+    EngineFailure,
+    PromptError,
+    QueueFullError,
+    ShuttingDown,
+)
 from emma.serve.images import ImageResolver, png_data_url
 from emma.serve.schemas import (
     MAX_STOP_CHARS,
@@ -72,6 +88,7 @@ from emma.serve.schemas import (
 from emma.serve.security import APIError, AuditRecord, GuardMiddleware, error_payload, normalise_domains
 
 API_KEY_ENV = "EMMA_API_KEY"
+CHAT_PATH = "/v1/chat/completions"
 STATIC_DIR = Path(__file__).parent / "static"
 
 # Bounds for images arriving over the network: tighter than the library defaults (which fit local files).
@@ -93,15 +110,23 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
-    model_name: str | None = Field(default=None, description="Served model id; default: the engine's model_name.")
+    model_name: str | None = Field(
+        default=None, description="Served model id; default: the engine's model_name."
+    )
     api_key: str | None = Field(
-        default_factory=_env_api_key, repr=False, description=f"Bearer key for /v1/*; default: ${API_KEY_ENV}."
+        default_factory=_env_api_key,
+        repr=False,
+        description=f"Bearer key for /v1/*; default: ${API_KEY_ENV}.",
     )
     max_body_bytes: int = Field(default=64 * 1024**2, ge=1024)
-    max_images: int = Field(default=16, ge=1, description="Model-ready images per request (slices/frames count).")
+    max_images: int = Field(
+        default=16, ge=1, description="Model-ready images per request (slices/frames count)."
+    )
     limits: Limits = Field(default=SERVE_LIMITS, description="Per-image file size, pixel and frame bounds.")
     max_prompt_tokens: int | None = Field(default=16384, ge=1, description="Prompt tokens, images included.")
-    max_tokens: int = Field(default=2048, ge=1, description="Upper bound on max_tokens a request may ask for.")
+    max_tokens: int = Field(
+        default=2048, ge=1, description="Upper bound on max_tokens a request may ask for."
+    )
     default_max_tokens: int = Field(default=512, ge=1, description="max_tokens when a request gives none.")
     queue_capacity: int = Field(default=64, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
@@ -126,7 +151,7 @@ class ServeSettings(BaseModel):
         return normalise_domains([v] if isinstance(v, str) else (v or ()))
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServeSettings":
+    def _consistent(self) -> ServeSettings:
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("default_max_tokens must not exceed max_tokens")
         if self.allow_remote_images and not self.allowed_domains:
@@ -153,8 +178,10 @@ def _image_urls(messages: Sequence[ChatMessage]) -> list[str]:
                 if isinstance(part, ImageURLPart):
                     if m.role != "user":
                         raise APIError(
-                            400, f"images are accepted in user messages only, not in a {m.role} message",
-                            code="invalid_request", param="messages",
+                            400,
+                            f"images are accepted in user messages only, not in a {m.role} message",
+                            code="invalid_request",
+                            param="messages",
                         )
                     urls.append(_image_url(part))
     return urls
@@ -177,7 +204,9 @@ def _to_messages(messages: Sequence[ChatMessage], groups: Sequence[list[ModelIma
                     parts.append(TextPart(part.text))
         out.append(Message(role=role, content=parts))  # type: ignore[arg-type]
     if not out or out[-1].role != "user":
-        raise APIError(400, "the last message must be a user message", code="invalid_request", param="messages")
+        raise APIError(
+            400, "the last message must be a user message", code="invalid_request", param="messages"
+        )
     return out
 
 
@@ -189,14 +218,18 @@ def _sampling(body: ChatCompletionRequest, settings: ServeSettings) -> SamplingP
     max_new = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_new > settings.max_tokens:
         raise APIError(
-            400, f"max_tokens {max_new} is over this server's limit of {settings.max_tokens}",
-            code="max_tokens_too_large", param="max_tokens",
+            400,
+            f"max_tokens {max_new} is over this server's limit of {settings.max_tokens}",
+            code="max_tokens_too_large",
+            param="max_tokens",
         )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise APIError(
-            400, f"stop: up to {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
-            code="invalid_stop", param="stop",
+            400,
+            f"stop: up to {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            code="invalid_stop",
+            param="stop",
         )
     return SamplingParams(
         max_new_tokens=max_new,
@@ -225,7 +258,10 @@ def _usage(response: GenerationResponse) -> Usage:
 def _batcher_error(exc: Exception) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(
-            503, str(exc), type="server_overloaded", code="queue_full",
+            503,
+            str(exc),
+            type="server_overloaded",
+            code="queue_full",
             headers={"Retry-After": str(exc.retry_after_s)},
         )
     if isinstance(exc, PromptError):
@@ -234,7 +270,9 @@ def _batcher_error(exc: Exception) -> APIError:
     if isinstance(exc, ClientGone):
         return APIError(499, "client closed the request", code="client_disconnected")
     if isinstance(exc, ShuttingDown):
-        return APIError(503, str(exc), type="server_error", code="shutting_down", headers={"Retry-After": "5"})
+        return APIError(
+            503, str(exc), type="server_error", code="shutting_down", headers={"Retry-After": "5"}
+        )
     return APIError(500, str(exc) or "generation failed", type="server_error", code="engine_error")
 
 
@@ -275,7 +313,11 @@ def _scalars(value: Any, depth: int = 0) -> set[str]:
 
 
 def _sse(payload: BaseModel | dict[str, Any]) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, separators=(",", ":"))
+    data = (
+        payload.model_dump_json()
+        if isinstance(payload, BaseModel)
+        else json.dumps(payload, separators=(",", ":"))
+    )
     return f"data: {data}\n\n"
 
 
@@ -294,6 +336,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         queue_capacity=settings.queue_capacity,
         max_prompt_tokens=settings.max_prompt_tokens,
         retry_after_s=settings.retry_after_s,
+        count_prompts=not isinstance(engine, OpenAIEngine),
     )
     resolver = ImageResolver(
         limits=settings.limits,
@@ -392,7 +435,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         )
 
     @app.post(
-        "/v1/chat/completions",
+        CHAT_PATH,
         response_model=ChatCompletionResponse,
         tags=["openai"],
         responses={
@@ -408,21 +451,34 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         """OpenAI chat completions with the optional EMMA extension (see docs/serving.md)."""
         record = _audit(request)
         if body.model and body.model != model_name:
-            raise APIError(404, f"unknown model; this server serves {model_name!r}", code="model_not_found",
-                           param="model")
-        sampling = _sampling(body, settings)
-        options = body.emma or EmmaOptions()
-        with batcher.preparing():
+            raise APIError(
+                404,
+                f"unknown model; this server serves {model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+        # Open since the request came in (_ArrivalMiddleware): lets the batcher wait briefly for it.
+        arrival: Arrival = getattr(request.state, "arrival", None) or batcher.arrival()
+        if body.stream:
+            arrival.done()  # streams run one at a time, never in a batch: nothing to wait for
+        try:
+            sampling = _sampling(body, settings)
+            options = body.emma or EmmaOptions()
             urls = _image_urls(body.messages)
             groups = await resolver.resolve(urls, options)
             images = [im for group in groups for im in group]
             record.images = len(images)
             messages = _apply_mode(_to_messages(body.messages, groups), options, engine.family)
+        except BaseException:
+            arrival.done()
+            raise
         generation = GenerationRequest(messages=messages, sampling=sampling, request_id=record.request_id)
         completion_id = f"chatcmpl-{record.request_id}"
         if body.stream:
             try:
-                chunks = await batcher.open_stream(generation, is_disconnected=request.is_disconnected)
+                chunks = await batcher.open_stream(
+                    generation, is_disconnected=request.is_disconnected, arrival=arrival
+                )
             except (QueueFullError, PromptError, ClientGone, EngineFailure, ShuttingDown) as exc:
                 raise _batcher_error(exc) from None
             return _EventStream(
@@ -430,7 +486,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
                 on_close=generation.cancel.set,
             )
         try:
-            response = await batcher.generate(generation, is_disconnected=request.is_disconnected)
+            response = await batcher.generate(
+                generation, is_disconnected=request.is_disconnected, arrival=arrival
+            )
         except (QueueFullError, PromptError, ClientGone, EngineFailure, ShuttingDown) as exc:
             raise _batcher_error(exc) from None
         if response.finish_reason == "error":
@@ -452,7 +510,29 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="ui")
 
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_ArrivalMiddleware, batcher=batcher)  # outermost: counts a request from its start
     return app
+
+
+class _ArrivalMiddleware:
+    """Opens a batcher :class:`~emma.serve.batcher.Arrival` for each chat request as soon as it comes in
+    (before its body is read and its images decoded), so a batch being formed can wait briefly for it;
+    the route closes it once the request is queued (or refused), and this closes it whatever happens."""
+
+    def __init__(self, app: Any, *, batcher: Batcher) -> None:
+        self.app = app
+        self.batcher = batcher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != CHAT_PATH:
+            await self.app(scope, receive, send)
+            return
+        arrival = self.batcher.arrival()
+        scope.setdefault("state", {})["arrival"] = arrival
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrival.done()
 
 
 class _EventStream(StreamingResponse):
@@ -601,8 +681,10 @@ async def _stream_events(
         yield "data: [DONE]\n\n"
         return
     if final is None or final.finish_reason == "error":
-        error = _generation_error(final) if final is not None else APIError(
-            500, "generation ended without a result", type="server_error", code="engine_error"
+        error = (
+            _generation_error(final)
+            if final is not None
+            else APIError(500, "generation ended without a result", type="server_error", code="engine_error")
         )
         record.error = error.code
         yield _sse(error.payload())

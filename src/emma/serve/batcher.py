@@ -8,13 +8,18 @@ model and its tokenizer are only ever used from one thread.
 
 - Non-streaming requests are batched: the worker takes the first waiting request plus every request
   already queued, up to ``max_batch_size``, and waits up to ``batch_wait_ms`` for more only while other
-  requests are still being prepared (images decoding), so a lone request is never delayed. The whole
-  batch goes to ``engine.generate`` in one call.
+  requests are known to be on their way (an :class:`Arrival` is open for each: the server opens one
+  when a chat request comes in, and it closes when the request is queued or refused), so a lone
+  request is never delayed. The whole batch goes to ``engine.generate`` in one call.
 - Streaming requests go through ``engine.stream`` one at a time (the Engine interface streams a
   single request), in queue order with the batches.
-- Before generating, each request's prompt is counted with ``engine.count_tokens`` on the engine
-  thread; unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
-  (:class:`PromptError`), before any token is generated.
+- Prompt bound: unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
+  (:class:`PromptError`, the server's 400), before any token is generated. An engine that checks
+  prompts itself while building them (``checks_prompt_tokens``, e.g. the TransformersEngine) gets the
+  bound on each request (``GenerationRequest.max_prompt_tokens``) and reports its typed input errors,
+  so the prompt is built once. Any other engine has each prompt counted with ``engine.count_tokens``
+  on the engine thread first. (``count_prompts=False`` skips both, for remote engines whose server
+  enforces its own bounds and where counting costs a request.)
 - Cancellation: a request whose ``cancel`` event is set is skipped if still queued and stopped by the
   engine at its next token if running. :meth:`Batcher.generate` and the iterator of
   :meth:`Batcher.open_stream` poll the caller's ``is_disconnected`` while they wait and set ``cancel``
@@ -29,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
 from emma.errors import EmmaError
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
@@ -72,6 +78,21 @@ class ShuttingDown(BatcherError):
     """The server is stopping; queued requests are refused."""
 
 
+class Arrival:
+    """A request on its way to the queue (body being read, images being decoded): while any is open,
+    the worker may wait up to ``batch_wait_ms`` to batch it. Close it with :meth:`done` (idempotent)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._open = True
+        batcher._arriving += 1
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._arrived()
+
+
 class _End:
     """Marks the end of a stream's events."""
 
@@ -108,6 +129,7 @@ class Batcher:
         max_prompt_tokens: int | None = None,
         retry_after_s: int = 1,
         poll_s: float = DEFAULT_POLL_S,
+        count_prompts: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -122,11 +144,15 @@ class Batcher:
         self.max_prompt_tokens = max_prompt_tokens
         self.retry_after_s = retry_after_s
         self.poll_s = poll_s
+        self.count_prompts = count_prompts  # off for remote engines, where counting costs a request
+        # The engine bounds prompts itself while building them: no separate count (one prompt build).
+        self.engine_checks_prompts = count_prompts and getattr(engine, "checks_prompt_tokens", False) is True
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._active: list[_Job] = []
-        self._preparing = 0
+        self._arriving = 0
+        self._wake: asyncio.Event | None = None  # set when a job is queued or an arrival closes
         self._stopping = False
         self.batches_run = 0  # engine.generate calls so far (for tests and benchmarks)
         self.largest_batch = 0
@@ -153,6 +179,7 @@ class Batcher:
             return
         self._stopping = False
         self._queue = asyncio.Queue(maxsize=self.capacity)
+        self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emma-engine")
         self._worker = asyncio.create_task(self._work(), name="emma-batcher")
 
@@ -184,14 +211,24 @@ class Batcher:
         self._queue = None
         self._executor = None
 
+    def arrival(self) -> Arrival:
+        """Mark a request as on its way so the worker may wait briefly to batch it (call from the
+        event loop; pass it to :meth:`generate` / :meth:`open_stream`, which close it once queued)."""
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        self._arriving -= 1
+        if self._wake is not None:
+            self._wake.set()
+
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
-        """Mark a request as on its way (being decoded) so the worker may wait briefly to batch it."""
-        self._preparing += 1
+        """An :meth:`arrival` open for the duration of the ``with`` block."""
+        arrival = self.arrival()
         try:
             yield
         finally:
-            self._preparing -= 1
+            arrival.done()
 
     # ------------------------------------------------------------------------------ submitting
 
@@ -206,23 +243,42 @@ class Batcher:
             job.events = asyncio.Queue()
         else:
             job.future = loop.create_future()
+        if self.engine_checks_prompts and self.max_prompt_tokens is not None:
+            own = request.max_prompt_tokens
+            request.max_prompt_tokens = (
+                self.max_prompt_tokens if own is None else min(own, self.max_prompt_tokens)
+            )
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFullError(self.capacity, self.retry_after_s) from None
+        if self._wake is not None:
+            self._wake.set()
         return job
 
+    def _submit(self, request: GenerationRequest, *, stream: bool, arrival: Arrival | None) -> _Job:
+        try:
+            return self._enqueue(request, stream=stream)
+        finally:
+            if arrival is not None:
+                arrival.done()  # queued (or refused): no longer on its way
+
     async def generate(
-        self, request: GenerationRequest, *, is_disconnected: IsDisconnected | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        is_disconnected: IsDisconnected | None = None,
+        arrival: Arrival | None = None,
     ) -> GenerationResponse:
         """Queue ``request`` and wait for its response (batched with others).
 
         Raises :class:`QueueFullError` at once when the queue is full, :class:`PromptError` for unusable
         input, :class:`ClientGone` when ``is_disconnected`` reports the client left (its generation is
-        cancelled), :class:`EngineFailure` when the engine raised.
+        cancelled), :class:`EngineFailure` when the engine raised. ``arrival`` (the request's own) is
+        closed once the request is queued.
         """
         await self._ensure_started()
-        job = self._enqueue(request, stream=False)
+        job = self._submit(request, stream=False, arrival=arrival)
         assert job.future is not None
         try:
             while True:
@@ -237,7 +293,11 @@ class Batcher:
             raise
 
     async def open_stream(
-        self, request: GenerationRequest, *, is_disconnected: IsDisconnected | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        is_disconnected: IsDisconnected | None = None,
+        arrival: Arrival | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Queue a streaming request and wait until it starts generating; then iterate its chunks.
 
@@ -245,7 +305,7 @@ class Batcher:
         response is sent. Leaving the returned iterator early (client gone) cancels the generation.
         """
         await self._ensure_started()
-        job = self._enqueue(request, stream=True)
+        job = self._submit(request, stream=True, arrival=arrival)
         try:
             first = await self._next_event(job, is_disconnected)
         except BaseException:
@@ -301,7 +361,7 @@ class Batcher:
             job = held if held is not None else await self._queue.get()
             held = None
             if job.stream:
-                await self._run_stream(job)
+                await self._guarded(self._run_stream(job), [job])
                 continue
             batch = [job]
             deadline = loop.time() + self.batch_wait_s
@@ -309,25 +369,39 @@ class Batcher:
                 try:
                     nxt = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
+                    # Wait (bounded) only for requests known to be on their way: never for a lone one.
                     remaining = deadline - loop.time()
-                    if self._preparing <= 0 or remaining <= 0:
+                    if self._arriving <= 0 or remaining <= 0 or self._wake is None:
                         break
-                    try:
-                        nxt = await asyncio.wait_for(self._queue.get(), timeout=remaining)
-                    except TimeoutError:
-                        break
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+                    continue
                 if nxt.stream:
                     held = nxt  # runs right after this batch, keeping queue order
                     break
                 batch.append(nxt)
-            await self._run_batch(batch)
+            await self._guarded(self._run_batch(batch), batch)
 
-    def _check_prompt(self, request: GenerationRequest) -> int:
-        """Count the prompt on the engine thread; raise PromptError for unusable or over-long input."""
+    async def _guarded(self, run: Awaitable[None], jobs: list[_Job]) -> None:
+        """Run one unit of work; if it fails unexpectedly, fail its jobs and keep the worker alive."""
+        try:
+            await run
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — the worker must outlive any one failure
+            for job in jobs:
+                _fail(job, EngineFailure(f"engine failed ({type(exc).__name__})"))
+
+    def _check_prompt(self, request: GenerationRequest) -> int | None:
+        """Count the prompt on the engine thread; raise PromptError for unusable or over-long input.
+        (Nothing to do when the engine checks prompts itself, or counting is off.)"""
+        if not self.count_prompts or self.engine_checks_prompts:
+            return None
         try:
             n = self.engine.count_tokens(request)
         except EmmaError as exc:
-            raise PromptError(_first_line(str(exc)) or "unusable input") from None
+            raise _prompt_error(exc) from None
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
             raise PromptError(
                 f"the prompt has {n} tokens (images included), over the limit of {self.max_prompt_tokens}",
@@ -358,8 +432,20 @@ class Batcher:
                     out[i] = failure
             else:
                 for i, response in zip(live, responses, strict=True):
-                    out[i] = response
+                    out[i] = self._input_error(response) or response
         return [o if o is not None else EngineFailure("no response") for o in out]
+
+    def _input_error(self, response: GenerationResponse) -> PromptError | None:
+        """The PromptError of an engine's typed input-error response (engines that check prompts)."""
+        if response.finish_reason != "error" or response.error_kind not in ("input", "prompt_too_long"):
+            return None
+        message = _strip_type(response.error or "") or "unusable input"
+        if response.error_kind == "input":
+            return PromptError(message)
+        n = response.prompt_tokens
+        limits = [b for b in (self.max_prompt_tokens, getattr(self.engine, "max_prompt_tokens", None)) if b]
+        exceeded = [b for b in limits if isinstance(b, int) and n > b]
+        return PromptError(message, n_tokens=n, limit=min(exceeded) if exceeded else None)
 
     async def _run_batch(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -376,7 +462,9 @@ class Batcher:
         self.largest_batch = max(self.largest_batch, len(live))
         try:
             assert self._executor is not None
-            results = await loop.run_in_executor(self._executor, self._generate_sync, [j.request for j in live])
+            results = await loop.run_in_executor(
+                self._executor, self._generate_sync, [j.request for j in live]
+            )
         except asyncio.CancelledError:
             for job in live:
                 job.request.cancel.set()
@@ -399,10 +487,17 @@ class Batcher:
             except PromptError as exc:
                 emit(exc)
                 return
-            emit(_STARTED)
+            # An engine that checks prompts raises its input errors before the first chunk: the stream
+            # counts as started (the client gets its 200) only once that chunk has come.
+            started = not self.engine_checks_prompts
+            if started:
+                emit(_STARTED)
             chunks = self.engine.stream(request)
             try:
                 for chunk in chunks:  # after request.cancel is set the engine ends with "cancelled"
+                    if not started:
+                        started = True
+                        emit(_STARTED)
                     emit(chunk)
                     if chunk.response is not None:
                         break
@@ -410,8 +505,10 @@ class Batcher:
                 close = getattr(chunks, "close", None)
                 if close is not None:
                     close()
+            if not started:
+                emit(_STARTED)  # an empty stream: the server reports it as a failed generation
         except EmmaError as exc:
-            emit(PromptError(_first_line(str(exc)) or "unusable input"))
+            emit(_prompt_error(exc))
         except Exception as exc:  # noqa: BLE001 — reported to the client as a server error
             emit(EngineFailure(f"engine failed ({type(exc).__name__})"))
         finally:
@@ -446,6 +543,23 @@ def _first_line(text: str) -> str:
     return lines[0][:300] if lines else ""
 
 
+def _prompt_error(exc: EmmaError) -> PromptError:
+    """An engine's input error as a PromptError; an over-long prompt keeps its length and bound."""
+    n_tokens = getattr(exc, "n_tokens", None)
+    limit = getattr(exc, "limit", None)
+    return PromptError(
+        _first_line(str(exc)) or "unusable input",
+        n_tokens=n_tokens if isinstance(n_tokens, int) else None,
+        limit=limit if isinstance(limit, int) else None,
+    )
+
+
+def _strip_type(error: str) -> str:
+    """``"InputError: message"`` (an engine's error line) → ``"message"``."""
+    head, sep, rest = error.partition(": ")
+    return rest.strip()[:300] if sep and head.isidentifier() else error.strip()[:300]
+
+
 def _resolve(job: _Job, response: GenerationResponse) -> None:
     if job.future is not None and not job.future.done():
         job.future.set_result(response)
@@ -458,4 +572,3 @@ def _fail(job: _Job, exc: BaseException) -> None:
     elif job.events is not None:
         job.events.put_nowait(exc)
         job.events.put_nowait(_END)
-

@@ -1,9 +1,10 @@
 """Image URLs of a request → model-ready images, through EMMA's one preprocessing path.
 
 A ``data:<mime>;base64,...`` URL (any image type EMMA reads: PNG, JPEG, TIFF, ..., DICOM
-``application/dicom``, NIfTI ``application/x-nifti`` / ``application/gzip``) is decoded, bounded, and
-written to a private temporary file (mode 0600 in a 0700 folder) that :func:`emma.io.load.load_images`
-reads exactly as ``emma chat`` reads a file; the file is deleted at once. A remote ``http(s)`` URL is
+``application/dicom``, NIfTI ``application/x-nifti`` / ``application/gzip``) is decoded and bounded,
+then read by :func:`emma.io.load.load_images` exactly as ``emma chat`` reads a file: a raster image
+(PNG, JPEG, TIFF, BMP, WebP, GIF) straight from memory, DICOM and NIfTI from a private temporary file
+(mode 0600 in a 0700 folder) that is deleted at once. A remote ``http(s)`` URL is
 refused unless remote images are allowed and its host is on the allow-list; it is then fetched with a
 size and time bound, following at most a few redirects and only within the same host. ``file:`` URLs,
 plain paths and any other scheme are always refused.
@@ -39,7 +40,13 @@ from emma.serve.schemas import ImageOptions
 from emma.serve.security import APIError, host_allowed
 
 DICOM_TYPES = ("application/dicom", "application/dicom+binary", "image/dicom")
-NIFTI_TYPES = ("application/x-nifti", "application/nifti", "image/nifti", "application/gzip", "application/x-gzip")
+NIFTI_TYPES = (
+    "application/x-nifti",
+    "application/nifti",
+    "image/nifti",
+    "application/gzip",
+    "application/x-gzip",
+)
 OTHER_TYPES = ("application/octet-stream",)
 RASTER_SUFFIXES = {
     "image/png": ".png",
@@ -50,6 +57,7 @@ RASTER_SUFFIXES = {
     "image/webp": ".webp",
     "image/gif": ".gif",
 }
+_IN_MEMORY_SUFFIXES = frozenset(RASTER_SUFFIXES.values())  # read without a temporary file
 MAX_REDIRECTS = 3
 
 
@@ -69,7 +77,9 @@ def parse_data_url(url: str, *, max_bytes: int, index: int) -> tuple[str, bytes]
     if not comma or "base64" not in params[1:]:
         raise _bad_image(f"image {index}: malformed data URL (expected data:<type>;base64,<data>)")
     if not (mime.startswith("image/") or mime in DICOM_TYPES + NIFTI_TYPES + OTHER_TYPES):
-        raise _bad_image(f"image {index}: unsupported media type in the data URL", code="unsupported_media_type")
+        raise _bad_image(
+            f"image {index}: unsupported media type in the data URL", code="unsupported_media_type"
+        )
     if (len(payload) * 3) // 4 > max_bytes + 3:
         raise _too_large(f"image {index}: over the limit of {max_bytes} bytes")
     try:
@@ -142,7 +152,9 @@ class ImageResolver:
         """The images of each URL, in order (a volume or multi-frame file gives several)."""
         if len(urls) > self.max_images:
             raise APIError(
-                413, f"{len(urls)} images in one request, over the limit of {self.max_images}", code="too_many_images"
+                413,
+                f"{len(urls)} images in one request, over the limit of {self.max_images}",
+                code="too_many_images",
             )
         window = resolve_window(options.window)
         sampling = VolumeSampling(plane=options.plane, n=options.slices, mode=options.volume_mode)
@@ -184,12 +196,15 @@ class ImageResolver:
         max_bytes = self.limits.max_file_bytes
         current = url
         try:
-            async with asyncio.timeout(self.remote_timeout_s), httpx.AsyncClient(
-                timeout=self.remote_timeout_s, follow_redirects=False
-            ) as client:
+            async with (
+                asyncio.timeout(self.remote_timeout_s),
+                httpx.AsyncClient(timeout=self.remote_timeout_s, follow_redirects=False) as client,
+            ):
                 for _hop in range(MAX_REDIRECTS + 1):
                     parts = urlsplit(current)
-                    if parts.scheme not in ("http", "https") or not host_allowed(parts.hostname, self.allowed_domains):
+                    if parts.scheme not in ("http", "https") or not host_allowed(
+                        parts.hostname, self.allowed_domains
+                    ):
                         raise _bad_image(
                             f"image {index}: the image URL's host is not on this server's allow-list",
                             code="remote_image_refused",
@@ -220,32 +235,35 @@ class ImageResolver:
                         return mime, bytes(buf)
                 raise _bad_image(f"image {index}: too many redirects", code="remote_image_failed")
         except TimeoutError:
-            raise _bad_image(f"image {index}: fetching the remote image timed out", code="remote_image_failed") from None
+            raise _bad_image(
+                f"image {index}: fetching the remote image timed out", code="remote_image_failed"
+            ) from None
         except httpx.HTTPError as exc:
             raise _bad_image(
-                f"image {index}: could not fetch the remote image ({type(exc).__name__})", code="remote_image_failed"
+                f"image {index}: could not fetch the remote image ({type(exc).__name__})",
+                code="remote_image_failed",
             ) from None
 
     def decode(
         self, data: bytes, mime: str, index: int, window: Window | None, sampling: VolumeSampling
     ) -> list[ModelImage]:
-        """Bytes → model-ready images via a private temporary file, deleted before returning."""
+        """Bytes → model-ready images: rasters from memory, DICOM and NIfTI via a private temporary
+        file deleted before returning."""
         label = f"image {index}"
-        with self._lock, tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
-            path = Path(tmp) / f"upload{file_suffix(data, mime)}"
-            with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
-                fh.write(data)
-            try:
-                with quiet_pydicom():
-                    images = load_images(path, window=window, sampling=sampling, limits=self.limits)
-            except ImageTooLargeError as exc:
-                raise _too_large(_clean(str(exc), path, label)) from None
-            except Image.DecompressionBombError:
-                raise _too_large(f"{label}: too many pixels") from None
-            except InputError as exc:
-                raise _bad_image(_clean(str(exc), path, label)) from None
-            except (ValueError, OSError, MemoryError) as exc:
-                raise _bad_image(f"{label}: could not be decoded ({type(exc).__name__})") from None
+        suffix = file_suffix(data, mime)
+        with self._lock:
+            if suffix in _IN_MEMORY_SUFFIXES:
+                with _decode_errors(label, ()):
+                    images = load_images(
+                        data, window=window, sampling=sampling, limits=self.limits, source=label
+                    )
+            else:
+                with tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
+                    path = Path(tmp) / f"upload{suffix}"
+                    with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
+                        fh.write(data)
+                    with _decode_errors(label, (str(path), str(path.parent), path.name)), quiet_pydicom():
+                        images = load_images(path, window=window, sampling=sampling, limits=self.limits)
         for image in images:
             image.provenance.source = f"upload:{index}"
         if not images:
@@ -253,10 +271,25 @@ class ImageResolver:
         return images
 
 
-def _clean(message: str, path: Path, label: str) -> str:
-    """The first line of a library message with the temporary path replaced by the image's label."""
+@contextlib.contextmanager
+def _decode_errors(label: str, hide: Sequence[str]) -> Iterator[None]:
+    """emma.io's errors → the server's 413/400, naming the image by ``label``, never by a path."""
+    try:
+        yield
+    except ImageTooLargeError as exc:
+        raise _too_large(_clean(str(exc), hide, label)) from None
+    except Image.DecompressionBombError:
+        raise _too_large(f"{label}: too many pixels") from None
+    except InputError as exc:
+        raise _bad_image(_clean(str(exc), hide, label)) from None
+    except (ValueError, OSError, MemoryError) as exc:
+        raise _bad_image(f"{label}: could not be decoded ({type(exc).__name__})") from None
+
+
+def _clean(message: str, hide: Sequence[str], label: str) -> str:
+    """The first line of a library message with the temporary path (``hide``) replaced by the label."""
     first = message.strip().splitlines()[0] if message.strip() else "unreadable image"
-    for token in (str(path), str(path.parent), path.name):
+    for token in hide:
         first = first.replace(token, label)
     if label not in first:
         first = f"{label}: {first}"

@@ -54,7 +54,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _user_has_content(self) -> "ChatMessage":
+    def _user_has_content(self) -> ChatMessage:
         if self.role == "user" and self.content is None:
             raise ValueError("a user message needs content")
         return self

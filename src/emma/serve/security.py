@@ -203,7 +203,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> int:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> int:
     data = json.dumps(body).encode("utf-8")
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
@@ -235,7 +237,9 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        record = AuditRecord(request_id=uuid.uuid4().hex, method=scope.get("method", "?"), route=_route_label(path))
+        record = AuditRecord(
+            request_id=uuid.uuid4().hex, method=scope.get("method", "?"), route=_route_label(path)
+        )
         scope.setdefault("state", {})["audit"] = record
         started = False
         api = path.startswith(PROTECTED_PREFIX)
@@ -249,7 +253,7 @@ class GuardMiddleware:
                 headers.append((b"x-request-id", record.request_id.encode()))
                 headers.append((b"x-content-type-options", b"nosniff"))
                 headers.append((b"referrer-policy", b"no-referrer"))
-                if api:
+                if api and not any(k.lower() == b"cache-control" for k, _ in headers):
                     headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
@@ -264,22 +268,24 @@ class GuardMiddleware:
             await _send_json(guarded_send, error.status, error.payload(), headers)
 
         try:
-            if api and self.api_key is not None:
-                if not api_key_matches(_header(scope, b"authorization"), self.api_key):
-                    await refuse(
-                        APIError(
-                            401,
-                            "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                            type="authentication_error",
-                            code="invalid_api_key",
-                            headers={"WWW-Authenticate": "Bearer"},
-                        )
+            needs_key = api and self.api_key is not None
+            if needs_key and not api_key_matches(_header(scope, b"authorization"), self.api_key or ""):
+                await refuse(
+                    APIError(
+                        401,
+                        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
                     )
-                    return
+                )
+                return
             length = _header(scope, b"content-length")
             if length is not None:
                 if not length.strip().isdigit():
-                    await refuse(APIError(400, "invalid Content-Length header", code="invalid_request"), close=True)
+                    await refuse(
+                        APIError(400, "invalid Content-Length header", code="invalid_request"), close=True
+                    )
                     return
                 if int(length) > self.max_body_bytes:
                     await self._drain(receive, record)
