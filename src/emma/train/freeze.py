@@ -1,0 +1,202 @@
+"""Which parameters train in each stage, per model family (module names differ between families).
+
+Parts of a vision-language model (names in transformers 5.23, checked on the tiny models):
+
+=================  ============================  ===============================================
+family             vision tower                  projector / connector
+=================  ============================  ===============================================
+qwen2(.5)/3-VL     ``model.visual``              ``model.visual.merger`` (+ qwen3's
+                                                 ``model.visual.deepstack_merger_list``)
+idefics3           ``model.vision_model``        ``model.connector``
+llava, gemma3,     ``model.vision_tower``        ``model.multi_modal_projector`` (+ LLaVA-OneVision's
+llava_onevision,                                 ``model.image_newline``)
+internvl
+=================  ============================  ===============================================
+
+Everything else (``model.language_model`` / ``model.text_model``, ``lm_head``) is the language model.
+
+Stages: ``alignment`` trains the projector only; ``instruction`` and ``vqa`` train projector + language
+model (fully, or through LoRA adapters: :func:`lora_config`), and the vision tower when
+``train_vision`` (at its own learning rate: :func:`param_groups`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from emma.errors import InputError
+
+Part = Literal["vision", "projector", "language"]
+_PEFT_PREFIX = "base_model.model."
+_QWEN = (("model.visual",), ("model.visual.merger",))
+_LLAVA_LIKE = (("model.vision_tower",), ("model.multi_modal_projector",))
+_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "qwen2_vl": _QWEN,
+    "qwen2_5_vl": _QWEN,
+    "qwen3_vl": (("model.visual",), ("model.visual.merger", "model.visual.deepstack_merger_list")),
+    "idefics3": (("model.vision_model",), ("model.connector",)),
+    "llava": _LLAVA_LIKE,
+    "llava_onevision": (("model.vision_tower",), ("model.multi_modal_projector", "model.image_newline")),
+    "gemma3": _LLAVA_LIKE,
+    "internvl": _LLAVA_LIKE,
+}
+_LM_PREFIXES = ("model.language_model", "model.text_model")
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Parameter counts after :func:`apply_trainable` (or PEFT wrapping)."""
+
+    trainable: int
+    total: int
+    by_part: dict[str, int]  # trainable parameters per part
+
+
+def _parts(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if family not in _PARTS:
+        raise InputError(f"no freeze policy for family {family!r}; known: {', '.join(_PARTS)}")
+    return _PARTS[family]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def part_of(name: str, family: str) -> Part:
+    """The part a parameter (or module) name belongs to; PEFT's ``base_model.model.`` prefix is ignored."""
+    vision, projector = _parts(family)
+    name = name.removeprefix(_PEFT_PREFIX)
+    if any(_under(name, p) for p in projector):
+        return "projector"
+    if any(_under(name, p) for p in vision):
+        return "vision"
+    return "language"
+
+
+def projector_modules(family: str) -> list[str]:
+    """Module names of the projector/connector (PEFT ``modules_to_save`` when it trains beside LoRA)."""
+    return list(_parts(family)[1])
+
+
+def vision_modules(family: str) -> list[str]:
+    return list(_parts(family)[0])
+
+
+def trains(part: Part, kind: str, train_vision: bool) -> bool:
+    """Whether ``part`` trains (fully) in a stage of ``kind`` (without LoRA)."""
+    if kind == "alignment":
+        return part == "projector"
+    if kind in ("instruction", "vqa", "grpo"):
+        return part != "vision" or train_vision
+    raise InputError(f"unknown stage kind {kind!r}")
+
+
+def summarize(model: Any, family: str) -> TrainableSummary:
+    by_part: dict[str, int] = {"vision": 0, "projector": 0, "language": 0}
+    trainable = total = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            by_part[part_of(name, family)] += param.numel()
+    return TrainableSummary(trainable=trainable, total=total, by_part=by_part)
+
+
+def apply_trainable(model: Any, family: str, kind: str, train_vision: bool = False) -> TrainableSummary:
+    """Set ``requires_grad`` for full (non-LoRA) training of a stage; returns the counts.
+
+    ``alignment``: projector only; ``instruction`` / ``vqa``: projector + language model (+ vision tower
+    when ``train_vision``). With LoRA use :func:`lora_config` instead (PEFT freezes the base weights).
+    """
+    if kind == "alignment" and train_vision:
+        raise InputError("an alignment stage trains the projector only; train_vision must be false")
+    for name, param in model.named_parameters():
+        param.requires_grad_(trains(part_of(name, family), kind, train_vision))
+    return summarize(model, family)
+
+
+def lora_target_regex(model: Any, family: str, target_modules: list[str] | str = "all-linear") -> str:
+    """A PEFT ``target_modules`` regex for the language model's decoder-layer linear layers only.
+
+    ``"all-linear"``: every ``nn.Linear`` in the decoder layers; a list: those leaf names (``q_proj``...).
+    """
+    import torch
+
+    _parts(family)
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    leaves: set[str] = set()
+    for name, module in model.named_modules():
+        name = name.removeprefix(_PEFT_PREFIX)
+        if not any(_under(name, p + ".layers") for p in _LM_PREFIXES):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            leaves.add(name.rsplit(".", 1)[-1])
+    if target_modules != "all-linear":
+        wanted = set(target_modules)
+        missing = wanted - leaves
+        if missing:
+            raise InputError(
+                f"LoRA target modules {sorted(missing)} are not linear layers of the language model; "
+                f"available: {sorted(leaves)}"
+            )
+        leaves = wanted
+    if not leaves:
+        raise InputError(f"no linear layers found in the language model of this {family} model")
+    prefixes = "|".join(re.escape(p) for p in _LM_PREFIXES)
+    names = "|".join(re.escape(leaf) for leaf in sorted(leaves))
+    return rf"^(?:{prefixes})\.layers\.\d+\.(?:.*\.)?(?:{names})$"
+
+
+def lora_config(
+    model: Any,
+    family: str,
+    kind: str,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str] | str = "all-linear",
+    train_vision: bool = False,
+) -> Any:
+    """A ``peft.LoraConfig``: adapters on the language model, projector (± vision) as ``modules_to_save``."""
+    from peft import LoraConfig
+
+    if kind == "alignment":
+        raise InputError("LoRA is for instruction/vqa stages; an alignment stage trains the projector fully")
+    to_save = projector_modules(family) + (vision_modules(family) if train_vision else [])
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_regex(model, family, target_modules),
+        modules_to_save=to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def param_groups(
+    model: Any,
+    family: str,
+    learning_rate: float,
+    vision_learning_rate: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable parameters: the vision tower at its own LR if given.
+
+    Biases and norm weights (1-D tensors) get no weight decay.
+    """
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_vision = part_of(name, family) == "vision"
+        groups.setdefault((is_vision, param.ndim >= 2), []).append(param)
+    out: list[dict[str, Any]] = []
+    for (is_vision, decays), params in sorted(groups.items()):
+        lr = vision_learning_rate if is_vision and vision_learning_rate is not None else learning_rate
+        out.append({"params": params, "lr": lr, "weight_decay": weight_decay if decays else 0.0})
+    return out
