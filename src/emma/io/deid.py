@@ -56,10 +56,8 @@ import os
 import re
 import struct
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from enum import StrEnum
@@ -68,7 +66,6 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import pydicom
-from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
@@ -79,7 +76,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from emma.errors import CorruptFileError, EmmaError, InputError
-from emma.io.dicom import read_dataset
+from emma.io.dicom import quiet_pydicom, read_dataset
 from emma.io.limits import DEFAULT_LIMITS, Limits
 
 logger = logging.getLogger(__name__)
@@ -756,7 +753,7 @@ def deidentify_dataset(
     """
     if not in_place:
         ds = copy.deepcopy(ds)
-    with _quiet_pydicom():
+    with quiet_pydicom():
         patient_key = _patient_key(ds)
         cleaner = _Cleaner(config, patient_key)
         notes = _burned_in_warnings(ds)
@@ -777,17 +774,6 @@ def deidentify_dataset(
     return DeidResult(dataset=ds, warnings=notes, actions=dict(cleaner.counts))
 
 
-@contextmanager
-def _quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom value validation and its warnings: their messages quote element values.
-
-    (pydicom's own context manager; it swaps a process-wide setting for the duration.)
-    """
-    with pydicom_config.disable_value_validation(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 # ----------------------------------------------------------------------------------------- PHI report
 
 
@@ -801,7 +787,7 @@ def phi_keywords_present(ds: Dataset) -> list[str]:
     """
     found: set[str] = set()
     private = 0
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for elem in _walk(ds):
             if elem.tag.is_private:
                 private += 1
@@ -914,7 +900,7 @@ def _atomic_save(ds: Dataset, target: Path) -> None:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds.save_as(tmp_path, enforce_file_format=True)
         os.replace(tmp_path, target)
     except (AttributeError, TypeError, ValueError, KeyError, struct.error) as exc:
@@ -957,7 +943,7 @@ def _process(
     a CorruptFileError naming the exception type (pydicom messages may quote values).
     """
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = _read(path, limits)
             if _is_dicomdir(ds):
                 return "dicomdir"

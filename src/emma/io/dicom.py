@@ -17,13 +17,16 @@ value read from the file (values may be PHI).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -65,6 +68,17 @@ PERCENTILE_HIGH = 99.5
 # --------------------------------------------------------------------------------------------- reading
 
 
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom's value validation off and its warnings ignored: their messages quote element values (PHI).
+
+    pydicom's own context manager swaps a process-wide setting for the duration.
+    """
+    with pydicom_config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def read_dataset(
     path: str | os.PathLike[str],
     limits: Limits = DEFAULT_LIMITS,
@@ -80,7 +94,7 @@ def read_dataset(
     path = Path(path)
     limits.check_file(path)  # FileNotFoundError / IsADirectoryError pass through as OSError
     size = path.stat().st_size
-    with path.open("rb") as f:  # open errors (missing, permissions, directory) stay OSError
+    with path.open("rb") as f, quiet_pydicom():  # open errors (missing, permissions, ...) stay OSError
         try:
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, force=False)
@@ -92,7 +106,7 @@ def read_dataset(
         except Exception as exc:
             # pydicom raises many types (even OSError) on garbage, and its messages may quote values
             raise CorruptFileError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from None
-    _check_complete(ds, path, size, stop_before_pixels)
+        _check_complete(ds, path, size, stop_before_pixels)
     return ds
 
 
@@ -370,7 +384,8 @@ def decode_frames(
     """
     what = _what(ds)
     indices = _frame_indices(frames, _n_frames(ds), what) if frames is not None else None
-    arr, _ = _decode(ds, limits, indices, what)
+    with quiet_pydicom():
+        arr, _ = _decode(ds, limits, indices, what)
     return arr
 
 
@@ -677,7 +692,8 @@ def dicom_images(
         src = source or str(path_or_ds)
     n_frames = _n_frames(ds)
     indices = _frame_indices(frames, n_frames, src)
-    arr, color = _decode(ds, limits, indices, src)
+    with quiet_pydicom():
+        arr, color = _decode(ds, limits, indices, src)
     frame_ids = indices if indices is not None else list(range(arr.shape[0]))
 
     shared = Provenance(source=src, format="dicom")

@@ -23,7 +23,6 @@ import contextlib
 import io
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,6 +31,7 @@ import httpx
 from PIL import Image
 
 from emma.errors import ImageTooLargeError, InputError
+from emma.io.dicom import quiet_pydicom
 from emma.io.image import ModelImage
 from emma.io.limits import Limits
 from emma.io.load import VolumeSampling, load_images
@@ -115,16 +115,6 @@ def resolve_window(spec: str | None) -> Window | None:
         raise APIError(
             400, 'unknown window: use a preset name (e.g. "lung") or "CENTER,WIDTH"', code="invalid_window"
         ) from None
-
-
-@contextlib.contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """pydicom's value validation off and warnings ignored: their messages can quote values (PHI)."""
-    from pydicom import config as pydicom_config
-
-    with pydicom_config.disable_value_validation(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 class ImageResolver:
