@@ -18,6 +18,8 @@ Trainable parts: LoRA adapters on the language model's decoder linears (+ the pr
 ``modules_to_save``) when ``stage.lora`` is set (emma.train.freeze.lora_config), else the projector +
 language model (+ vision tower with ``train_vision``). The saved ``out_dir/final`` is a full model
 folder (LoRA merged) + processor, loadable by :func:`emma.model.registry.load_model`.
+``resume=True`` continues from the last ``out_dir/checkpoint-*``; one already at ``max_steps`` is not
+trained on again, its weights become ``final/`` (:mod:`emma.train.checkpoints`).
 Not supported here: a separate ``vision_learning_rate`` for GRPO (rejected with a one-line error).
 """
 
@@ -34,6 +36,7 @@ from emma.data.formats import to_trl
 from emma.data.schema import CoordSpace, Sample
 from emma.errors import EmmaError, InputError
 from emma.model.families import model_image_size
+from emma.train.checkpoints import last_checkpoint, train_or_restore
 from emma.train.recipe import StageConfig
 from emma.train.rewards import build_rewards
 
@@ -104,12 +107,6 @@ def grpo_row(sample: Sample, loader: ImageLoader, family: str, processor: Any = 
         "family": family,
         "response_format": str(sample.meta.extra.get("response_format", "text")),
     }
-
-
-def _last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
 
 
 def run_grpo_stage(
@@ -212,8 +209,9 @@ def run_grpo_stage(
             f"GRPOTrainer cannot run this {family} model: {str(exc).splitlines()[0]}"
         ) from exc
     trainable = summarize(trainer.model, family).trainable
-    checkpoint = _last_checkpoint(out_dir) if resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    # A checkpoint already at max_steps (killed before final/ was written) is restored, not trained on.
+    train_or_restore(trainer, checkpoint)
 
     final = out_dir / FINAL
     trained = trainer.model

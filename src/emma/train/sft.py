@@ -13,7 +13,9 @@ Layout of ``out_dir``: ``checkpoints/checkpoint-<step>`` (Trainer checkpoints ev
 with LoRA they hold the adapters + ``modules_to_save``), ``final/`` (a full model folder: LoRA merged
 into the weights, processor saved beside it, loadable by :func:`emma.model.registry.load_model` and the
 next stage), ``final/emma_stage.json`` (what trained). ``resume=True`` continues from the last
-checkpoint with the same data order (Trainer restores optimizer, scheduler, RNG and skips seen batches).
+checkpoint with the same data order (Trainer restores optimizer, scheduler, RNG and skips seen batches);
+a checkpoint already at ``max_steps`` is not trained on again: its weights become ``final/``
+(:mod:`emma.train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from emma.data.formats import ImageLoader, to_trl
 from emma.data.schema import Sample
 from emma.errors import InputError
+from emma.train.checkpoints import last_checkpoint, train_or_restore
 from emma.train.collator import VLCollator
 from emma.train.freeze import TrainableSummary, apply_trainable, lora_config, param_groups, summarize
 
@@ -118,9 +121,10 @@ def _load(model_dir: Path, stage: StageConfig) -> Any:
     return load_model(str(model_dir), device="auto", dtype=dtype, quantization=quant)
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+def _train_loss(output: Any) -> float | None:
+    """Mean training loss of this ``train()`` call (None when nothing was trained: restored checkpoint)."""
+    loss = getattr(output, "training_loss", None)
+    return float(loss) if loss is not None else None
 
 
 def run_sft_stage(
@@ -229,8 +233,9 @@ def run_sft_stage(
     )
     if on_trainer is not None:
         on_trainer(trainer)
-    checkpoint = _last_checkpoint(ckpt_dir) if resume and ckpt_dir.is_dir() else None
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    checkpoint = last_checkpoint(ckpt_dir) if resume else None
+    # A checkpoint already at max_steps (killed before final/ was written) is restored, not trained on.
+    output = train_or_restore(trainer, checkpoint)
 
     trained = trainer.model
     if stage.lora is not None:
@@ -255,7 +260,7 @@ def run_sft_stage(
     return StageResult(
         final_dir=final_dir,
         global_step=trainer.state.global_step,
-        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        train_loss=_train_loss(output),
         samples_per_second=speed,
         log_history=history,
         trainable=asdict(trainable),
