@@ -9,6 +9,10 @@ resuming from a checkpoint already at ``max_steps`` (a run killed after its last
 from the uninterrupted run. :func:`train_or_restore` does not call ``train()`` for such a checkpoint:
 it loads the checkpoint's weights and trainer state into the trainer, so the caller writes ``final/``
 from exactly what the uninterrupted run would have ended with.
+
+Mid-run resume of a full-weight (non-LoRA) model: Trainer's own weight loader silently loads nothing
+for models whose saved keys are renamed on load (Qwen2.5-VL); :class:`StrictResumeMixin` (mixed into
+EMMA's SFT and GRPO trainers) loads such checkpoints through :func:`load_full_weights` instead.
 """
 
 from __future__ import annotations
@@ -51,19 +55,15 @@ def is_finished(checkpoint: Path, max_steps: int) -> bool:
     return total > 0 and step >= total
 
 
-def _load_weights(trainer: Any, checkpoint: Path) -> None:
-    """Load a checkpoint's trained weights into ``trainer.model``.
+def load_full_weights(model: Any, checkpoint: Path) -> None:
+    """Copy a full-weight checkpoint's weights into ``model`` (in place, strictly).
 
-    PEFT: Trainer's own loader (``load_adapter`` maps the adapter keys). Full models: *not* Trainer's
-    ``_load_from_checkpoint``: it calls ``load_state_dict(strict=False)`` on the raw file, whose keys
-    are in the saved (legacy) layout for models with a key conversion mapping (Qwen2.5-VL saves
-    ``model.layers.*`` / ``visual.*``, the module has ``model.language_model.*`` / ``model.visual.*``),
-    so nothing would load, silently. ``from_pretrained`` applies the mapping; then copy strictly.
+    Not Trainer's ``_load_from_checkpoint``: it calls ``load_state_dict(strict=False)`` on the raw
+    file, whose keys are in the saved (legacy) layout for models with a key conversion mapping
+    (Qwen2.5-VL saves ``model.layers.*`` / ``visual.*``, the module has ``model.language_model.*`` /
+    ``model.visual.*``), so nothing would load, silently. ``from_pretrained`` applies the mapping;
+    then every tensor is copied with ``strict=True`` (a mismatch raises instead of being skipped).
     """
-    model = trainer.model
-    if hasattr(model, "peft_config"):
-        trainer._load_from_checkpoint(str(checkpoint))
-        return
     import torch
 
     dtype = next(model.parameters()).dtype
@@ -71,6 +71,38 @@ def _load_weights(trainer: Any, checkpoint: Path) -> None:
     with torch.no_grad():
         model.load_state_dict(saved.state_dict(), strict=True)
     del saved
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+class StrictResumeMixin:
+    """Mix into a transformers ``Trainer`` subclass (before it): full-weight resume loads correctly.
+
+    ``Trainer.train(resume_from_checkpoint=...)`` restores weights through ``_load_from_checkpoint``;
+    for a full (non-PEFT) model this routes to :func:`load_full_weights` (key renaming + strict), so a
+    resumed run continues from the checkpoint's weights instead of silently keeping the start weights
+    while restoring the checkpoint's optimizer and scheduler. PEFT models (adapters: ``load_adapter``
+    maps the keys), FSDP and SageMaker MP keep Trainer's own loader.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = self.model if model is None else model  # type: ignore[attr-defined]
+        distributed = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if _is_peft(target) or distributed:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+            return
+        load_full_weights(target, Path(resume_from_checkpoint))
+
+
+def _load_weights(trainer: Any, checkpoint: Path) -> None:
+    """Load a checkpoint's trained weights into ``trainer.model`` (PEFT: Trainer's own loader)."""
+    model = trainer.model
+    if _is_peft(model):
+        trainer._load_from_checkpoint(str(checkpoint))
+    else:
+        load_full_weights(model, checkpoint)
 
 
 def train_or_restore(trainer: Any, checkpoint: Path | None) -> Any | None:
@@ -90,4 +122,4 @@ def train_or_restore(trainer: Any, checkpoint: Path | None) -> Any | None:
     return None
 
 
-__all__ = ["is_finished", "last_checkpoint", "train_or_restore"]
+__all__ = ["StrictResumeMixin", "is_finished", "last_checkpoint", "load_full_weights", "train_or_restore"]

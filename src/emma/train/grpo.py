@@ -36,7 +36,7 @@ from emma.data.formats import to_trl
 from emma.data.schema import CoordSpace, Sample
 from emma.errors import EmmaError, InputError
 from emma.model.families import model_image_size
-from emma.train.checkpoints import last_checkpoint, train_or_restore
+from emma.train.checkpoints import StrictResumeMixin, last_checkpoint, train_or_restore
 from emma.train.recipe import StageConfig
 from emma.train.rewards import build_rewards
 
@@ -109,6 +109,15 @@ def grpo_row(sample: Sample, loader: ImageLoader, family: str, processor: Any = 
     }
 
 
+def _trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class EmmaGRPOTrainer(StrictResumeMixin, GRPOTrainer):  # type: ignore[misc]
+        """GRPOTrainer whose full-weight resume loads the checkpoint's weights (see StrictResumeMixin)."""
+
+    return EmmaGRPOTrainer
+
+
 def run_grpo_stage(
     stage: StageConfig,
     model_dir: Path,
@@ -126,7 +135,7 @@ def run_grpo_stage(
     """
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from emma.model.registry import load_model
     from emma.train.freeze import apply_trainable, lora_config, summarize
@@ -196,7 +205,7 @@ def run_grpo_stage(
         **({"gradient_checkpointing": True} if stage.gradient_checkpointing else {}),
     )
     try:
-        trainer = GRPOTrainer(
+        trainer = _trainer_class()(
             model=model,
             reward_funcs=all_funcs,
             args=args,

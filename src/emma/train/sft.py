@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from emma.data.formats import ImageLoader, to_trl
 from emma.data.schema import Sample
 from emma.errors import InputError
-from emma.train.checkpoints import last_checkpoint, train_or_restore
+from emma.train.checkpoints import StrictResumeMixin, last_checkpoint, train_or_restore
 from emma.train.collator import VLCollator
 from emma.train.freeze import TrainableSummary, apply_trainable, lora_config, param_groups, summarize
 
@@ -74,8 +74,9 @@ def _trainer_class() -> type:
     import torch
     from trl import SFTTrainer
 
-    class EmmaSFTTrainer(SFTTrainer):  # type: ignore[misc]
-        """SFTTrainer with per-part learning rates and samples/s in every training log."""
+    class EmmaSFTTrainer(StrictResumeMixin, SFTTrainer):  # type: ignore[misc]
+        """SFTTrainer with per-part learning rates, samples/s in every training log, and full-weight
+        resume that loads the checkpoint's weights (:class:`~emma.train.checkpoints.StrictResumeMixin`)."""
 
         def __init__(self, *args: Any, family: str, vision_learning_rate: float | None, **kwargs: Any):
             self._family = family
