@@ -139,3 +139,19 @@ def test_permutation_test_p_values() -> None:
     # one pair differing by 1: every relabeling gives |T*| = |T|, so p = 1 exactly
     p = permutation_test([0.0], [1.0], n_resamples=4000, seed=0)
     assert p == pytest.approx(1.0, abs=1e-9)
+
+
+def test_bootstrap_mean_ci_level_shortcut_matches_the_index_bootstrap() -> None:
+    from emma.eval.stats import DIRECT_BOOTSTRAP_LIMIT, bootstrap_ci, bootstrap_mean_ci
+
+    rng = np.random.default_rng(1)
+    values = (rng.random(50_000) < 0.7).astype(float)
+    assert values.size * 1000 > DIRECT_BOOTSTRAP_LIMIT  # the shortcut path is taken
+    fast = bootstrap_mean_ci(values, n_resamples=1000, seed=0)
+    direct = bootstrap_ci(values, n_resamples=1000, seed=0)
+    half = 1.96 * np.sqrt(values.mean() * (1 - values.mean()) / values.size)
+    assert fast[0] < values.mean() < fast[1]
+    assert abs((fast[1] - fast[0]) / 2 - half) < 0.15 * half
+    assert np.allclose(fast, direct, atol=0.2 * half)
+    small = values[:500]
+    assert bootstrap_mean_ci(small, n_resamples=500, seed=3) == bootstrap_ci(small, n_resamples=500, seed=3)

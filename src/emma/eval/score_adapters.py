@@ -26,8 +26,6 @@ from emma.errors import DataFormatError, InputError
 from emma.eval.tasks import EvalItem, TaskDef
 
 CI_LEVEL = 0.95
-DIRECT_BOOTSTRAP_LIMIT = 20_000_000  # values resampled (n x resamples) before the level-count shortcut
-MAX_LEVELS = 1024  # distinct values up to which the shortcut applies
 MISSING = "missing"  # parse status of an evaluated sample without a prediction
 
 
@@ -52,29 +50,10 @@ def metric_values(scored: Sequence[Scored]) -> dict[str, list[float]]:
 
 
 def mean_ci(values: Sequence[float], n_resamples: int, seed: int) -> list[float]:
-    """Percentile bootstrap CI of the mean of ``values``.
+    """Percentile bootstrap CI of the mean of ``values`` (:func:`emma.eval.stats.bootstrap_mean_ci`)."""
+    from emma.eval.stats import bootstrap_mean_ci
 
-    Small inputs go to :func:`emma.eval.stats.bootstrap_ci` (resampled indices). When that gets costly
-    (``n * n_resamples`` over :data:`DIRECT_BOOTSTRAP_LIMIT`) and the values take few distinct levels
-    (0/1 accuracies, token scores), the same bootstrap is drawn through the distinct levels: resampling
-    ``n`` values with replacement puts ``Multinomial(n, level frequencies)`` counts on the levels, so
-    each replicate mean is drawn at a cost independent of ``n``. The replicates have exactly the
-    distribution of the index bootstrap (not the same random stream), and the percentile rule is the same.
-    """
-    from emma.eval.stats import bootstrap_ci
-
-    arr = np.asarray(values, dtype=np.float64)
-    levels, counts = np.unique(arr, return_counts=True)
-    if arr.size * n_resamples <= DIRECT_BOOTSTRAP_LIMIT or levels.size > MAX_LEVELS:
-        lo, hi = bootstrap_ci(arr, n_resamples=n_resamples, seed=seed, level=CI_LEVEL)
-        return [lo, hi]
-    if not np.all(np.isfinite(levels)):
-        raise ValueError("values contain NaN or infinite values")
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(arr.size, counts / arr.size, size=n_resamples)
-    means = draws @ levels / arr.size
-    lo, hi = np.quantile(means, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2])
-    return [float(lo), float(hi)]
+    return list(bootstrap_mean_ci(values, n_resamples=n_resamples, seed=seed, level=CI_LEVEL))
 
 
 def mean_cis(values: Mapping[str, Sequence[float]], n_resamples: int, seed: int) -> dict[str, list[float]]:
