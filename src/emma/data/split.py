@@ -337,6 +337,24 @@ def _near_duplicates(
     return len(found), examples
 
 
+def compare_splits(
+    dataset: Any, earlier: str, later: str, *, phash_threshold: int = 4
+) -> tuple[PairLeakage, SplitSummary]:
+    """What split ``later`` shares with split ``earlier``, plus a summary of ``earlier``.
+
+    ``dataset`` is anything with ``iter_samples(split)`` and ``image_bytes(ref)`` (a store ``Dataset``,
+    or a view joining a training set and an evaluated split, as the evaluation harness does).
+    """
+    if not 0 <= phash_threshold <= 32:
+        raise ValueError(f"phash_threshold must be within 0..32, got {phash_threshold}")
+    hasher = _ImageHasher(dataset)
+    first = _index_split(dataset, earlier, hasher)
+    second = _index_split(dataset, later, hasher)
+    pair = _compare(first, second, hasher, phash_threshold)
+    unreadable = sum(1 for d in first.images if d in hasher.phash and hasher.phash[d] is None)
+    return pair, SplitSummary(samples=first.samples, images=len(first.images), unreadable_images=unreadable)
+
+
 def check_leakage(dataset: Any, *, phash_threshold: int = 4) -> LeakageReport:
     """Overlap between every pair of splits of ``dataset`` (a store ``Dataset`` or its root folder)."""
     if not 0 <= phash_threshold <= 32:

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from emma.data.schema import ImageRef, Sample
-from emma.data.split import _compare, _ImageHasher, _index_split  # the leakage checker's own steps
+from emma.data.split import compare_splits
 from emma.data.store import Dataset, decode_image, open_dataset
 from emma.errors import DataFormatError, EmmaError
 
@@ -67,10 +67,7 @@ def check_contamination(
         raise DataFormatError(f"--train-data must be a dataset folder (with dataset.json): {exc}") from None
     splits = ["train"] if "train" in train.splits else list(train.splits)
     combined = _Combined(train, splits, eval_dataset, samples)
-    hasher = _ImageHasher(combined)
-    earlier = _index_split(combined, _TRAIN, hasher)
-    later = _index_split(combined, _EVAL, hasher)
-    pair = _compare(earlier, later, hasher, phash_threshold)
+    pair, earlier = compare_splits(combined, _TRAIN, _EVAL, phash_threshold=phash_threshold)
     n = max(len(samples), 1)
     images = max(pair.later_images, 1)
     return {
@@ -78,8 +75,8 @@ def check_contamination(
         "train_dataset": train.name,
         "train_splits": splits,
         "train_samples": earlier.samples,
-        "train_images": len(earlier.images),
-        "evaluated_samples": later.samples,
+        "train_images": earlier.images,
+        "evaluated_samples": pair.later_samples,
         "evaluated_images": pair.later_images,
         "exact_image_overlap": pair.exact_image_overlap,
         "exact_image_overlap_rate": pair.exact_image_overlap / images,
