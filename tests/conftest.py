@@ -10,9 +10,11 @@ Families: :data:`emma.model.tiny.TINY_FAMILIES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -42,3 +44,28 @@ def tiny_loaded() -> Callable[[str], LoadedModel]:
         return loaded[family]
 
     return get
+
+
+@pytest.fixture()
+def loopback_http() -> Iterator[Callable[[type[BaseHTTPRequestHandler], Any], str]]:
+    """Start scripted HTTP peers on 127.0.0.1 (free ports) for a test; yields ``start(handler, state)``.
+
+    ``start`` returns the peer's ``/v1`` base URL; handlers reach ``state`` as ``self.server.state``.
+    Every peer is shut down when the test ends.
+    """
+    running: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+
+    def start(handler: type[BaseHTTPRequestHandler], state: Any) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        server.state = state  # type: ignore[attr-defined]
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    yield start
+    for server, thread in running:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def _script(body: dict[str, Any]) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Peer"
+    server: Any
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -111,26 +111,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class _Peer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, state: PeerState) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.state = state
-
-
 @pytest.fixture()
-def peer() -> Iterator[tuple[str, PeerState]]:
+def peer(loopback_http: Callable[[type[BaseHTTPRequestHandler], Any], str]) -> tuple[str, PeerState]:
     state = PeerState()
-    server = _Peer(state)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    return loopback_http(_Handler, state), state
 
 
 ITEMS = [

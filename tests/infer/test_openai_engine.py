@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -72,7 +72,7 @@ def _answer(body: dict[str, Any]) -> tuple[str, str]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _PeerServer
+    server: Any
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
@@ -164,26 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class _PeerServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, state: PeerState) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.state = state
-
-
 @pytest.fixture()
-def peer() -> Iterator[tuple[str, PeerState]]:
+def peer(loopback_http: Callable[[type[BaseHTTPRequestHandler], Any], str]) -> tuple[str, PeerState]:
     state = PeerState()
-    server = _PeerServer(state)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    return loopback_http(_Handler, state), state
 
 
 def _req(text: str, **sampling: Any) -> GenerationRequest:
