@@ -98,50 +98,49 @@ class _Handler(BaseHTTPRequestHandler):
             key = _last_user_text(body)
             state.attempts[key] = state.attempts.get(key, 0) + 1
             attempt = state.attempts[key]
-        try:
-            time.sleep(state.delay_s)
-            if attempt <= state.fail_503.get(key, 0):
-                self._json(
-                    503,
-                    {"error": {"message": "overloaded", "type": "server_error", "code": 503}},
-                    {"Retry-After": "0.01"},
-                )
-                return
-            if key.startswith("BAD"):
-                self._json(
-                    400, {"error": {"message": "bad request", "type": "invalid_request_error", "code": 400}}
-                )
-                return
-            text, finish = _answer(body)
-            prompt = len(json.dumps(body["messages"])) // 4
-            usage = {
-                "prompt_tokens": prompt,
-                "completion_tokens": len(text.split()),
-                "total_tokens": prompt + len(text.split()),
-            }
-            if body.get("stream"):
-                self._stream(text, finish, usage)
-                return
+        time.sleep(state.delay_s)
+        # leave "in flight" before answering: the client frees its slot as soon as it has the answer
+        with state.lock:
+            state.in_flight -= 1
+        if attempt <= state.fail_503.get(key, 0):
             self._json(
-                200,
-                {
-                    "id": "c1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": finish,
-                        }
-                    ],
-                    "usage": usage,
-                },
+                503,
+                {"error": {"message": "overloaded", "type": "server_error", "code": 503}},
+                {"Retry-After": "0.01"},
             )
-        finally:
-            with state.lock:
-                state.in_flight -= 1
+            return
+        if key.startswith("BAD"):
+            self._json(
+                400, {"error": {"message": "bad request", "type": "invalid_request_error", "code": 400}}
+            )
+            return
+        text, finish = _answer(body)
+        prompt = len(json.dumps(body["messages"])) // 4
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(text.split()),
+            "total_tokens": prompt + len(text.split()),
+        }
+        if body.get("stream"):
+            self._stream(text, finish, usage)
+            return
+        self._json(
+            200,
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            },
+        )
 
     def _stream(self, text: str, finish: str, usage: dict[str, int]) -> None:
         self.send_response(200)
