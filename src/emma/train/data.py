@@ -111,14 +111,25 @@ def _read(
     tasks: list[TaskType] | None,
     stage_tasks: list[TaskType] | None,
     limit: int | None,
+    prompt: str | None = None,
 ) -> list[Sample]:
     out: list[Sample] = []
     for sample in dataset.iter_samples(split):
         if _admits(sample.task, tasks, stage_tasks):
-            out.append(sample)
+            out.append(_prompted(sample, prompt) if prompt else sample)
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+def _prompted(sample: Sample, prompt: str) -> Sample:
+    """``sample`` with its first user turn's text put into ``prompt`` (``{question}``)."""
+    turns = list(sample.turns)
+    for i, turn in enumerate(turns):
+        if turn.role == "user":
+            turns[i] = turn.model_copy(update={"content": prompt.replace("{question}", turn.content)})
+            break
+    return sample.model_copy(update={"turns": turns})
 
 
 def _repeat(items: list[int], weight: float, rng: random.Random) -> list[int]:
@@ -146,7 +157,7 @@ def stage_data(recipe: Recipe, stage: StageConfig, *, stage_index: int = 0) -> S
         if cfg.split not in dataset.splits:
             have = ", ".join(dataset.splits) or "none"
             raise RecipeError(f"dataset {name!r} at {cfg.path} has no split {cfg.split!r} (has: {have})")
-        found = _read(dataset, cfg.split, cfg.tasks, stage.tasks, cfg.limit)
+        found = _read(dataset, cfg.split, cfg.tasks, stage.tasks, cfg.limit, cfg.prompt)
         if not found:
             raise RecipeError(
                 f"dataset {name!r} has no {cfg.split} samples for stage {stage.name!r} after task filters"

@@ -86,8 +86,8 @@ def vision_modules(family: str) -> list[str]:
 
 def trains(part: Part, kind: str, train_vision: bool) -> bool:
     """Whether ``part`` trains (fully) in a stage of ``kind`` (without LoRA)."""
-    if kind == "alignment":
-        return part == "projector"
+    if kind == "alignment":  # the vision tower too when it is trained from scratch (train_vision)
+        return part == "projector" or (part == "vision" and train_vision)
     if kind in ("instruction", "vqa", "grpo"):
         return part != "vision" or train_vision
     raise InputError(f"unknown stage kind {kind!r}")
@@ -107,11 +107,11 @@ def summarize(model: Any, family: str) -> TrainableSummary:
 def apply_trainable(model: Any, family: str, kind: str, train_vision: bool = False) -> TrainableSummary:
     """Set ``requires_grad`` for full (non-LoRA) training of a stage; returns the counts.
 
-    ``alignment``: projector only; ``instruction`` / ``vqa``: projector + language model (+ vision tower
-    when ``train_vision``). With LoRA use :func:`lora_config` instead (PEFT freezes the base weights).
+    ``alignment``: projector only (+ vision tower when ``train_vision``: a tower trained from scratch,
+    as emma-tiny's is, learns in alignment with the language model frozen); ``instruction`` / ``vqa``:
+    projector + language model (+ vision tower when ``train_vision``). With LoRA use :func:`lora_config`
+    instead (PEFT freezes the base weights).
     """
-    if kind == "alignment" and train_vision:
-        raise InputError("an alignment stage trains the projector only; train_vision must be false")
     for name, param in model.named_parameters():
         param.requires_grad_(trains(part_of(name, family), kind, train_vision))
     return summarize(model, family)

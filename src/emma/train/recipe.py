@@ -65,6 +65,16 @@ class DatasetConfig(_Strict):
     weight: float = Field(1.0, gt=0.0)
     tasks: list[TaskType] | None = None  # keep only these task types (None: all)
     limit: int | None = Field(None, gt=0)  # use at most this many samples (first ones, in store order)
+    # The first user turn's text becomes prompt.format(question=text), e.g. the evaluation's short-answer
+    # instruction "{question}\nAnswer the question using a single word or phrase." (None: as stored).
+    prompt: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_question(cls, v: str | None) -> str | None:
+        if v is not None and "{question}" not in v:
+            raise ValueError("a dataset prompt must contain {question}")
+        return v
 
     @field_validator("split")
     @classmethod
@@ -97,6 +107,9 @@ class StageConfig(_Strict):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_checkpointing: bool = False
+    # bf16 mixed precision: None = on CUDA when supported; true also on CPU (autocast; fast on CPUs
+    # with AVX512-BF16/AMX), false = fp32 everywhere.
+    bf16: bool | None = None
     max_samples: int | None = Field(None, gt=0)  # cap on the mixed sample list of this stage
     grpo: GRPOSettings | None = None
 

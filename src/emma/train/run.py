@@ -59,6 +59,10 @@ def resolve_base_model(spec: str) -> Path:
     folder, or a hub id (downloaded through the hub cache)."""
     from emma.model.registry import emma_tiny_dir, parse_spec, resolve_hub
 
+    if spec == "emma-tiny:init":
+        from emma.model.emma_tiny import init_dir
+
+        return init_dir()
     if spec.startswith("tiny:"):
         from emma.model.tiny import TINY_FAMILIES, build_tiny
 

@@ -122,6 +122,14 @@ def _load(model_dir: Path, stage: StageConfig) -> Any:
     return load_model(str(model_dir), device="auto", dtype=dtype, quantization=quant)
 
 
+def _bf16(stage: StageConfig, cuda: bool) -> bool:
+    import torch
+
+    if stage.bf16 is None:
+        return cuda and torch.cuda.is_bf16_supported()
+    return stage.bf16
+
+
 def _train_loss(output: Any) -> float | None:
     """Mean training loss of this ``train()`` call (None when nothing was trained: restored checkpoint)."""
     loss = getattr(output, "training_loss", None)
@@ -210,7 +218,8 @@ def run_sft_stage(
         save_steps=stage.save_steps,
         save_only_model=False,
         report_to=report_to if report_to is not None else "none",
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=_bf16(stage, cuda),
+        use_cpu=not cuda,
         max_length=None,  # the collator truncates (and refuses to cut image tokens)
         packing=False,
         padding_free=False,
