@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # here this is the local CPU wheel; on a GPU machine PyTorch's CUDA build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install
 	# The web UI is tested in headless Debian chromium (installed here when missing and we are root).
 	bash scripts/install_browser.sh
 	$(PY) -m pytest -q -n 2 tests
+
+# The main job, offline: emma-tiny answers about a real chest radiograph (pydicom-data's RG1), then
+# `emma serve` with the web UI on http://127.0.0.1:8000 (Ctrl+C stops it). DEMO_ARGS="--no-serve", ...
+DEMO_ARGS ?=
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/emma demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -522,6 +522,7 @@ class _OutputWriter:
         if item.rejected is None:
             st.accepted += 1
         else:
+            log.info("sample %s: rejected at %s (%s)", item.sample.id, item.step, item.rejected)
             st.rejected[item.rejected] = st.rejected.get(item.rejected, 0) + 1
             st.rejected_by_step[item.step] = st.rejected_by_step.get(item.step, 0) + 1
 
@@ -626,6 +627,9 @@ class _Progress:
 
     def close(self) -> None:
         if self._progress is not None:
+            st = self.stats
+            status = f"ok {st.accepted}  rejected {st.rejected_total}  skipped {st.skipped}"
+            self._progress.update(self._task, status=status)
             self._progress.stop()
 
 

@@ -68,14 +68,14 @@ IMAGE_SIZE = 256
 PATCH_SIZE = 16
 SCALE_FACTOR = 4
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-VISION: dict[str, Any] = dict(
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    image_size=IMAGE_SIZE,
-    patch_size=PATCH_SIZE,
-)
+VISION: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
 _IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 _ROW_COL = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 _TEXT_PREFIX = "model.text_model."
@@ -260,7 +260,6 @@ def export_delta(
     ``rel_tol`` of its largest entry (always the case after LoRA stages), else whole as ``<name>.diff``;
     everything else (vision tower, connector, embedding rows of the new tokens) ships whole.
     """
-    import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoProcessor
 
@@ -340,16 +339,18 @@ def apply_delta(base: dict[str, Any], delta: dict[str, Any], base_vocab: int) ->
         stem, _, kind = name.rpartition(".")
         if kind == "lora_b":
             continue
-        if kind == "lora_a":
-            change = value.float() @ delta[stem + ".lora_b"].float()
-            state[stem] = state[stem] + change
-        elif kind == "diff":
-            if stem.endswith("embed_tokens.weight"):
-                state[stem][:base_vocab] += value.float()
+        if kind in ("lora_a", "diff"):
+            change = value.float() @ delta[stem + ".lora_b"].float() if kind == "lora_a" else value.float()
+            if stem.endswith("embed_tokens.weight"):  # the change covers the base rows of the grown table
+                grown = state[stem].clone()  # never modify the caller's base tensors
+                grown[:base_vocab] += change
+                state[stem] = grown
             else:
-                state[stem] = state[stem] + value.float()
+                state[stem] = state[stem] + change
         elif kind == "new_rows":
-            state[stem][base_vocab:] = value.float()
+            grown = state[stem].clone()
+            grown[base_vocab:] = value.float()
+            state[stem] = grown
         else:
             state[name] = value.float()
     return state

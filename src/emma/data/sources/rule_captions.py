@@ -61,11 +61,11 @@ _MODALITY_WORDS = {
 _YES = {"yes", "y", "true"}
 _NO = {"no", "n", "false"}
 # "Is there X" / "Are there X" → "There is/are (no) X"
-_THERE = re.compile(r"^(is|are) there (?P<rest>.+)$", re.I)
+_THERE = re.compile(r"^(is|are) there (?P<rest>.+)$", re.IGNORECASE)
 # "Is this (image) X" → "This (image) is (not) X"
-_THIS = re.compile(r"^is (?P<subj>this(?: image| film| scan| study)?|it) (?P<rest>.+)$", re.I)
+_THIS = re.compile(r"^is (?P<subj>this(?: image| film| scan| study)?|it) (?P<rest>.+)$", re.IGNORECASE)
 # "Is/Are the X Y" (copula) → "The X is/are (not) Y"
-_COPULA = re.compile(r"^(?P<verb>is|are) (?P<subj>the [a-z0-9' -]+?) (?P<rest>(?:normal|abnormal|enlarged|present|visible|seen|located|in|on|at|of|to|larger|smaller|more|less|dilated|displaced|[a-z]+ed)\b.*)$", re.I)
+_COPULA = re.compile(r"^(?P<verb>is|are) (?P<subj>the [a-z0-9' -]+?) (?P<rest>(?:normal|abnormal|enlarged|present|visible|seen|located|in|on|at|of|to|larger|smaller|more|less|dilated|displaced|[a-z]+ed)\b.*)$", re.IGNORECASE)
 
 
 def _clean(text: str) -> str:
@@ -89,7 +89,9 @@ def qa_statement(question: str, answer: str) -> str:
         positive = low in _YES
         if m := _THERE.match(q):
             verb = m.group(1).lower()
-            return _sentence(f"there {verb} {'' if positive else 'no '}{m.group('rest')}".replace("  ", " "))
+            # "no a fracture" / "no any nodules" → "no fracture" / "no nodules"; "any" also goes when positive
+            rest = re.sub(r"^any\s+" if positive else r"^(?:a|an|any)\s+", "", m.group("rest"), flags=re.IGNORECASE)
+            return _sentence(f"there {verb} {'' if positive else 'no '}{rest}")
         if m := _THIS.match(q):
             return _sentence(f"{m.group('subj').lower()} is {'' if positive else 'not '}{m.group('rest')}")
         if m := _COPULA.match(q):
@@ -184,8 +186,8 @@ def dicom_caption_samples(files: Iterable[Path]) -> Iterator[tuple[Sample, bytes
     import pydicom.errors
 
     from emma.data.store import encode_png
-    from emma.io.dicom import quiet_pydicom
     from emma.errors import EmmaError
+    from emma.io.dicom import quiet_pydicom
     from emma.io.load import load_images
 
     for path in files:

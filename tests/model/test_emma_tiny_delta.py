@@ -1,0 +1,213 @@
+"""emma-tiny's shipped delta on small synthetic tensors: low-rank factors, applying a delta, checksum checks.
+
+Never builds or loads the real 135M model (the base loader is patched to fail where it could be reached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emma.model import emma_tiny
+from emma.model.emma_tiny import (
+    DELTA_FILE,
+    MANIFEST_FILE,
+    DeltaError,
+    _low_rank,
+    _verified_manifest,
+    apply_delta,
+)
+
+EMB = "model.text_model.embed_tokens.weight"
+Q = "model.text_model.layers.0.self_attn.q_proj.weight"
+NORM = "model.text_model.norm.weight"
+PROJ = "model.connector.modality_projection.proj.weight"
+
+
+def _rank(r: int, rows: int = 24, cols: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, r, generator=g) @ torch.randn(r, cols, generator=g) / r
+
+
+def _fp16_error(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor) -> float:
+    return float((a.half().float() @ b.half().float() - target).abs().max())
+
+
+# ------------------------------------------------------------------------------------------- _low_rank
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 8])
+def test_low_rank_factors_a_rank_r_matrix_exactly(rank: int) -> None:
+    diff = _rank(rank, seed=rank)
+    factors = _low_rank(diff, rel_tol=0.02, max_rank=64)
+    assert factors is not None
+    a, b = factors
+    assert a.shape == (24, rank) and b.shape == (rank, 16)  # the smallest rank that reproduces it
+    assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+    scale = float(diff.abs().max())
+    assert float((a @ b - diff).abs().max()) <= 1e-4 * scale  # exact in fp32
+    assert _fp16_error(a, b, diff) <= 0.02 * scale  # within tolerance once shipped as fp16
+
+
+def test_low_rank_rank3_uses_the_next_ladder_rank() -> None:
+    diff = _rank(3)
+    factors = _low_rank(diff, rel_tol=0.02, max_rank=64)
+    assert factors is not None and factors[0].shape[1] == 4
+    assert _fp16_error(*factors, diff) <= 0.02 * float(diff.abs().max())
+
+
+@pytest.mark.parametrize(("rank", "max_rank"), [(4, 2), (8, 4), (16, 8)])
+def test_low_rank_none_when_the_needed_rank_exceeds_max_rank(rank: int, max_rank: int) -> None:
+    diff = _rank(rank, rows=32, cols=32, seed=rank)
+    assert _low_rank(diff, rel_tol=0.02, max_rank=max_rank) is None
+    assert _low_rank(diff, rel_tol=0.02, max_rank=rank) is not None
+
+
+def test_low_rank_of_a_full_rank_matrix_is_none_below_its_size() -> None:
+    diff = torch.randn(32, 32, generator=torch.Generator().manual_seed(5))
+    assert _low_rank(diff, rel_tol=0.02, max_rank=16) is None
+
+
+# ------------------------------------------------------------------------------------------ apply_delta
+
+
+def _base(vocab: int = 10, hidden: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        EMB: torch.randn(vocab, hidden, generator=g),
+        Q: torch.randn(6, hidden, generator=g),
+        NORM: torch.ones(hidden),
+    }
+
+
+def test_apply_delta_every_kind() -> None:
+    base = _base()
+    before = {k: v.clone() for k, v in base.items()}
+    lora_a, lora_b = torch.randn(6, 2), torch.randn(2, 4)
+    norm_diff = torch.tensor([0.5, -0.25, 0.0, 1.0])
+    new_rows = torch.full((2, 4), 3.0)
+    emb_diff = torch.arange(32, dtype=torch.float32).reshape(8, 4) / 8
+    proj = torch.randn(4, 8)
+    delta = {
+        Q + ".lora_a": lora_a.half(),
+        Q + ".lora_b": lora_b.half(),
+        NORM + ".diff": norm_diff.half(),
+        EMB + ".new_rows": new_rows.half(),
+        EMB + ".diff": emb_diff.half(),
+        PROJ: proj.half(),
+    }
+    state = apply_delta(base, delta, base_vocab=8)
+
+    assert set(state) == {EMB, Q, NORM, PROJ}  # factor names never become weights
+    assert all(t.dtype == torch.float32 for t in state.values())
+    change = lora_a.half().float() @ lora_b.half().float()
+    torch.testing.assert_close(state[Q], before[Q] + change)
+    torch.testing.assert_close(state[NORM], before[NORM] + norm_diff)
+    torch.testing.assert_close(state[EMB][:8], before[EMB][:8] + emb_diff.half().float())
+    torch.testing.assert_close(state[EMB][8:], new_rows)
+    torch.testing.assert_close(state[PROJ], proj.half().float())
+    for name, tensor in base.items():  # the caller's base weights are not modified
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_apply_delta_low_rank_change_of_the_grown_embedding() -> None:
+    """export_delta factors the base rows' change of the (grown) embedding like any 2-D weight."""
+    base = _base()
+    before = base[EMB].clone()
+    lora_a, lora_b = torch.randn(8, 1), torch.randn(1, 4)
+    new_rows = torch.full((2, 4), -1.0)
+    delta = {EMB + ".lora_a": lora_a, EMB + ".lora_b": lora_b, EMB + ".new_rows": new_rows}
+    state = apply_delta(base, delta, base_vocab=8)
+    assert state[EMB].shape == (10, 4)
+    torch.testing.assert_close(state[EMB][:8], before[:8] + lora_a @ lora_b)
+    torch.testing.assert_close(state[EMB][8:], new_rows)
+    assert torch.equal(base[EMB], before)
+
+
+def test_low_rank_export_then_apply_round_trip() -> None:
+    """What export_delta does for a LoRA-merged weight, undone by apply_delta, within the tolerance."""
+    base = _base()
+    trained = base[Q] + _rank(2, rows=6, cols=4, seed=9)
+    diff = trained - base[Q]
+    factors = _low_rank(diff, rel_tol=0.02, max_rank=64)
+    assert factors is not None
+    delta = {Q + ".lora_a": factors[0].half(), Q + ".lora_b": factors[1].half()}
+    state = apply_delta(base, delta, base_vocab=8)
+    assert float((state[Q] - trained).abs().max()) <= 0.02 * float(diff.abs().max())
+    torch.testing.assert_close(state[EMB], base[EMB])
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def _asset(folder: Path, *, sha: str | None = None) -> Path:
+    folder.mkdir(parents=True)
+    delta = folder / DELTA_FILE
+    save_file({PROJ: torch.zeros(2, 2, dtype=torch.float16)}, str(delta))
+    real = hashlib.sha256(delta.read_bytes()).hexdigest()
+    manifest = {"name": "emma-tiny", "version": "1", "delta": {"file": DELTA_FILE, "sha256": sha or real}}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture()
+def no_base_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EMMA_CACHE", str(tmp_path / "cache"))
+
+    def refuse() -> Any:
+        raise AssertionError("the base model must not be loaded before the checksum passes")
+
+    monkeypatch.setattr(emma_tiny, "load_base_language_model", refuse)
+
+
+def test_verified_manifest_accepts_the_right_checksum(tmp_path: Path) -> None:
+    folder = _asset(tmp_path / "ok")
+    manifest = _verified_manifest(folder)
+    assert manifest["delta"]["sha256"] == hashlib.sha256((folder / DELTA_FILE).read_bytes()).hexdigest()
+
+
+def test_verified_manifest_rejects_a_wrong_checksum(tmp_path: Path) -> None:
+    folder = _asset(tmp_path / "bad", sha="0" * 64)
+    with pytest.raises(DeltaError, match="fails its checksum") as info:
+        _verified_manifest(folder)
+    assert "expected 000000000000" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_verified_manifest_rejects_an_altered_delta(tmp_path: Path) -> None:
+    folder = _asset(tmp_path / "altered")
+    with (folder / DELTA_FILE).open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DeltaError, match="checksum"):
+        _verified_manifest(folder)
+
+
+def test_verified_manifest_missing_files(tmp_path: Path) -> None:
+    folder = _asset(tmp_path / "gone")
+    (folder / DELTA_FILE).unlink()
+    with pytest.raises(DeltaError, match="not installed"):
+        _verified_manifest(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeltaError, match="not installed"):
+        _verified_manifest(tmp_path / "empty")
+
+
+def test_materialize_checks_the_checksum_before_loading_anything(tmp_path: Path, no_base_model: None) -> None:
+    folder = _asset(tmp_path / "bad", sha="f" * 64)
+    with pytest.raises(DeltaError, match="fails its checksum"):
+        emma_tiny.materialize(folder)
+    assert not (tmp_path / "cache").exists()  # nothing cached from an unverified delta
+
+
+def test_materialize_reuses_a_verified_cache_without_loading(tmp_path: Path, no_base_model: None) -> None:
+    folder = _asset(tmp_path / "ok")
+    sha = _verified_manifest(folder)["delta"]["sha256"]
+    final = emma_tiny.cache_root() / f"emma-tiny-v{emma_tiny.EMMA_TINY_VERSION}" / sha[:16]
+    final.mkdir(parents=True)
+    (final / emma_tiny._DONE).write_text(json.dumps({"sha256": sha}))
+    assert emma_tiny.materialize(folder) == final
