@@ -413,7 +413,11 @@ class Teacher:
             attempts += 1
             self._count(attempt=True)
             request = GenerationRequest(messages=list(messages), sampling=params)
-            response = self._generate(request)
+            try:
+                response = self._generate(request)
+            except BaseException:
+                self.breaker.release_probe()  # no verdict: a half-open probe must not stay taken
+                raise
             if response.finish_reason in ("stop", "length"):
                 self.breaker.success()
                 return response.text
@@ -425,7 +429,7 @@ class Teacher:
                 raise TeacherError(
                     "input",
                     f"the teacher refused the request as unusable{status}",
-                    attempts=1,
+                    attempts=attempts,
                     status=last_status,
                 )
             self.breaker.failure()
