@@ -1,6 +1,19 @@
-"""Annotation: weak supervision from reports and teachers.
+"""The data engine: weak-supervision annotation and synthetic instruction data through a teacher model.
 
-Built so far: :mod:`emma.annotate.labeler`, a rule-based radiology report → findings labeler
-(CheXpert's 14 observations plus emergency-critical findings, with negation and uncertainty), shared
-with the evaluation harness's clinical-finding F1.
+- :mod:`~emma.annotate.teacher`: a teacher (any OpenAI-compatible server or an in-process model) with
+  bounded concurrency, retries with exponential backoff and jitter, and a circuit breaker.
+- :mod:`~emma.annotate.store`: the durable answer store (per-writer append-only JSONL segments).
+- :mod:`~emma.annotate.runner`: the resumable, streaming runner of steps over a dataset (local threads or
+  Ray Data), writing outputs in input order and rejected items with their reason.
+- :mod:`~emma.annotate.pipeline`, :mod:`~emma.annotate.quality`, :mod:`~emma.annotate.prompts`:
+  ``emma annotate`` — coarse caption → ROI localisation → fine caption, with quality gates.
+- :mod:`~emma.annotate.synth`, :mod:`~emma.annotate.refine`, :mod:`~emma.annotate.verify`,
+  :mod:`~emma.annotate.distractors`: ``emma synth`` — six task types and diagnostic dialogues, leak
+  refinement and generator–verifier checks.
+- :mod:`~emma.annotate.labeler`: report → findings (CheXpert's 14 plus emergency-critical findings, with
+  negation and uncertainty), shared with the evaluation harness.
+- :mod:`~emma.annotate.loopback`: a scripted OpenAI-compatible teacher on loopback for tests, dry runs
+  and ``benchmarks/bench_annotate.py``.
+
+See ``docs/annotation.md``.
 """
