@@ -178,6 +178,39 @@ def lora_config(
     )
 
 
+def token_ids(processor: Any, tokens: list[str]) -> list[int]:
+    """Vocabulary ids of ``tokens`` (each must be one known token of the processor's tokenizer)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids: list[int] = []
+    for token in tokens:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or found == tokenizer.unk_token_id:
+            raise InputError(f"trainable token {token!r} is not a token of this model's tokenizer")
+        ids.append(int(found))
+    return ids
+
+
+_EMBEDDING_NAMES = ("embed_tokens", "word_embeddings", "wte.")
+
+
+def train_token_rows(model: Any, ids: list[int]) -> Any:
+    """Train only the embedding rows ``ids`` (and, when the output layer is tied to the embedding, the same
+    output rows): the input embedding becomes trainable with a gradient hook that zeroes every other row.
+
+    The rows are updated in place, so a LoRA merge keeps them, and an optimizer step leaves the other rows
+    exactly as they were (zero gradient, no weight decay: see :func:`param_groups`). Returns the hook
+    handle. (PEFT's trainable-token wrappers are not used: TRL's fused LM head reads the output weight
+    directly and would bypass them.)
+    """
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[ids] = 1.0
+    weight.requires_grad_(True)
+    return weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+
+
 def param_groups(
     model: Any,
     family: str,
@@ -187,14 +220,16 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of the trainable parameters: the vision tower at its own LR if given.
 
-    Biases and norm weights (1-D tensors) get no weight decay.
+    Biases, norm weights (1-D tensors) and input embeddings get no weight decay (an embedding trained row
+    by row through :func:`train_token_rows` must leave its other rows untouched).
     """
     groups: dict[tuple[bool, bool], list[Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_vision = part_of(name, family) == "vision"
-        groups.setdefault((is_vision, param.ndim >= 2), []).append(param)
+        is_embedding = any(key in name for key in _EMBEDDING_NAMES)
+        groups.setdefault((is_vision, param.ndim >= 2 and not is_embedding), []).append(param)
     out: list[dict[str, Any]] = []
     for (is_vision, decays), params in sorted(groups.items()):
         lr = vision_learning_rate if is_vision and vision_learning_rate is not None else learning_rate

@@ -164,6 +164,8 @@ def run_grpo_stage(
     all_weights = [*weights, *([1.0] * len(extra_rewards))]
 
     peft_config = None
+    if stage.lora is not None and stage.lora.trainable_tokens:
+        raise GRPOStageError(f"stage {stage.name!r}: lora.trainable_tokens is for SFT stages only")
     if stage.lora is not None:
         peft_config = lora_config(
             model,

@@ -45,6 +45,9 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
     quantize: Literal["4bit", "8bit"] | None = None
+    # Tokens whose embedding rows train with the adapters (and their tied output rows): special tokens
+    # the base language model never saw, e.g. an end-of-turn token it must learn to emit.
+    trainable_tokens: list[str] = Field(default_factory=list)
 
 
 class GRPOSettings(_Strict):

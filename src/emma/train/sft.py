@@ -32,7 +32,15 @@ from emma.data.schema import Sample
 from emma.errors import InputError
 from emma.train.checkpoints import StrictResumeMixin, last_checkpoint, train_or_restore
 from emma.train.collator import VLCollator
-from emma.train.freeze import TrainableSummary, apply_trainable, lora_config, param_groups, summarize
+from emma.train.freeze import (
+    TrainableSummary,
+    apply_trainable,
+    lora_config,
+    param_groups,
+    summarize,
+    token_ids,
+    train_token_rows,
+)
 
 if TYPE_CHECKING:
     from emma.train.recipe import StageConfig
@@ -194,6 +202,8 @@ def run_sft_stage(
                 model, use_gradient_checkpointing=stage.gradient_checkpointing
             )
         model = get_peft_model(model, config)
+        if stage.lora.trainable_tokens:
+            train_token_rows(model, token_ids(processor, stage.lora.trainable_tokens))
         trainable = summarize(model, family)
     else:
         trainable = apply_trainable(model, family, stage.kind, stage.train_vision)
