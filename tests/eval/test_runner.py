@@ -355,7 +355,7 @@ def test_ablation_blank_changes_the_images(vqa_rad: Path, tmp_path: Path) -> Non
     assert ablation["mode"] == "blank" and run.results["config"]["ablation"] == "blank"
     delta = ablation["delta"]["overall_accuracy"]
     assert delta["delta"] == 0.0 and delta["a"] == delta["b"]  # a text-only "model": no image dependence
-    assert "baseline_prediction" in run.rows[0]
+    assert "ablated_prediction" in run.rows[0]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "run" / "plot_ablation.png").is_file()
     assert "Image ablation" in (tmp_path / "run" / "report.md").read_text()
@@ -365,6 +365,42 @@ def test_ablation_blank_changes_the_images(vqa_rad: Path, tmp_path: Path) -> Non
         EvalOptions(task="vqa-rad", data=vqa_rad, model="fixed", out=tmp_path / "run", limit=6), engine=again
     )
     assert again.batches == []
+
+
+class SeeingEngine:
+    """Answers "yes" when it is shown a real image and "no" for a black one."""
+
+    model_name = "seeing"
+    family = None
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+        return [
+            GenerationResponse(
+                request_id=r.request_id,
+                text="no" if any(_is_black(im) for im in r.images) else "yes",
+                finish_reason="stop",
+            )
+            for r in requests
+        ]
+
+
+@needs_real
+def test_ablation_keeps_the_real_image_metrics_as_the_headline(vqa_rad: Path, tmp_path: Path) -> None:
+    opts = EvalOptions(
+        task="vqa-rad", data=vqa_rad, model="seeing", out=tmp_path / "run", limit=40, ablate="blank",
+        n_resamples=200,
+    )
+    run = run_eval(opts, engine=SeeingEngine())
+    plain = run_eval(
+        EvalOptions(task="vqa-rad", data=vqa_rad, model="seeing", out=tmp_path / "plain", limit=40),
+        engine=SeeingEngine(),
+    )
+    assert run.results["metrics"] == plain.results["metrics"]  # real images: every answer "yes"
+    assert all(row["prediction"] == "yes" and row["ablated_prediction"] == "no" for row in run.rows)
+    ablated = run.results["ablation"]["ablated"]["metrics"]["closed_accuracy"]
+    delta = run.results["ablation"]["delta"]["closed_accuracy"]
+    assert delta["a"] == run.results["metrics"]["closed_accuracy"] and delta["b"] == ablated
+    assert ablated != run.results["metrics"]["closed_accuracy"]
 
 
 @needs_real

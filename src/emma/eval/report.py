@@ -132,20 +132,20 @@ def plot_breakdown(key: str, table: Mapping[str, Mapping[str, Any]], metric: str
 def plot_ablation(
     ablation: Mapping[str, Any], metrics: Mapping[str, float], ci95: Mapping[str, Any]
 ) -> bytes:
-    base = ablation["baseline"]
-    names = [n for n in _unit(metrics) if n in base["metrics"] and 0.0 <= float(base["metrics"][n]) <= 1.0]
+    other = ablation["ablated"]
+    names = [n for n in _unit(metrics) if n in other["metrics"] and 0.0 <= float(metrics[n]) <= 1.0]
     fig = _figure(7, 0.55 * len(names) + 1.4)
     ax = fig.subplots()
     height = 0.38
     yb = [i - height / 2 for i in range(len(names))]
     ya = [i + height / 2 for i in range(len(names))]
-    bv = [float(base["metrics"][n]) for n in names]
-    av = [float(metrics[n]) for n in names]
+    bv = [float(metrics[n]) for n in names]
+    av = [float(other["metrics"][n]) for n in names]
     ax.barh(
         yb,
         bv,
         height,
-        xerr=_errs(bv, [base["ci95"].get(n) for n in names]),
+        xerr=_errs(bv, [ci95.get(n) for n in names]),
         label="real image",
         color="#4C72B0",
         capsize=3,
@@ -154,7 +154,7 @@ def plot_ablation(
         ya,
         av,
         height,
-        xerr=_errs(av, [ci95.get(n) for n in names]),
+        xerr=_errs(av, [other["ci95"].get(n) for n in names]),
         label=f"{ablation['mode']} image",
         color="#C44E52",
         capsize=3,
@@ -183,7 +183,7 @@ def make_plots(results: Mapping[str, Any]) -> dict[str, bytes]:
         if png is not None:
             plots[f"plot_by_{key}.png"] = png
     ablation = results.get("ablation")
-    if ablation and any(n in ablation["baseline"]["metrics"] for n in _unit(results["metrics"])):
+    if ablation and any(n in ablation["ablated"]["metrics"] for n in _unit(results["metrics"])):
         plots["plot_ablation.png"] = plot_ablation(results["ablation"], results["metrics"], results["ci95"])
     return plots
 
@@ -216,8 +216,8 @@ def _sections(
             (
                 "warn",
                 (
-                    f"Image ablation '{cfg['ablation']}': the metrics below are measured with "
-                    "ablated images; the real-image baseline and the deltas follow."
+                    f"Image ablation '{cfg['ablation']}': the metrics below are measured with the "
+                    "real images; the ablated-image metrics and the paired deltas follow."
                 ),
             )
         )

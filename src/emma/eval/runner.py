@@ -606,8 +606,9 @@ def _score_and_write(
     adapter = make_adapter(task, compat=options.compat, family=preds.family)
     notes = list(preds.notes)
 
-    baseline = adapter.score_batch(items, preds.texts)
-    scored = adapter.score_batch(items, preds.ablated) if preds.ablated is not None else baseline
+    # The headline metrics are always the real-image ones; an ablation only adds its own block.
+    scored = adapter.score_batch(items, preds.texts)
+    ablated = adapter.score_batch(items, preds.ablated) if preds.ablated is not None else None
     judge_info = None
     if options.judge or judge_engine is not None:
         from emma.eval.judge import Judge
@@ -619,10 +620,8 @@ def _score_and_write(
         )
         assert isinstance(adapter, VqaAdapter)
         scored, judge_counts = apply_judge(adapter, judge, items, scored)
-        if preds.ablated is not None:
-            baseline, _ = apply_judge(adapter, judge, items, baseline)
-        else:
-            baseline = scored
+        if ablated is not None:
+            ablated, _ = apply_judge(adapter, judge, items, ablated)
         judge_info = {**judge.config(), "counts": judge_counts}
         notes.append(
             "judge_* metrics come from an LLM judge on open questions; rule-based metrics are unchanged"
@@ -643,17 +642,17 @@ def _score_and_write(
             notes.append(f"optional metric {name} {message}")
 
     ablation_block: dict[str, Any] | None = None
-    if preds.ablated is not None:
+    if ablated is not None:
         ablation_block = {
             "mode": options.ablate,
             "seed": options.seed,
-            "baseline": {
-                "metrics": adapter.metrics(baseline),
-                "ci95": adapter.cis(baseline, options.n_resamples, options.seed),
+            "ablated": {
+                "metrics": adapter.metrics(ablated),
+                "ci95": adapter.cis(ablated, options.n_resamples, options.seed),
             },
             "delta": paired_deltas(
-                {it.id: s.values for it, s in zip(items, baseline)},
                 {it.id: s.values for it, s in zip(items, scored)},
+                {it.id: s.values for it, s in zip(items, ablated)},
                 options.n_resamples,
                 options.seed,
             ),
@@ -675,12 +674,11 @@ def _score_and_write(
             "VQA-RAD official split: 202 of the 203 test images also appear in train (with other questions)"
         )
 
-    main_texts = preds.ablated if preds.ablated is not None else preds.texts
-    rows = [_row(it, main_texts.get(it.id), s, preds.status.get(it.id)) for it, s in zip(items, scored)]
-    if preds.ablated is not None:
-        for row, s, it in zip(rows, baseline, items):
-            row["baseline_prediction"] = preds.texts.get(it.id)
-            row["baseline_correct"] = s.correct
+    rows = [_row(it, preds.texts.get(it.id), s, preds.status.get(it.id)) for it, s in zip(items, scored)]
+    if ablated is not None and preds.ablated is not None:
+        for row, s, it in zip(rows, ablated, items):
+            row["ablated_prediction"] = preds.ablated.get(it.id)
+            row["ablated_correct"] = s.correct
 
     results: dict[str, Any] = {
         "task": task.name,
