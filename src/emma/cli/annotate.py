@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from emma.cli import app
+from emma.cli import teacher_options as opts
 from emma.cli.common import fail, handle_errors
-
-_BACKENDS = ("local", "ray")
-_FSYNC = ("always", "batch", "never")
 
 
 def _stages(value: str) -> list[str]:
@@ -26,31 +22,18 @@ def _stages(value: str) -> list[str]:
 @app.command("annotate")
 @handle_errors
 def annotate_command(
-    teacher: str = typer.Option(
-        ...,
-        "--teacher",
-        help="Teacher model spec: openai:URL#MODEL (vLLM, emma serve, any OpenAI-compatible server; API key "
-        "from EMMA_OPENAI_API_KEY or OPENAI_API_KEY), emma-tiny, a model folder or a hub id (in-process).",
-    ),
-    source: Path = typer.Option(..., "--in", help="Input dataset folder (dataset.json)."),
-    out: Path = typer.Option(
-        ..., "--out", help="Output dataset folder (new, or the folder of an interrupted run to resume it)."
-    ),
+    teacher: opts.Teacher,
+    source: opts.Source,
+    out: opts.Out,
     stages: str = typer.Option(
         "coarse,roi,fine", "--stages", help="Stages to run: a subset of coarse,roi,fine."
     ),
-    concurrency: int = typer.Option(
-        8, "--concurrency", min=1, max=1024, help="Teacher calls in flight (in-process teachers: the batch)."
-    ),
-    backend: str = typer.Option("local", "--backend", help="local (threads) or ray (Ray Data map_batches)."),
+    concurrency: opts.Concurrency = 8,
+    backend: opts.Backend = "local",
     split: list[str] | None = typer.Option(
         None, "--split", help="Input split to annotate (repeat for several; default: all, in order)."
     ),
-    store: Path | None = typer.Option(
-        None,
-        "--store",
-        help="Durable teacher-answer store (default OUT/teacher_store); share one between runs to reuse answers.",
-    ),
+    store: opts.Store = None,
     limit: int | None = typer.Option(None, "--limit", min=0, help="Annotate the first N inputs only."),
     family: str | None = typer.Option(
         None,
@@ -58,7 +41,7 @@ def annotate_command(
         help="The teacher's model family, for its box syntax and coordinates (qwen2_5_vl, qwen3_vl, internvl, "
         "...); default: the teacher's own, EMMA's 0-1000 <box> form when unknown (remote servers).",
     ),
-    timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds per teacher request (servers)."),
+    timeout: opts.Timeout = 120.0,
     dedup: bool = typer.Option(
         True,
         "--dedup/--no-dedup",
@@ -74,13 +57,11 @@ def annotate_command(
         max=1.0,
         help="Reject a sample whose teacher findings agree with its report below this Dice score.",
     ),
-    fsync: str = typer.Option("batch", "--fsync", help="Store durability: always, batch or never."),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Ray cluster address (default: local)."
-    ),
-    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="Ray workers (each with its own teacher)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
-    as_json: bool = typer.Option(False, "--json", help="Print the run statistics as JSON on stdout."),
+    fsync: opts.Fsync = "batch",
+    ray_address: opts.RayAddress = None,
+    ray_actors: opts.RayActors = 1,
+    quiet: opts.Quiet = False,
+    as_json: opts.AsJson = False,
 ) -> None:
     """Annotate a dataset with a teacher model: coarse caption, ROI boxes, fine region-aware caption.
 
@@ -88,20 +69,13 @@ def annotate_command(
     OUT/run_stats.json. Rerun the same command to resume after an interruption.
     """
     from emma.annotate.pipeline import annotate
-    from emma.annotate.runner import TeacherConfig
 
     chosen = _stages(stages)
-    if backend not in _BACKENDS:
-        raise fail(f"--backend: expected local or ray, got {backend!r}")
-    if fsync not in _FSYNC:
-        raise fail(f"--fsync: expected always, batch or never, got {fsync!r}")
-    options: dict[str, object] = {"timeout": timeout}
-    if family is not None:
-        options["family"] = family
+    config = opts.teacher_config(teacher, timeout=timeout, family=family, backend=backend, fsync=fsync)
     stats = annotate(
         source,
         out,
-        TeacherConfig(teacher, options),
+        config,
         stages=chosen,
         splits=list(split) if split else None,
         limit=limit,
@@ -116,10 +90,10 @@ def annotate_command(
         fsync=fsync,  # type: ignore[arg-type]
         ray_options={"address": ray_address, "actors": ray_actors},
     )
-    if as_json:
-        typer.echo(stats.to_json(), nl=False)
-    elif quiet:
-        typer.echo(
-            f"annotated {stats.inputs} inputs: {stats.accepted} accepted, {stats.rejected_total} rejected "
-            f"→ {out}"
-        )
+    opts.report(
+        stats,
+        as_json=as_json,
+        quiet=quiet,
+        summary=f"annotated {stats.inputs} inputs: {stats.accepted} accepted, {stats.rejected_total} rejected "
+        f"→ {out}",
+    )

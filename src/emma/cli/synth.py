@@ -2,51 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from emma.cli import app
+from emma.cli import teacher_options as opts
 from emma.cli.common import fail, handle_errors
-
-_BACKENDS = ("local", "ray")
-_FSYNC = ("always", "batch", "never")
 
 
 @app.command("synth")
 @handle_errors
 def synth_command(
-    teacher: str = typer.Option(
-        ...,
-        "--teacher",
-        help="Teacher model spec: openai:URL#MODEL (vLLM, emma serve, any OpenAI-compatible server; API key "
-        "from EMMA_OPENAI_API_KEY or OPENAI_API_KEY), emma-tiny, a model folder or a hub id (in-process).",
-    ),
-    source: Path = typer.Option(..., "--in", help="Input dataset folder (dataset.json)."),
-    out: Path = typer.Option(
-        ..., "--out", help="Output dataset folder (new, or the folder of an interrupted run to resume it)."
-    ),
+    teacher: opts.Teacher,
+    source: opts.Source,
+    out: opts.Out,
     tasks: str = typer.Option(
         "all",
         "--tasks",
         help="Comma-separated: text_qa, bbox_vqa, single_subimage, multi_subimage, mc_subimage, "
         "compound_figure, dialogue; or all.",
     ),
-    concurrency: int = typer.Option(
-        8, "--concurrency", min=1, max=1024, help="Teacher calls in flight (in-process teachers: the batch)."
-    ),
-    backend: str = typer.Option("local", "--backend", help="local (threads) or ray (Ray Data map_batches)."),
+    concurrency: opts.Concurrency = 8,
+    backend: opts.Backend = "local",
     split: list[str] | None = typer.Option(
         None,
         "--split",
         help="Input split to read (repeat for several; default: every split but 'rejected', in order). "
         "Outputs keep their input's split: use --split train to make training data only.",
     ),
-    store: Path | None = typer.Option(
-        None,
-        "--store",
-        help="Durable teacher-answer store (default OUT/teacher_store); share one between runs to reuse answers.",
-    ),
+    store: opts.Store = None,
     limit: int | None = typer.Option(None, "--limit", min=0, help="Read the first N inputs only."),
     family: str | None = typer.Option(
         None,
@@ -54,7 +37,7 @@ def synth_command(
         help="The teacher's model family, for box coordinates in verification (qwen2_5_vl, qwen3_vl, "
         "internvl, ...); default: the teacher's own, EMMA's 0-1000 <box> form when unknown (servers).",
     ),
-    timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds per teacher request (servers)."),
+    timeout: opts.Timeout = 120.0,
     n_options: int = typer.Option(4, "--options", min=2, max=8, help="Options per multiple-choice question."),
     max_rewrites: int = typer.Option(
         1, "--max-rewrites", min=0, max=5, help="Teacher rewrites of a leaking item before it is rejected."
@@ -75,13 +58,11 @@ def synth_command(
     panel_size: int = typer.Option(
         384, "--panel-size", min=64, max=2048, help="Compound figures: panel side."
     ),
-    fsync: str = typer.Option("batch", "--fsync", help="Store durability: always, batch or never."),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Ray cluster address (default: local)."
-    ),
-    ray_actors: int = typer.Option(1, "--ray-actors", min=1, help="Ray workers (each with its own teacher)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
-    as_json: bool = typer.Option(False, "--json", help="Print the run statistics as JSON on stdout."),
+    fsync: opts.Fsync = "batch",
+    ray_address: opts.RayAddress = None,
+    ray_actors: opts.RayActors = 1,
+    quiet: opts.Quiet = False,
+    as_json: opts.AsJson = False,
 ) -> None:
     """Generate synthetic instruction data (six task types and diagnostic dialogues) with a teacher.
 
@@ -90,14 +71,11 @@ def synth_command(
     Rejected items go to the split 'rejected' with their reason; statistics to OUT/run_stats.json.
     Rerun the same command to resume after an interruption.
     """
-    from emma.annotate.runner import REJECTED_SPLIT, TeacherConfig, run_pipeline
+    from emma.annotate.runner import REJECTED_SPLIT, run_pipeline
     from emma.annotate.synth import synth_steps
     from emma.data.store import open_dataset
 
-    if backend not in _BACKENDS:
-        raise fail(f"--backend: expected local or ray, got {backend!r}")
-    if fsync not in _FSYNC:
-        raise fail(f"--fsync: expected always, batch or never, got {fsync!r}")
+    config = opts.teacher_config(teacher, timeout=timeout, family=family, backend=backend, fsync=fsync)
     try:
         steps = synth_steps(
             tasks,
@@ -114,14 +92,11 @@ def synth_command(
     splits = list(split) if split else [s for s in dataset.splits if s != REJECTED_SPLIT]
     if not splits:
         raise fail(f"{source}: no split to read (only '{REJECTED_SPLIT}')")
-    options: dict[str, object] = {"timeout": timeout}
-    if family is not None:
-        options["family"] = family
     stats = run_pipeline(
         steps,
         dataset,
         out,
-        TeacherConfig(teacher, options),
+        config,
         splits=splits,
         concurrency=concurrency,
         backend=backend,  # type: ignore[arg-type]
@@ -132,10 +107,10 @@ def synth_command(
         ray_options={"address": ray_address, "actors": ray_actors},
         print_summary=not quiet and not as_json,
     )
-    if as_json:
-        typer.echo(stats.to_json(), nl=False)
-    elif quiet:
-        typer.echo(
-            f"synthesized from {stats.inputs} inputs: {stats.accepted} accepted, {stats.rejected_total} "
-            f"rejected → {out}"
-        )
+    opts.report(
+        stats,
+        as_json=as_json,
+        quiet=quiet,
+        summary=f"synthesized from {stats.inputs} inputs: {stats.accepted} accepted, {stats.rejected_total} "
+        f"rejected → {out}",
+    )
