@@ -127,3 +127,26 @@ def make_source(
             )
             w.add(_with(sample, split=splits[i % len(splits)]), [image])
     return root
+
+
+class ScriptedAsk:
+    """A stand-in for the runner's bound ``ask`` in unit tests of single steps: answers each call from
+    ``answers`` (one text for every call, or a dict by call name whose values are a text, an exception
+    to raise or a function of the messages), records the requests, and stamps the n-th call with the
+    time ``2026-01-<day>T00:00:<n>``."""
+
+    def __init__(self, answers: object, family: str | None = None, day: int = 1) -> None:
+        self.answers = answers
+        self.teacher = "scripted"
+        self.family = family
+        self.day = day
+        self.times: list[str] = []
+        self.calls: list[tuple[str, list[Message]]] = []
+
+    def __call__(self, messages: object, *, call: str = "main", sampling: object = None) -> str:
+        self.calls.append((call, list(messages)))  # type: ignore[call-overload]
+        answer = self.answers[call] if isinstance(self.answers, dict) else self.answers
+        if isinstance(answer, Exception):
+            raise answer
+        self.times.append(f"2026-01-{self.day:02d}T00:00:{len(self.times):02d}+00:00")
+        return answer(list(messages)) if callable(answer) else str(answer)  # type: ignore[call-overload]

@@ -4,34 +4,15 @@ the rewrite-or-reject step, with an in-test ``Ask`` answering from a dict."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from annotate_test_steps import ScriptedAsk
 
 from emma.annotate.refine import Refine, find_leaks
 from emma.annotate.runner import Item
 from emma.annotate.synth import REGION, SynthRecord, record_of, render
 from emma.data.schema import Box, Meta, Sample, TaskType, Turn
-from emma.infer.types import Message, SamplingParams
-
-
-class ScriptedAsk:
-    """Answers each call from a dict keyed by call name; records the requests."""
-
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers = answers
-        self.teacher = "scripted"
-        self.family: str | None = None
-        self.times: list[str] = []
-        self.calls: list[tuple[str, list[Message]]] = []
-
-    def __call__(
-        self, messages: Sequence[Message], *, call: str = "main", sampling: SamplingParams | None = None
-    ) -> str:
-        self.calls.append((call, list(messages)))
-        self.times.append("2026-01-02T00:00:00+00:00")
-        return self.answers[call]
 
 
 def _record(**kw: Any) -> SynthRecord:
@@ -178,7 +159,7 @@ def _sample(record: SynthRecord) -> Sample:
 
 def test_clean_item_passes_without_a_call() -> None:
     item = Item(_sample(_record(context="Sudden chest pain in a tall young man.")))
-    ask = ScriptedAsk({})
+    ask = ScriptedAsk({}, day=2)
     (out,) = Refine()(item, [], ask)
     assert out.rejected is None and ask.calls == []
     prov = out.sample.meta.extra["annotation"]["refine"]
@@ -194,7 +175,7 @@ def test_leaking_item_is_rewritten_then_checked_again() -> None:
             "question": "What is the most likely diagnosis?",
         }
     )
-    ask = ScriptedAsk({"rewrite1": rewrite})
+    ask = ScriptedAsk({"rewrite1": rewrite}, day=2)
     (out,) = Refine()(item, [], ask)
     assert out.rejected is None
     assert [c for c, _ in ask.calls] == ["rewrite1"]
@@ -213,12 +194,12 @@ def test_leaking_item_is_rewritten_then_checked_again() -> None:
 def test_still_leaking_or_unusable_rewrites_are_rejected() -> None:
     item = Item(_sample(_record(context="Chest X-ray shows a collapsed lung.")))
     still = json.dumps({"context": "The film shows a pneumothorax.", "question": "Diagnosis?"})
-    (out,) = Refine(max_rewrites=2)(item, [], ScriptedAsk({"rewrite1": still, "rewrite2": still}))
+    (out,) = Refine(max_rewrites=2)(item, [], ScriptedAsk({"rewrite1": still, "rewrite2": still}, day=2))
     assert out.rejected == "leak" and out.detail == "answer_in_context after 2 rewrite(s)"
     assert record_of(out.sample).context == "The film shows a pneumothorax."  # the last attempt is kept
-    (out,) = Refine()(item, [], ScriptedAsk({"rewrite1": "I cannot do that."}))
+    (out,) = Refine()(item, [], ScriptedAsk({"rewrite1": "I cannot do that."}, day=2))
     assert out.rejected == "leak" and "rewrite 1 unusable (invalid_json)" in out.detail
-    ask = ScriptedAsk({})
+    ask = ScriptedAsk({}, day=2)
     (out,) = Refine(max_rewrites=0)(item, [], ask)
     assert out.rejected == "leak" and ask.calls == []
 
@@ -230,10 +211,10 @@ def test_rewrite_must_keep_the_region() -> None:
     )
     item = Item(_sample(record))
     lost = json.dumps({"question": "What organ is this?", "context": ""})
-    (out,) = Refine()(item, [], ScriptedAsk({"rewrite1": lost}))
+    (out,) = Refine()(item, [], ScriptedAsk({"rewrite1": lost}, day=2))
     assert out.rejected == "leak" and "invalid_value" in out.detail
     kept = json.dumps({"question": f"What organ is in {REGION}?", "context": ""})
-    ask = ScriptedAsk({"rewrite1": kept})
+    ask = ScriptedAsk({"rewrite1": kept}, day=2)
     (out,) = Refine()(item, [], ask)
     assert (
         out.rejected is None and out.sample.turns[0].content == "What organ is in <box>[[1,2,30,40]]</box>?"
@@ -243,5 +224,5 @@ def test_rewrite_must_keep_the_region() -> None:
 
 def test_non_synthetic_items_are_rejected() -> None:
     sample = Sample(id="x", task=TaskType.OPEN_VQA, turns=[Turn(role="user", content="?")])
-    (out,) = Refine()(Item(sample), [], ScriptedAsk({}))
+    (out,) = Refine()(Item(sample), [], ScriptedAsk({}, day=2))
     assert out.rejected == "not_synthetic"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from annotate_test_steps import ScriptedAsk
 from PIL import Image
 
 from emma.annotate.distractors import (
@@ -38,30 +39,9 @@ from emma.annotate.teacher import TeacherError
 from emma.data.schema import Box, Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import encode_png
 from emma.eval.extract import normalize_answer
-from emma.infer.types import ImagePart, Message, SamplingParams
+from emma.infer.types import ImagePart, Message
 
 Answer = str | Callable[[list[Message]], str] | Exception
-
-
-class ScriptedAsk:
-    """Answers each call from a dict keyed by call name; records the requests."""
-
-    def __init__(self, answers: dict[str, Answer], family: str | None = None) -> None:
-        self.answers = answers
-        self.teacher = "scripted"
-        self.family = family
-        self.times: list[str] = []
-        self.calls: list[tuple[str, list[Message]]] = []
-
-    def __call__(
-        self, messages: Sequence[Message], *, call: str = "main", sampling: SamplingParams | None = None
-    ) -> str:
-        self.calls.append((call, list(messages)))
-        answer = self.answers[call]
-        if isinstance(answer, Exception):
-            raise answer
-        self.times.append(f"2026-01-01T00:00:{len(self.times):02d}+00:00")
-        return answer(list(messages)) if callable(answer) else answer
 
 
 def _image(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:

@@ -3,35 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from annotate_test_steps import ScriptedAsk
 from PIL import Image
 
 from emma.annotate.runner import Item
 from emma.annotate.synth import REGION, SynthRecord, render
 from emma.annotate.verify import Verify, judge, verify_prompt
 from emma.data.schema import Box, Meta, Sample, TaskType, Turn
-from emma.infer.types import ImagePart, Message, SamplingParams
-
-
-class ScriptedAsk:
-    """Answers the ``verify`` call with a fixed text; records the requests."""
-
-    def __init__(self, answer: str, family: str | None = None) -> None:
-        self.answer = answer
-        self.teacher = "scripted"
-        self.family = family
-        self.times: list[str] = []
-        self.calls: list[tuple[str, list[Message]]] = []
-
-    def __call__(
-        self, messages: Sequence[Message], *, call: str = "main", sampling: SamplingParams | None = None
-    ) -> str:
-        self.calls.append((call, list(messages)))
-        self.times.append("2026-01-03T00:00:00+00:00")
-        return self.answer
+from emma.infer.types import ImagePart
 
 
 def _record(**kw: Any) -> SynthRecord:
@@ -136,7 +118,7 @@ def test_step_accepts_and_records_the_agreement() -> None:
     item, images = _item(
         _record(context="Sudden chest pain.", question="Diagnosis?", rationale="Pleural line.")
     )
-    ask = ScriptedAsk("Left pneumothorax")
+    ask = ScriptedAsk("Left pneumothorax", day=3)
     (out,) = Verify()(item, images, ask)
     assert out.rejected is None
     call, messages = ask.calls[0]
@@ -157,22 +139,22 @@ def test_step_accepts_and_records_the_agreement() -> None:
 def test_step_rejects_unverified_items_and_keeps_new_images() -> None:
     item, images = _item(MC)
     item = Item(item.sample, images=images)  # e.g. a compound figure made by the generator
-    (out,) = Verify()(item, images, ScriptedAsk("C"))
+    (out,) = Verify()(item, images, ScriptedAsk("C", day=3))
     assert (out.rejected, out.detail) == ("unverified", "wrong option") and out.images is images
-    (out,) = Verify()(item, images, ScriptedAsk("B"))
+    (out,) = Verify()(item, images, ScriptedAsk("B", day=3))
     assert out.rejected is None and out.images is images
 
 
 def test_step_reads_boxes_with_the_teachers_family() -> None:
     item, images = _item(GROUNDING)
-    ask = ScriptedAsk("<|box_start|>(250,250),(500,750)<|box_end|>", family="qwen2_vl")
+    ask = ScriptedAsk("<|box_start|>(250,250),(500,750)<|box_end|>", family="qwen2_vl", day=3)
     (out,) = Verify()(item, images, ask)
     assert out.rejected is None
     assert ask.calls[0][1][1].text_content.startswith(
         "Where is the pneumothorax?\n\nAnswer with the bounding box"
     )
     (out,) = Verify(box_iou=0.9)(
-        item, images, ScriptedAsk("<|box_start|>(250,250),(450,750)<|box_end|>", family="qwen2_vl")
+        item, images, ScriptedAsk("<|box_start|>(250,250),(450,750)<|box_end|>", family="qwen2_vl", day=3)
     )
     assert out.rejected == "unverified" and out.detail.startswith("IoU 0.80")
 
