@@ -50,6 +50,7 @@ def test_emma_tiny_loads_offline_and_answers_about_a_radiograph(monkeypatch: pyt
 
     loaded = load_model("emma-tiny", device="cpu")
     assert loaded.family == "idefics3" and loaded.name == "emma-tiny"
+    assert loaded.model.generation_config.use_cache  # decoding without the KV cache is several times slower
     image = load_images(path)[0].to_pil()
     engine = TransformersEngine(loaded)
     question = "Is this a chest X-ray?\nAnswer the question using a single word or phrase."
