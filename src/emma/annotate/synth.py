@@ -571,18 +571,27 @@ def _rules() -> str:
     return _COMMON_RULES
 
 
-def _gen_text_qa(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
-    obj = ctx.ask_json("text_qa", [], PROMPTS["text_qa"].format(rules=_rules()))
+def _qa_record(
+    ctx: _Context, task: SynthTask, obj: dict[str, Any], *, rationale: bool, focus: list[int] | None = None
+) -> SynthRecord:
+    """The record of a question–answer task from the teacher's JSON (question, context, answer and,
+    with ``rationale``, the rationale), each field bounded."""
     answer = text_field(obj, "answer", limit=MAX_SHORT_ANSWER_CHARS)
-    record = SynthRecord(
-        task="text_qa",
+    return SynthRecord(
+        task=task,
         kind=_answer_kind(obj, answer),
         source_id=ctx.sample.id,
         context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
         question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
         answer=answer,
+        rationale=text_field(obj, "rationale", limit=MAX_RATIONALE_CHARS) if rationale else "",
+        focus=focus or [],
     )
-    return record, []  # pure text: the output sample has no image
+
+
+def _gen_text_qa(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
+    obj = ctx.ask_json("text_qa", [], PROMPTS["text_qa"].format(rules=_rules()))
+    return _qa_record(ctx, "text_qa", obj, rationale=False), []  # pure text: the output has no image
 
 
 def _labelled_boxes(sample: Sample, n_images: int) -> list[Box]:
@@ -653,20 +662,7 @@ def _gen_single(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
     focus = seeded_rng(ctx.sample.id, "single_subimage").randrange(n)
     prompt = PROMPTS["single_subimage"].format(focus=_image_name(focus, n), rules=_rules())
     obj = ctx.ask_json("single_subimage", ctx.images, prompt)
-    answer = text_field(obj, "answer", limit=MAX_SHORT_ANSWER_CHARS)
-    return (
-        SynthRecord(
-            task="single_subimage",
-            kind=_answer_kind(obj, answer),
-            source_id=ctx.sample.id,
-            context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-            question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
-            answer=answer,
-            rationale=text_field(obj, "rationale", limit=MAX_RATIONALE_CHARS),
-            focus=[focus],
-        ),
-        None,
-    )
+    return _qa_record(ctx, "single_subimage", obj, rationale=True, focus=[focus]), None
 
 
 def _image_numbers(values: list[Any], n: int) -> list[int]:
@@ -687,20 +683,7 @@ def _gen_multi(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
     focus = _image_numbers(_short_list(obj, "images"), n)
     if len(focus) < 2:
         raise SynthReject("invalid_value", "a multi-image question must need at least two images")
-    answer = text_field(obj, "answer", limit=MAX_SHORT_ANSWER_CHARS)
-    return (
-        SynthRecord(
-            task="multi_subimage",
-            kind=_answer_kind(obj, answer),
-            source_id=ctx.sample.id,
-            context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-            question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
-            answer=answer,
-            rationale=text_field(obj, "rationale", limit=MAX_RATIONALE_CHARS),
-            focus=focus,
-        ),
-        None,
-    )
+    return _qa_record(ctx, "multi_subimage", obj, rationale=True, focus=focus), None
 
 
 def _gen_mc(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
