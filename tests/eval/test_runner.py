@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -315,14 +315,20 @@ def test_killed_run_resumes_without_regenerating(vqa_rad: Path, tiny_engine: Any
 
 
 class FixedEngine:
-    """An Engine answering "no" to everything (for ablation plumbing without model cost)."""
+    """An Engine answering "no" to everything, or ``answer(request)`` (ablation plumbing without model cost)."""
 
-    model_name = "fixed-no"
     family = None
+
+    def __init__(
+        self, answer: Callable[[GenerationRequest], str] | None = None, name: str = "fixed-no"
+    ) -> None:
+        self.answer = answer or (lambda request: "no")
+        self.model_name = name
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
         return [
-            GenerationResponse(request_id=r.request_id, text="no", finish_reason="stop") for r in requests
+            GenerationResponse(request_id=r.request_id, text=self.answer(r), finish_reason="stop")
+            for r in requests
         ]
 
 
@@ -367,33 +373,26 @@ def test_ablation_blank_changes_the_images(vqa_rad: Path, tmp_path: Path) -> Non
     assert again.batches == []
 
 
-class SeeingEngine:
-    """Answers "yes" when it is shown a real image and "no" for a black one."""
-
-    model_name = "seeing"
-    family = None
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
-        return [
-            GenerationResponse(
-                request_id=r.request_id,
-                text="no" if any(_is_black(im) for im in r.images) else "yes",
-                finish_reason="stop",
-            )
-            for r in requests
-        ]
+def _seeing(request: GenerationRequest) -> str:
+    """Answers "yes" when shown a real image and "no" for a black one."""
+    return "no" if any(_is_black(im) for im in request.images) else "yes"
 
 
 @needs_real
 def test_ablation_keeps_the_real_image_metrics_as_the_headline(vqa_rad: Path, tmp_path: Path) -> None:
     opts = EvalOptions(
-        task="vqa-rad", data=vqa_rad, model="seeing", out=tmp_path / "run", limit=40, ablate="blank",
+        task="vqa-rad",
+        data=vqa_rad,
+        model="seeing",
+        out=tmp_path / "run",
+        limit=40,
+        ablate="blank",
         n_resamples=200,
     )
-    run = run_eval(opts, engine=SeeingEngine())
+    run = run_eval(opts, engine=FixedEngine(_seeing, name="seeing"))
     plain = run_eval(
         EvalOptions(task="vqa-rad", data=vqa_rad, model="seeing", out=tmp_path / "plain", limit=40),
-        engine=SeeingEngine(),
+        engine=FixedEngine(_seeing, name="seeing"),
     )
     assert run.results["metrics"] == plain.results["metrics"]  # real images: every answer "yes"
     assert all(row["prediction"] == "yes" and row["ablated_prediction"] == "no" for row in run.rows)
