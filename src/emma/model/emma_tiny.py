@@ -364,7 +364,7 @@ def materialize(folder: Path | None = None) -> Path:
     """The full emma-tiny model folder, rebuilt from the GGUF base + the verified delta on first use."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration
 
     src = folder or asset_dir()
     manifest = _verified_manifest(src)
@@ -394,6 +394,8 @@ def materialize(folder: Path | None = None) -> Path:
         if missing:
             raise DeltaError(f"emma-tiny's delta does not fit the base model (missing {missing[:3]})")
         processor = AutoProcessor.from_pretrained(str(src))
+        if (src / "generation_config.json").is_file():  # the trained model's own, shipped with the delta
+            model.generation_config = GenerationConfig.from_pretrained(str(src))
         _finish_generation_config(model, processor.tokenizer)
         tmp = Path(tempfile.mkdtemp(prefix=".emma-tiny-", dir=final.parent)) / "m"
         try:
