@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emma.data.schema import TaskType
 from emma.errors import InputError
 
-StageKind = Literal["alignment", "instruction", "vqa", "grpo"]
-STAGE_KINDS: tuple[str, ...] = ("alignment", "instruction", "vqa", "grpo")
+StageKind = Literal["vision", "alignment", "instruction", "vqa", "grpo"]
+STAGE_KINDS: tuple[str, ...] = ("vision", "alignment", "instruction", "vqa", "grpo")
 SFT_KINDS: tuple[str, ...] = ("alignment", "instruction", "vqa")
 TINY_PREFIX = "tiny:"
 
@@ -139,6 +139,8 @@ class StageConfig(_Strict):
             self.grpo = GRPOSettings()
         if self.kind != "grpo" and self.grpo is not None:
             raise ValueError(f"stage {self.name!r}: grpo settings given for a {self.kind} stage")
+        if self.kind == "vision" and self.lora is not None:
+            raise ValueError(f"stage {self.name!r}: a vision stage trains the tower itself; no lora")
         if self.vision_learning_rate is not None and not self.train_vision:
             raise ValueError(f"stage {self.name!r}: vision_learning_rate needs train_vision: true")
         return self

@@ -91,6 +91,10 @@ def _stage_fn(stage: StageConfig) -> StageFn:
         from emma.train.grpo import run_grpo_stage
 
         return run_grpo_stage
+    if stage.kind == "vision":
+        from emma.train.vision_pretrain import run_vision_stage
+
+        return run_vision_stage
     from emma.train.sft import run_sft_stage
 
     return run_sft_stage
