@@ -16,6 +16,7 @@ from emma.data.store import DatasetWriter
 from emma.train.data import stage_data
 from emma.train.progress import default_report_to, write_summary
 from emma.train.recipe import (
+    STAGE_KINDS,
     Recipe,
     RecipeError,
     load_recipe,
@@ -165,7 +166,7 @@ def test_load_recipe_file_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_validate(name: str) -> None:
     recipe = load_recipe(ROOT / "recipes" / name, check_paths=False)
-    assert recipe.stages and all(s.kind in ("alignment", "instruction", "vqa", "grpo") for s in recipe.stages)
+    assert recipe.stages and all(s.kind in STAGE_KINDS for s in recipe.stages)
 
 
 def test_stage_data_mixing_filters_and_seed(tmp_path: Path) -> None:
