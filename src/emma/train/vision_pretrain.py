@@ -245,11 +245,11 @@ def run_vision_stage(
     if not refs or not vocab:
         raise InputError(f"stage {stage.name!r}: no images with shared words to pretrain the vision tower on")
     index = {w: i for i, w in enumerate(vocab)}
-    targets = torch.zeros(len(refs), len(vocab))
+    targets = torch.zeros(len(refs), len(vocab), dtype=torch.bool)  # 1 byte a label: bounded memory
     for row, bag in enumerate(bags):
         for w in bag:
             if w in index:
-                targets[row, index[w]] = 1.0
+                targets[row, index[w]] = True
 
     set_seed(seed)
     loaded = load_model(
@@ -297,12 +297,8 @@ def run_vision_stage(
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
 
-    pixels_cache: dict[int, Image.Image] = {}
-
-    def image(i: int) -> Image.Image:
-        if i not in pixels_cache:
-            pixels_cache[i] = image_loader(refs[i]).convert("RGB")
-        return pixels_cache[i]
+    def image(i: int) -> Image.Image:  # read when needed: memory stays bounded by the batch
+        return image_loader(refs[i]).convert("RGB")
 
     use_bf16 = stage.bf16 if stage.bf16 is not None else torch.cuda.is_available()  # as SFT stages
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -335,7 +331,7 @@ def run_vision_stage(
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = head(_features(model, inputs, family))
                 logits = logits.float()
-                words_loss = loss_fn(logits[:, : len(vocab)], targets[rows].to(device))
+                words_loss = loss_fn(logits[:, : len(vocab)], targets[rows].to(device).float())
                 which = torch.tensor(rows, device=device)
                 loss = words_loss + torch.nn.functional.cross_entropy(logits[:, len(vocab) :], which)
                 optimizer.zero_grad(set_to_none=True)
@@ -372,9 +368,7 @@ def run_vision_stage(
                 if old.stem != f"epoch-{epoch + 1}":
                     old.unlink()
 
-    recall = _recall_at_10(
-        model, head, processor, family, [image(i) for i in range(len(refs))], targets, device
-    )
+    recall = _recall_at_10(model, head, processor, family, image, targets, device)
     runtime = time.perf_counter() - started
     history.append(
         {
@@ -412,7 +406,7 @@ def run_vision_stage(
 
 
 def _recall_at_10(
-    model: Any, head: Any, processor: Any, family: str, images: list[Image.Image], targets: Any, device: Any
+    model: Any, head: Any, processor: Any, family: str, image: Any, targets: Any, device: Any
 ) -> float:
     """Mean over images of (true labels among the 10 highest scores) / min(10, true labels), no augmentation."""
     import torch
@@ -420,8 +414,13 @@ def _recall_at_10(
     model.eval()
     hits: list[float] = []
     with torch.no_grad():
-        for b in range(0, len(images), 16):
-            inputs = {k: v.to(device) for k, v in _pixels(processor, images[b : b + 16]).items()}
+        for b in range(0, int(targets.shape[0]), 16):
+            inputs = {
+                k: v.to(device)
+                for k, v in _pixels(
+                    processor, [image(i) for i in range(b, min(b + 16, int(targets.shape[0])))]
+                ).items()
+            }
             scores = head(_features(model, inputs, family))[:, : targets.shape[1]]
             top = scores.topk(min(10, targets.shape[1]), dim=-1).indices.cpu()
             for row, idx in zip(range(b, b + len(top)), top, strict=True):
