@@ -231,7 +231,6 @@ def run_vision_stage(
     *,
     resume: bool = False,
     seed: int = 0,
-    log: Any = None,
 ) -> VisionPretrainResult:
     """Train the vision tower + connector of ``model_dir`` on the images of ``train_samples`` (see module doc)."""
     import torch
