@@ -523,18 +523,23 @@ def inprocess_generate_phase(
 
 
 def inprocess_stream_one(engine: Any, workload: Workload) -> Sample:
-    """One ``engine.stream`` request; TTFT = first non-empty text delta."""
+    """One ``engine.stream`` request of ``workload``."""
+    return stream_request(engine, workload.engine_request())
+
+
+def stream_request(engine: Any, request: Any) -> Sample:
+    """One ``engine.stream`` call; TTFT = first non-empty text delta (also used by bench_tiny.py)."""
     t0 = time.perf_counter()
     first: float | None = None
     final = None
-    for chunk in engine.stream(workload.engine_request()):
+    for chunk in engine.stream(request):
         if first is None and chunk.delta:
             first = time.perf_counter() - t0
         if chunk.response is not None:
             final = chunk.response
     latency = time.perf_counter() - t0
     if final is None or final.finish_reason == "error":
-        return Sample(latency_s=latency, error="stream ended without a result")
+        return Sample(latency_s=latency, error=(final and final.error) or "stream ended without a result")
     return Sample(
         latency_s=latency,
         ttft_s=first,

@@ -71,6 +71,7 @@ from bench_serve import (  # the sibling benchmark's helpers
     _openai_client,
     environment,
     openai_call,
+    stream_request,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,19 +100,11 @@ def demo_image() -> Path:
 
 
 def stream_once(engine: Any, request: Any) -> Sample:
-    """One ``engine.stream`` call: latency, time to the first non-empty text delta, token counts."""
-    t0 = time.perf_counter()
-    first: float | None = None
-    final = None
-    for chunk in engine.stream(request):
-        if first is None and chunk.delta:
-            first = time.perf_counter() - t0
-        if chunk.response is not None:
-            final = chunk.response
-    latency = time.perf_counter() - t0
-    if final is None or final.finish_reason == "error":
-        raise SystemExit(f"generation failed: {final.error if final else 'no final response'}")
-    return Sample(latency, final.completion_tokens, final.prompt_tokens, ttft_s=first)
+    """One ``engine.stream`` call (bench_serve's ``stream_request``); a failed generation stops the run."""
+    sample = stream_request(engine, request)
+    if sample.error is not None:
+        raise SystemExit(f"generation failed: {sample.error}")
+    return sample
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
