@@ -11,7 +11,7 @@ from PIL import Image
 from emma.errors import InputError
 from emma.infer.engine import Engine
 from emma.infer.transformers_engine import PromptTooLongError, TransformersEngine
-from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, StreamChunk, TextPart
 from emma.model.registry import LoadedModel
 from emma.model.tiny import load_tiny
 
@@ -271,3 +271,62 @@ def test_qwen2_vl_box_tokens_survive_decoding() -> None:
     )
     assert conversation[1]["content"][0]["text"] == answer
     assert "<|box_start|>" not in conversation[0]["content"][0]["text"]
+
+
+def _by_row(pairs: list[tuple[int, StreamChunk]], n: int) -> list[list[StreamChunk]]:
+    rows: list[list[StreamChunk]] = [[] for _ in range(n)]
+    for i, chunk in pairs:
+        rows[i].append(chunk)
+    return rows
+
+
+def test_stream_many_equals_generate_and_interleaves(engine: TransformersEngine) -> None:
+    messages = _prompts()[:3]
+    expected = [engine.generate([_req(m, max_new_tokens=16)])[0] for m in messages]
+    pairs = list(engine.stream_many([_req(m, max_new_tokens=16) for m in messages]))
+    for chunks, want in zip(_by_row(pairs, 3), expected, strict=True):
+        final = chunks[-1].response
+        assert final is not None and all(c.response is None for c in chunks[:-1])
+        assert "".join(c.delta for c in chunks) == final.text == want.text
+        assert final.finish_reason == "length" and final.completion_tokens == 16
+        assert final.prompt_tokens == want.prompt_tokens and final.first_token_s is not None
+    order = [i for i, c in pairs if c.delta]
+    assert order != sorted(order), "rows should stream side by side, not one after another"
+
+
+def test_stream_many_cancel_ends_one_row_early(engine: TransformersEngine) -> None:
+    messages = _prompts()[:3]
+    expected = [engine.generate([_req(m, max_new_tokens=40)])[0].text for m in messages]
+    requests = [_req(m, max_new_tokens=40) for m in messages]
+    pairs: list[tuple[int, StreamChunk]] = []
+    for i, chunk in engine.stream_many(requests):
+        pairs.append((i, chunk))
+        if i == 0 and chunk.delta:
+            requests[0].cancel.set()
+    rows = _by_row(pairs, 3)
+    cancelled = rows[0][-1].response
+    assert cancelled is not None and cancelled.finish_reason == "cancelled"
+    assert cancelled.completion_tokens < 40
+    ended_at = pairs.index((0, rows[0][-1]))
+    assert any(i != 0 and c.delta for i, c in pairs[ended_at + 1 :]), "the others go on after it ends"
+    for chunks, want in zip(rows[1:], expected[1:], strict=True):
+        final = chunks[-1].response
+        assert final is not None and final.finish_reason == "length" and final.text == want
+    assert not any(t.name == "emma-generate" for t in threading.enumerate())
+
+
+def test_stream_many_isolates_unusable_input(engine: TransformersEngine) -> None:
+    good = [_req(m, max_new_tokens=8) for m in _prompts()[:2]]
+    too_long = _req(_prompts()[1], max_new_tokens=8)
+    too_long.max_prompt_tokens = 3
+    pairs = list(engine.stream_many([good[0], too_long, good[1]]))
+    rows = _by_row(pairs, 3)
+    assert len(rows[1]) == 1 and rows[1][0].response is not None
+    refused = rows[1][0].response
+    assert refused.finish_reason == "error" and refused.error_kind == "prompt_too_long"
+    assert refused.prompt_tokens > 3
+    for chunks, request in zip((rows[0], rows[2]), good, strict=True):
+        final = chunks[-1].response
+        assert final is not None and final.text == engine.generate([_req(request.messages, max_new_tokens=8)])[0].text
+    with pytest.raises(ValueError, match="same sampling"):
+        list(engine.stream_many([_req(_prompts()[0]), _req(_prompts()[0], max_new_tokens=3)]))

@@ -17,15 +17,16 @@ caller's global RNG state is left untouched; the same seed and the same batch gi
 from __future__ import annotations
 
 import copy
+import queue
 import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from emma.errors import InputError
@@ -78,13 +79,6 @@ def error_line(exc: BaseException) -> str:
     return text[:_MAX_ERROR_CHARS]
 
 
-def _batch_key(s: SamplingParams) -> tuple[Any, ...]:
-    """Requests with equal keys share one ``model.generate`` call (greedy ignores top_p and seed)."""
-    if s.temperature <= 0:
-        return (s.max_new_tokens, 0.0, 1.0, tuple(s.stop), None)
-    return (s.max_new_tokens, s.temperature, s.top_p, tuple(s.stop), s.seed)
-
-
 class _RowStopper(StoppingCriteria):
     """Stops each row whose request is cancelled (or whose stream was abandoned); records where."""
 
@@ -108,19 +102,34 @@ class _RowStopper(StoppingCriteria):
         return done  # type: ignore[return-value]
 
 
-class _FilteringStreamer(TextIteratorStreamer):
-    """A TextIteratorStreamer that drops the given token ids before decoding (and decodes the rest as is)."""
+class _StepQueue(BaseStreamer):
+    """Hands each generation step's tokens (one per row) to the consuming thread; skips the prompt.
+    ``None`` marks the end (generate calls :meth:`end`; the worker calls it again after a failure)."""
 
-    def __init__(self, tokenizer: Any, drop_ids: frozenset[int]) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
-        self.drop_ids = drop_ids
+    def __init__(self) -> None:
+        self.steps: queue.SimpleQueue[list[int] | None] = queue.SimpleQueue()
+        self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if self.next_tokens_are_prompt:
-            super().put(value)
+        if not self.prompt_seen:
+            self.prompt_seen = True
             return
-        flat = value.reshape(-1).tolist()
-        super().put(torch.tensor([t for t in flat if t not in self.drop_ids], dtype=torch.long))
+        self.steps.put([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        self.steps.put(None)
+
+
+@dataclass
+class _Row:
+    """One streaming request's progress: tokens so far, text already sent, whether it has ended."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    first_token_s: float | None = None
+    done: bool = False
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -503,7 +512,7 @@ class TransformersEngine:
             if request.cancel.is_set():
                 results[i] = GenerationResponse(request.request_id, "", "cancelled")
                 continue
-            groups.setdefault(_batch_key(request.sampling), []).append(i)
+            groups.setdefault(request.sampling.batch_key(), []).append(i)
         for indices in groups.values():
             for at in range(0, len(indices), self.max_batch_size):
                 chunk = indices[at : at + self.max_batch_size]
@@ -526,63 +535,127 @@ class TransformersEngine:
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         """Text deltas as tokens are generated; the last chunk carries the final response.
 
-        Generation runs in a background thread feeding a :class:`TextIteratorStreamer`; setting
-        ``request.cancel`` (or closing this iterator) stops it at the next token, and the thread is
-        always joined before this generator finishes. Text is held back just enough never to emit part
-        of a stop string. Unusable input raises :class:`InputError` before anything is yielded.
+        Generation runs in a background thread; setting ``request.cancel`` (or closing this iterator)
+        stops it at the next token, and the thread is always joined before this generator finishes.
+        Text is held back just enough never to emit part of a stop string (or of a character).
+        Unusable input raises :class:`InputError` before anything is yielded.
         """
         start = time.perf_counter()
         encoded = self._encode([request])
+        for _, chunk in self._stream_rows([request], encoded, start):
+            yield chunk
+
+    def stream_many(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, StreamChunk]]:
+        """Stream several requests as one batch: ``(index, chunk)`` pairs, interleaved as tokens come.
+
+        Each request's chunks are what :meth:`stream` would give it alone (greedy text identical), and
+        its last chunk (with the final response) comes as soon as that request ends, not when the batch
+        does. Requests must share their sampling settings (``SamplingParams.batch_key``) and number at
+        most ``max_batch_size``. Unusable input fails only its own request, with an error response
+        (``error_kind`` "input" or "prompt_too_long") as its only chunk; a cancelled request ends with
+        ``finish_reason="cancelled"`` while the others go on.
+        """
+        if not requests:
+            return
+        if len({r.sampling.batch_key() for r in requests}) != 1:
+            raise ValueError("stream_many needs requests with the same sampling settings")
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"{len(requests)} requests, over max_batch_size {self.max_batch_size}")
+        start = time.perf_counter()
+        live: list[int] = []
+        for i, request in enumerate(requests):
+            if request.cancel.is_set():
+                yield i, StreamChunk("", GenerationResponse(request.request_id, "", "cancelled"))
+            else:
+                live.append(i)
+        try:
+            encoded = self._encode([requests[i] for i in live]) if live else None
+        except InputError:
+            usable = []  # find the unusable requests one by one; the rest still run as one batch
+            for i in live:
+                try:
+                    self._encode([requests[i]])
+                except InputError as exc:
+                    yield i, StreamChunk("", self._error(requests[i], exc, start))
+                else:
+                    usable.append(i)
+            live = usable
+            encoded = self._encode([requests[i] for i in live]) if live else None
+        if encoded is None:
+            return
+        for row, chunk in self._stream_rows([requests[i] for i in live], encoded, start):
+            yield live[row], chunk
+
+    def _stream_rows(
+        self, requests: Sequence[GenerationRequest], encoded: _Encoded, start: float
+    ) -> Iterator[tuple[int, StreamChunk]]:
+        """Generate ``requests`` as one batch in a background thread, yielding ``(row, chunk)``."""
         abandon = threading.Event()
-        stopper = _RowStopper([request], encoded.prompt_len, abandon)
-        streamer = (
-            TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            if self._drop_ids is None
-            else _FilteringStreamer(self.tokenizer, self._drop_ids)
-        )
+        stopper = _RowStopper(requests, encoded.prompt_len, abandon)
+        steps = _StepQueue()
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["sequences"] = self._run(encoded, request.sampling, stopper, streamer)
-            except Exception as exc:  # noqa: BLE001 — reported in the final chunk
+                outcome["sequences"] = self._run(encoded, requests[0].sampling, stopper, steps)
+            except Exception as exc:  # noqa: BLE001 — reported in the final chunks
                 outcome["error"] = exc
-                streamer.end()
+            finally:
+                steps.end()
 
+        rows = [_Row(r, n) for r, n in zip(requests, encoded.prompt_tokens, strict=True)]
         thread = threading.Thread(target=work, name="emma-generate", daemon=True)
         thread.start()
-        stops = list(request.sampling.stop)
-        hold = max((len(s) for s in stops), default=1) - 1
-        seen = ""
-        sent = 0
-        first: float | None = None
-        stopped = False
         try:
-            for piece in streamer:
-                if stopped or not piece:
-                    continue
-                seen += piece
-                cut = _first_stop(seen, stops)
-                limit = cut if cut is not None else len(seen) - hold
-                stopped = cut is not None
-                if limit > sent:
-                    if first is None:
-                        first = time.perf_counter() - start
-                    yield StreamChunk(seen[sent:limit])
-                    sent = limit
+            while (step := steps.steps.get()) is not None:
+                for i, (row, token) in enumerate(zip(rows, step, strict=True)):
+                    if not row.done:
+                        row.tokens.append(token)
+                        for chunk in self._advance(row, stopper.cancelled_at.get(i), start):
+                            yield i, chunk
         finally:
             abandon.set()  # no-op when generation already ended; stops it when the caller went away
             thread.join()
-        if "error" in outcome:
-            yield StreamChunk("", self._error(request, outcome["error"], start))
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            if "error" in outcome:
+                yield i, StreamChunk("", self._error(row.request, outcome["error"], start))
+                continue
+            generated = outcome["sequences"][i, encoded.prompt_len :].tolist()
+            for chunk in self._close_row(row, generated, stopper.cancelled_at.get(i), start):
+                yield i, chunk
+
+    def _advance(self, row: _Row, cancelled_at: int | None, start: float) -> Iterator[StreamChunk]:
+        """A row got a token: send its new text (held back before a possible stop string or a partial
+        character), or end the row at its end-of-sequence token, stop string or cancellation."""
+        if row.tokens[-1] in self._eos_ids or (cancelled_at is not None and len(row.tokens) >= cancelled_at):
+            yield from self._close_row(row, row.tokens, cancelled_at, start)
             return
-        generated = outcome["sequences"][0, encoded.prompt_len :].tolist()
+        stops = row.request.sampling.stop
+        text = self.decode(row.tokens)
+        if _first_stop(text, stops) is not None:
+            yield from self._close_row(row, row.tokens, None, start)
+            return
+        hold = max((len(s) for s in stops), default=1) - 1
+        limit = min(len(text) - hold, len(text.rstrip("\ufffd")))
+        if limit > len(row.sent) and text.startswith(row.sent):
+            if row.first_token_s is None:
+                row.first_token_s = time.perf_counter() - start
+            delta = text[len(row.sent) : limit]
+            row.sent += delta
+            yield StreamChunk(delta)
+
+    def _close_row(
+        self, row: _Row, generated: list[int], cancelled_at: int | None, start: float
+    ) -> Iterator[StreamChunk]:
+        """The row's remaining text (if the final text extends what was sent) and its final chunk."""
+        row.done = True
         final = self._finalize(
-            request, generated, encoded.prompt_tokens[0], stopper.cancelled_at.get(0), start, first
+            row.request, generated, row.prompt_tokens, cancelled_at, start, row.first_token_s
         )
-        emitted = seen[:sent]
-        if final.text.startswith(emitted) and len(final.text) > len(emitted):
-            yield StreamChunk(final.text[len(emitted) :])
+        if final.text.startswith(row.sent) and len(final.text) > len(row.sent):
+            yield StreamChunk(final.text[len(row.sent) :])
         if final.first_token_s is None and final.text:
             final.first_token_s = time.perf_counter() - start
         yield StreamChunk("", final)

@@ -55,6 +55,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share one batched generation (greedy ignores top_p and seed)."""
+        if self.temperature <= 0:
+            return (self.max_new_tokens, 0.0, 1.0, tuple(self.stop), None)
+        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed)
+
 
 @dataclass
 class GenerationRequest:
