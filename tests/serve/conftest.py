@@ -48,6 +48,7 @@ class InstrumentedEngine:
         if not gated:
             self.release.set()
         self.batches: list[int] = []
+        self.stream_batches: list[int] = []  # streams per engine call (stream: 1, stream_many: several)
         self.requests: list[GenerationRequest] = []
         self.finals: list[GenerationResponse] = []
 
@@ -73,7 +74,17 @@ class InstrumentedEngine:
         self.finals.extend(out)
         return out
 
+    def stream_many(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, StreamChunk]]:
+        self.stream_batches.append(len(requests))
+        self.requests.extend(requests)
+        self.entered.set()
+        for i, chunk in self.inner.stream_many(requests):
+            if chunk.response is not None:
+                self.finals.append(chunk.response)
+            yield i, chunk
+
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        self.stream_batches.append(1)
         self.requests.append(request)
         self.entered.set()
         for chunk in self.inner.stream(request):

@@ -364,6 +364,49 @@ def test_batcher_stream_prompt_check_and_early_close(tiny_engine: Any, instrumen
     asyncio.run(scenario())
 
 
+def test_batcher_batches_concurrent_streams(tiny_engine: Any, instrument: Any) -> None:
+    engine = instrument(tiny_engine, gated=True)
+
+    async def collect(batcher: Batcher, request: GenerationRequest) -> tuple[str, Any]:
+        chunks = await batcher.open_stream(request)
+        text, final = "", None
+        async for chunk in chunks:
+            text += chunk.delta
+            final = chunk.response or final
+        return text, final
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, max_batch_size=4, batch_wait_ms=0, max_prompt_tokens=40)
+        await batcher.start()
+        try:
+            busy = asyncio.create_task(batcher.generate(_request("hold the worker")))
+            while not engine.entered.is_set():
+                await asyncio.sleep(0.01)
+            texts = ["first stream", "a second, longer stream prompt", "third"]
+            streams = [asyncio.create_task(collect(batcher, _request(t, 6))) for t in texts]
+            refused = asyncio.create_task(collect(batcher, _request("many words " * 30, 6)))
+            other = asyncio.create_task(collect(batcher, _request("other sampling", 3)))
+            while batcher.depth < 5:
+                await asyncio.sleep(0.01)
+            engine.release.set()
+            await busy
+            results = await asyncio.gather(*streams)
+            with pytest.raises(PromptError) as info:
+                await refused
+            assert info.value.limit == 40
+            other_text, other_final = await other
+        finally:
+            await batcher.stop()
+        # one batch of four streams (one refused by its prompt bound), then the other sampling alone
+        assert engine.stream_batches == [4, 1] and batcher.largest_batch == 4
+        for text, (streamed, final) in zip(texts, results, strict=True):
+            assert final is not None and final.finish_reason == "length" and final.completion_tokens == 6
+            assert streamed == final.text == tiny_engine.generate([_request(text, 6)])[0].text
+        assert other_final is not None and other_final.completion_tokens == 3 and other_text == other_final.text
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------------ engine failures
 
 
@@ -395,6 +438,14 @@ class _FailingEngine:
         finally:
             chunks.close()
 
+    def stream_many(self, requests: Any) -> Any:
+        pairs = self.inner.stream_many(requests)
+        try:
+            yield next(pairs)
+            raise RuntimeError("backend lost SECRET-DETAIL")
+        finally:
+            pairs.close()
+
 
 def test_engine_failures_are_reported_without_detail(tiny_engine: Any, make_settings: Any) -> None:
     with TestClient(create_app(_FailingEngine(tiny_engine), make_settings())) as c:
@@ -413,3 +464,28 @@ def test_engine_failures_are_reported_without_detail(tiny_engine: Any, make_sett
         assert events[-1] == "[DONE]" and "SECRET" not in r.text
         assert json.loads(events[-2])["error"]["code"] == "engine_error"
         assert json.loads(events[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_engine_failure_in_a_stream_batch_reaches_every_stream(tiny_engine: Any) -> None:
+    async def consume(batcher: Batcher, request: GenerationRequest) -> str:
+        chunks = await batcher.open_stream(request)
+        text = ""
+        async for chunk in chunks:
+            text += chunk.delta
+        return text
+
+    async def scenario() -> tuple[list[Any], int]:
+        batcher = Batcher(_FailingEngine(tiny_engine), max_batch_size=4)
+        await batcher.start()
+        try:
+            with batcher.preparing():  # both on their way: the worker waits to batch them
+                tasks = [asyncio.create_task(consume(batcher, _request(t, 8))) for t in ("one", "two")]
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks, return_exceptions=True), batcher.largest_batch
+        finally:
+            await batcher.stop()
+
+    outcomes, largest = asyncio.run(scenario())
+    assert largest == 2
+    assert [type(o).__name__ for o in outcomes] == ["EngineFailure", "EngineFailure"]
+    assert all("SECRET" not in str(o) for o in outcomes)

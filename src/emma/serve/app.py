@@ -459,8 +459,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             )
         # Open since the request came in (_ArrivalMiddleware): lets the batcher wait briefly for it.
         arrival: Arrival = getattr(request.state, "arrival", None) or batcher.arrival()
-        if body.stream:
-            arrival.done()  # streams run one at a time, never in a batch: nothing to wait for
+        if body.stream and not batcher.batches_streams:
+            arrival.done()  # streams run one at a time here, never in a batch: nothing to wait for
         try:
             sampling = _sampling(body, settings)
             options = body.emma or EmmaOptions()

@@ -11,8 +11,12 @@ model and its tokenizer are only ever used from one thread.
   requests are known to be on their way (an :class:`Arrival` is open for each: the server opens one
   when a chat request comes in, and it closes when the request is queued or refused), so a lone
   request is never delayed. The whole batch goes to ``engine.generate`` in one call.
-- Streaming requests go through ``engine.stream`` one at a time (the Engine interface streams a
-  single request), in queue order with the batches.
+- Streaming requests are batched the same way with other streams of the same sampling settings
+  (``SamplingParams.batch_key``) when the engine has ``stream_many`` (the TransformersEngine does):
+  one batched generation, each stream getting its own chunks as they come and ending as soon as its
+  own answer does. Engines with only ``stream`` (the Engine interface) stream one request at a time.
+  Streams and non-streaming batches run in queue order; a stream that arrives while a batch runs
+  waits for it (no continuous batching).
 - Prompt bound: unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
   (:class:`PromptError`, the server's 400), before any token is generated. An engine that checks
   prompts itself while building them (``checks_prompt_tokens``, e.g. the TransformersEngine) gets the
@@ -353,35 +357,53 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------- worker
 
+    @property
+    def batches_streams(self) -> bool:
+        """Whether concurrent streams with the same sampling settings share one batch (the engine has
+        ``stream_many``); otherwise streams run one at a time."""
+        return callable(getattr(self.engine, "stream_many", None)) and self.max_batch_size > 1
+
     async def _work(self) -> None:
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         held: _Job | None = None
         while True:
             job = held if held is not None else await self._queue.get()
-            held = None
             if job.stream:
-                await self._guarded(self._run_stream(job), [job])
-                continue
-            batch = [job]
-            deadline = loop.time() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    # Wait (bounded) only for requests known to be on their way: never for a lone one.
-                    remaining = deadline - loop.time()
-                    if self._arriving <= 0 or remaining <= 0 or self._wake is None:
-                        break
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=remaining)
-                    continue
-                if nxt.stream:
-                    held = nxt  # runs right after this batch, keeping queue order
+                key = job.request.sampling.batch_key()
+                if self.batches_streams:
+                    batch, held = await self._gather(
+                        job, lambda j, k=key: j.stream and j.request.sampling.batch_key() == k
+                    )
+                else:
+                    batch, held = [job], None
+                await self._guarded(self._run_streams(batch), batch)
+            else:
+                batch, held = await self._gather(job, lambda j: not j.stream)
+                await self._guarded(self._run_batch(batch), batch)
+
+    async def _gather(self, first: _Job, joins: Callable[[_Job], bool]) -> tuple[list[_Job], _Job | None]:
+        """``first`` plus the queued jobs that ``joins`` accepts, up to ``max_batch_size``, waiting up to
+        ``batch_wait_ms`` only while requests are known to be on their way (never for a lone one). The
+        first job that cannot join is returned apart, to run next (queue order is kept)."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [first]
+        deadline = loop.time() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if self._arriving <= 0 or remaining <= 0 or self._wake is None:
                     break
-                batch.append(nxt)
-            await self._guarded(self._run_batch(batch), batch)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+                continue
+            if not joins(nxt):
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
 
     async def _guarded(self, run: Awaitable[None], jobs: list[_Job]) -> None:
         """Run one unit of work; if it fails unexpectedly, fail its jobs and keep the worker alive."""
@@ -514,28 +536,116 @@ class Batcher:
         finally:
             emit(_END)
 
-    async def _run_stream(self, job: _Job) -> None:
-        loop = asyncio.get_running_loop()
-        events = job.events
-        assert events is not None and self._executor is not None
-
-        def emit(event: StreamEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under a late event (shutdown)
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
-        if job.request.cancel.is_set():
-            events.put_nowait(_END)
-            return
-        self._active = [job]
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, 1)
+    def _stream_many_sync(self, jobs: list[_Job], emits: list[Callable[[StreamEvent], None]]) -> None:
+        """Several streams through ``engine.stream_many``: events routed to each job's channel, each
+        job ended as soon as its own final chunk comes."""
+        channels = [_Channel(emit) for emit in emits]
+        live: list[int] = []
         try:
-            await loop.run_in_executor(self._executor, self._stream_sync, job, emit)
+            for i, job in enumerate(jobs):
+                if job.request.cancel.is_set():
+                    channels[i].end()
+                    continue
+                try:
+                    self._check_prompt(job.request)
+                except PromptError as exc:
+                    channels[i].fail(exc)
+                    continue
+                if not self.engine_checks_prompts:
+                    channels[i].start()
+                live.append(i)
+            if not live:
+                return
+            pairs = self.engine.stream_many([jobs[i].request for i in live])  # type: ignore[attr-defined]
+            try:
+                for row, chunk in pairs:
+                    channel = channels[live[row]]
+                    refused = self._input_error(chunk.response) if chunk.response is not None else None
+                    if refused is not None and not channel.started:
+                        channel.fail(refused)
+                        continue
+                    channel.chunk(chunk)
+                    if chunk.response is not None:
+                        channel.end()
+            finally:
+                close = getattr(pairs, "close", None)
+                if close is not None:
+                    close()
+        except Exception as exc:  # noqa: BLE001 — reported to each unfinished client as a server error
+            for channel in channels:
+                channel.fail(EngineFailure(f"engine failed ({type(exc).__name__})"))
+        finally:
+            for channel in channels:
+                channel.start()  # a stream that ended without a chunk: reported as a failed generation
+                channel.end()
+
+    async def _run_streams(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        live = []
+        for job in jobs:
+            assert job.events is not None
+            if job.request.cancel.is_set():
+                job.events.put_nowait(_END)
+            else:
+                live.append(job)
+        if not live:
+            return
+        assert self._executor is not None
+
+        def emitter(events: asyncio.Queue[StreamEvent]) -> Callable[[StreamEvent], None]:
+            def emit(event: StreamEvent) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed under a late event (shutdown)
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+
+            return emit
+
+        emits = [emitter(job.events) for job in live if job.events is not None]
+        self._active = live
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(live))
+        try:
+            if len(live) == 1:
+                await loop.run_in_executor(self._executor, self._stream_sync, live[0], emits[0])
+            else:
+                await loop.run_in_executor(self._executor, self._stream_many_sync, live, emits)
         except asyncio.CancelledError:
-            job.request.cancel.set()
+            for job in live:
+                job.request.cancel.set()
             raise
         finally:
             self._active = []
+
+
+@dataclass
+class _Channel:
+    """One stream's events as the engine thread sends them: started at most once, ended at most once,
+    nothing after the end."""
+
+    emit: Callable[[StreamEvent], None]
+    started: bool = False
+    ended: bool = False
+
+    def start(self) -> None:
+        if not self.started and not self.ended:
+            self.started = True
+            self.emit(_STARTED)
+
+    def chunk(self, chunk: StreamChunk) -> None:
+        if not self.ended:
+            self.start()
+            self.emit(chunk)
+
+    def fail(self, exc: BaseException) -> None:
+        """An error in place of the stream (before it started: the server's 4xx/5xx) or inside it."""
+        if not self.ended:
+            self.emit(exc)
+            self.ended = True
+            self.emit(_END)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.emit(_END)
 
 
 def _first_line(text: str) -> str:
