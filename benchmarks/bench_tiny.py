@@ -33,7 +33,9 @@ subprocess on a free loopback port, via benchmarks/bench_serve.py's ``ServerProc
 requests from 4 concurrent clients (closed loop, bench_serve's ``_closed_loop`` and ``openai_call``).
 Per request: time to first token, tokens/s end to end (completion tokens over latency: prefill and
 queueing included, since per-token times are not observable in a word-by-word text stream); per run:
-aggregate completion tokens/s; the server's peak RSS is ``VmHWM`` of its process.
+aggregate completion tokens/s; the server's peak RSS is ``VmHWM`` of its process. Baseline in the same
+run: after each such server, a second one with ``--max-batch-size 1``, which streams one request at a
+time; the ratios batched / baseline are medians over the pairs (``--skip-serve-baseline`` skips it).
 
 Usage::
 
@@ -225,13 +227,16 @@ class Question:
         ]
 
 
-def serve_run(run: int, args: argparse.Namespace, workload: Question, log_dir: Path) -> dict[str, Any]:
-    """A fresh ``emma serve``: ready time, one warm-up request, then the concurrency-4 streamed loop."""
+def serve_run(
+    run: int, args: argparse.Namespace, workload: Question, log_dir: Path, max_batch_size: int = 8
+) -> dict[str, Any]:
+    """A fresh ``emma serve``: ready time, one warm-up request, then the concurrency-4 streamed loop.
+    ``max_batch_size`` 1 is the baseline: the server then streams one request at a time."""
     t0 = time.perf_counter()
     server = ServerProcess(
-        f"serve-{run}",
+        f"serve-{run}-b{max_batch_size}",
         args.model,
-        max_batch_size=8,
+        max_batch_size=max_batch_size,
         device="auto",
         dtype="auto",
         log_dir=log_dir,
@@ -285,7 +290,10 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def summarize(
-    warm: list[dict[str, Any]], first: list[dict[str, Any]], served: list[dict[str, Any]]
+    warm: list[dict[str, Any]],
+    first: list[dict[str, Any]],
+    served: list[dict[str, Any]],
+    one_at_a_time: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """One row per claim: the median over runs, its target and whether it is met."""
 
@@ -312,8 +320,13 @@ def summarize(
             "detail": detail,
         }
 
-    def m(runs: list[dict[str, Any]], key: str) -> float | None:
+    def m(runs: Sequence[dict[str, Any]], key: str) -> float | None:
         return _median([r.get(key) for r in runs])
+
+    def ratio(key: str) -> float | None:
+        """Median over runs of (batched server / one-at-a-time server), each pair run back to back."""
+        pairs = [(b.get(key), s.get(key)) for b, s in zip(served, one_at_a_time, strict=False)]
+        return _median([b / s for b, s in pairs if b is not None and s])
 
     steady = slice(1, None)
     later = steady if warm and all(len(w["requests"]) > 1 for w in warm) else slice(None)
@@ -420,6 +433,36 @@ def summarize(
             False,
         ),
     ]
+    if one_at_a_time:
+        base = f"baseline: streams one at a time (--max-batch-size 1), c={CONCURRENCY}"
+        rows += [
+            row(base, "first token p50", m(one_at_a_time, "ttft_p50_s"), "s", None, False),
+            row(
+                base,
+                "tokens/s per stream p50",
+                m(one_at_a_time, "stream_tokens_per_s_p50"),
+                "tok/s",
+                None,
+                True,
+            ),
+            row(
+                base,
+                "aggregate completion tokens/s",
+                m(one_at_a_time, "aggregate_tokens_per_s"),
+                "tok/s",
+                None,
+                True,
+            ),
+            row(base, "first token p50, batched / baseline", ratio("ttft_p50_s"), "x", None, False),
+            row(
+                base,
+                "aggregate tokens/s, batched / baseline",
+                ratio("aggregate_tokens_per_s"),
+                "x",
+                None,
+                True,
+            ),
+        ]
     return rows
 
 
@@ -455,6 +498,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results")
     parser.add_argument("--skip-first-load", action="store_true", help="no first-ever load runs")
     parser.add_argument("--skip-serve", action="store_true", help="no emma serve runs")
+    parser.add_argument(
+        "--skip-serve-baseline", action="store_true", help="no one-at-a-time (--max-batch-size 1) server runs"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is None:
@@ -510,17 +556,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  in-process {run + 1}/{args.runs}: ready {warm[-1]['ready_s']:.1f} s, first tokens {ttfts} s"
         )
     served: list[dict[str, Any]] = []
+    one_at_a_time: list[dict[str, Any]] = []
     if not args.skip_serve:
         workload = Question(image, args.question, args.max_tokens)
         with tempfile.TemporaryDirectory(prefix="emma-bench-tiny-serve-") as log_dir:
             for run in range(args.runs):
-                served.append(serve_run(run, args, workload, Path(log_dir)))
-                s = served[-1]
-                console.print(
-                    f"  serve {run + 1}/{args.runs}: ready {s['ready_s']:.1f} s, first token p50 "
-                    f"{fmt(s['ttft_p50_s'], 2)} s, {s['n_ok']} ok, {s['n_errors']} errors"
-                )
-    rows = summarize(warm, first, served)
+                for size, runs in ((8, served), (1, one_at_a_time)):
+                    if size == 1 and args.skip_serve_baseline:
+                        continue
+                    runs.append(serve_run(run, args, workload, Path(log_dir), max_batch_size=size))
+                    s = runs[-1]
+                    console.print(
+                        f"  serve {run + 1}/{args.runs} (max batch {size}): ready {s['ready_s']:.1f} s, first "
+                        f"token p50 {fmt(s['ttft_p50_s'], 2)} s, {s['n_ok']} ok, {s['n_errors']} errors"
+                    )
+    rows = summarize(warm, first, served, one_at_a_time)
     model_name = warm[0]["model"] if warm else args.model
     print_table(console, f"bench_tiny: {model_name} on this CPU (medians over {args.runs} run(s))", rows)
     env["loadavg_end"] = list(os.getloadavg())

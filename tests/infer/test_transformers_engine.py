@@ -327,6 +327,9 @@ def test_stream_many_isolates_unusable_input(engine: TransformersEngine) -> None
     assert refused.prompt_tokens > 3
     for chunks, request in zip((rows[0], rows[2]), good, strict=True):
         final = chunks[-1].response
-        assert final is not None and final.text == engine.generate([_req(request.messages, max_new_tokens=8)])[0].text
+        assert (
+            final is not None
+            and final.text == engine.generate([_req(request.messages, max_new_tokens=8)])[0].text
+        )
     with pytest.raises(ValueError, match="same sampling"):
         list(engine.stream_many([_req(_prompts()[0]), _req(_prompts()[0], max_new_tokens=3)]))

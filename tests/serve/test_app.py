@@ -402,7 +402,9 @@ def test_batcher_batches_concurrent_streams(tiny_engine: Any, instrument: Any) -
         for text, (streamed, final) in zip(texts, results, strict=True):
             assert final is not None and final.finish_reason == "length" and final.completion_tokens == 6
             assert streamed == final.text == tiny_engine.generate([_request(text, 6)])[0].text
-        assert other_final is not None and other_final.completion_tokens == 3 and other_text == other_final.text
+        assert (
+            other_final is not None and other_final.completion_tokens == 3 and other_text == other_final.text
+        )
 
     asyncio.run(scenario())
 
