@@ -610,7 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serving tokens/s per stream = completion tokens / request latency (prefill, queue included)",
             "serving: the DICOM is sent as a data URL; server time to first token includes its decode",
         ],
-        "runs": {"first_ever": first, "in_process": warm, "serve": served},
+        "runs": {
+            "first_ever": first,
+            "in_process": warm,
+            "serve": served,
+            "serve_one_at_a_time": one_at_a_time,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
