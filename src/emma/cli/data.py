@@ -275,3 +275,27 @@ def captions_command(
         f"{report.images} images captioned from {report.statements} statements"
         f"{f', {report.dicom_images} DICOM header captions' if package_dicom else ''} → {report.out}"
     )
+
+
+@data_app.command("facts")
+@handle_errors
+def facts_command(
+    source: Path = typer.Argument(..., help="Canonical VQA dataset folder (its train split is read)."),
+    out: Path = typer.Option(..., "--out", help="Output question dataset folder (new or empty)."),
+    split: str = typer.Option("train", "--split", help="Split to build from (never test)."),
+    package_dicom: bool = typer.Option(
+        False, "--package-dicom", help="Also ask about the DICOM files installed packages carry (header)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the wordings and of the 'no' values."),
+) -> None:
+    """Balanced yes/no questions on each image's organ and modality labels (the text alone scores 50%)."""
+    from emma.data.sources.fact_questions import build_fact_questions
+    from emma.data.sources.rule_captions import package_dicom_files
+
+    files = package_dicom_files() if package_dicom else []
+    report = build_fact_questions(source, out, split=split, dicom_files=files, seed=seed)
+    typer.echo(
+        f"{report.questions} questions about {report.images} images"
+        f"{f' and {report.dicom_images} DICOM images' if package_dicom else ''} → {report.out}"
+    )
+

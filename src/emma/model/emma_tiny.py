@@ -58,7 +58,7 @@ __all__ = [
     "materialize",
 ]
 
-EMMA_TINY_VERSION = "2"
+EMMA_TINY_VERSION = "3"
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 _DONE = "emma_tiny_built.json"
@@ -158,9 +158,10 @@ def _config(base_lm: Any, tokenizer: Any) -> Any:
     return config
 
 
-def _base_text_state(base_lm: Any, vocab: int) -> dict[str, Any]:
+def _base_text_state(base_lm: Any, vocab: int, copies: dict[int, int] | None = None) -> dict[str, Any]:
     """The base language model's weights under Idefics3 text-model names, embeddings grown to ``vocab``
-    rows (new rows: the mean embedding, as transformers' resize does)."""
+    rows (new rows: the mean embedding, as transformers' resize does; ``copies`` maps a new row to the
+    base row it starts from instead)."""
     import torch
 
     state = {}
@@ -171,6 +172,8 @@ def _base_text_state(base_lm: Any, vocab: int) -> dict[str, Any]:
     grown = torch.empty((vocab, emb.shape[1]), dtype=emb.dtype)
     grown[: emb.shape[0]] = emb
     grown[emb.shape[0] :] = emb.mean(dim=0, keepdim=True)
+    for new_row, base_row in (copies or {}).items():
+        grown[new_row] = emb[base_row]
     state[key] = grown
     return state
 
@@ -200,7 +203,15 @@ def build_init(out_dir: str | Path, seed: int = 0) -> Path:
     config = _config(base_lm, processor.tokenizer)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(_base_text_state(base_lm, config.text_config.vocab_size), strict=False)
+    # Idefics3 ends a turn with <end_of_utterance> where SmolLM2-Instruct ends it with <|im_end|>: the new
+    # token starts as that row (tied output row too), so the model stops its answers before any training.
+    end_of_turn = {
+        processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"): processor.tokenizer.convert_tokens_to_ids(
+            "<|im_end|>"
+        )
+    }
+    state = _base_text_state(base_lm, config.text_config.vocab_size, end_of_turn)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(_TEXT_PREFIX) for k in missing):
         raise RuntimeError(f"base weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()

@@ -29,7 +29,10 @@ from emma.errors import InputError
 
 __all__ = [
     "CAPTION_PROMPTS",
+    "MODALITY_WORDS",
     "CaptionBuildReport",
+    "ImageFacts",
+    "collect_image_facts",
     "build_rule_captions",
     "dicom_caption_samples",
     "package_dicom_files",
@@ -41,7 +44,7 @@ CAPTION_PROMPTS = (
     "What does this image show?",
     "Give a short description of this medical image.",
 )
-_MODALITY_WORDS = {
+MODALITY_WORDS = {
     "ct": "CT",
     "mr": "MRI",
     "mri": "MRI",
@@ -102,7 +105,9 @@ def qa_statement(question: str, answer: str) -> str:
 
 
 @dataclass
-class _ImageFacts:
+class ImageFacts:
+    """What a dataset says about one image: its labels and its train QA pairs as statements."""
+
     ref: ImageRef
     body_part: str | None = None
     modality: str | None = None
@@ -134,8 +139,9 @@ def _question(sample: Sample) -> str | None:
     return None
 
 
-def _collect(dataset: Dataset, split: str) -> dict[str, _ImageFacts]:
-    by_image: dict[str, _ImageFacts] = {}
+def collect_image_facts(dataset: Dataset, split: str) -> dict[str, ImageFacts]:
+    """Per image (by content hash) of ``split``'s single-image VQA samples: its labels and statements."""
+    by_image: dict[str, ImageFacts] = {}
     for sample in dataset.iter_samples(split):
         if len(sample.images) != 1 or sample.task not in (TaskType.CLOSED_VQA, TaskType.OPEN_VQA):
             continue
@@ -143,7 +149,7 @@ def _collect(dataset: Dataset, split: str) -> dict[str, _ImageFacts]:
         question, answer = _question(sample), _answer(sample)
         if question is None or answer is None or ref.sha256 is None:
             continue
-        facts = by_image.setdefault(ref.sha256, _ImageFacts(ref=ref))
+        facts = by_image.setdefault(ref.sha256, ImageFacts(ref=ref))
         facts.body_part = facts.body_part or sample.meta.body_part
         facts.modality = facts.modality or sample.meta.modality
         statement = qa_statement(question, answer)
@@ -153,8 +159,8 @@ def _collect(dataset: Dataset, split: str) -> dict[str, _ImageFacts]:
     return by_image
 
 
-def _header(facts: _ImageFacts) -> str:
-    modality = _MODALITY_WORDS.get((facts.modality or "").lower(), facts.modality)
+def _header(facts: ImageFacts) -> str:
+    modality = MODALITY_WORDS.get((facts.modality or "").lower(), facts.modality)
     part = facts.body_part
     if modality and part:
         return _sentence(f"{modality} image of the {part}")
@@ -195,7 +201,7 @@ def dicom_caption_samples(files: Iterable[Path]) -> Iterator[tuple[Sample, bytes
             with quiet_pydicom():
                 header = pydicom.dcmread(str(path), stop_before_pixels=True)
             modality = str(getattr(header, "Modality", "") or "").strip().lower()
-            if modality not in _MODALITY_WORDS or int(getattr(header, "NumberOfFrames", 1) or 1) != 1:
+            if modality not in MODALITY_WORDS or int(getattr(header, "NumberOfFrames", 1) or 1) != 1:
                 continue
             images = load_images(path)
         except (EmmaError, OSError, ValueError, AttributeError, pydicom.errors.InvalidDicomError):
@@ -206,12 +212,12 @@ def dicom_caption_samples(files: Iterable[Path]) -> Iterator[tuple[Sample, bytes
         data = encode_png(images[0].to_pil())
         digest = hashlib.sha256(data).hexdigest()
         ref = ImageRef(sha256=digest, provenance=images[0].provenance)
-        facts = _ImageFacts(ref=ref, body_part=part, modality=modality)
+        facts = ImageFacts(ref=ref, body_part=part, modality=modality)
         caption = _header(facts)
         if not caption:
             continue
         sid = "dicom-" + digest[:16]
-        meta = Meta(modality=_MODALITY_WORDS.get(modality, modality), body_part=part, split="train",
+        meta = Meta(modality=MODALITY_WORDS.get(modality, modality), body_part=part, split="train",
                     source="dicom-header")
         yield _caption_sample(sid, ref, caption, CAPTION_PROMPTS[0], meta), data
 
@@ -259,7 +265,7 @@ def build_rule_captions(
         raise InputError("max_statements must be >= 1")
     if not 1 <= prompts_per_image <= len(CAPTION_PROMPTS):
         raise InputError(f"prompts_per_image must be 1..{len(CAPTION_PROMPTS)}")
-    facts_by_image = _collect(dataset, split)
+    facts_by_image = collect_image_facts(dataset, split)
     statements = dicom_count = 0
     with DatasetWriter(
         out,
