@@ -211,3 +211,27 @@ def test_materialize_reuses_a_verified_cache_without_loading(tmp_path: Path, no_
     final.mkdir(parents=True)
     (final / emma_tiny._DONE).write_text(json.dumps({"sha256": sha}))
     assert emma_tiny.materialize(folder) == final
+
+
+def test_new_rows_start_at_the_mean_or_at_their_base_row() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    emb = base.model.embed_tokens.weight.detach()
+    state = emma_tiny._base_text_state(base, 13, {11: 2})
+    grown = state["model.text_model.embed_tokens.weight"]
+    assert grown.shape == (13, 8) and torch.equal(grown[:10], emb)
+    assert torch.equal(grown[11], emb[2])
+    assert torch.allclose(grown[10], emb.mean(dim=0)) and torch.allclose(grown[12], emb.mean(dim=0))
+
+
+def test_end_of_utterance_starts_as_im_end() -> None:
+    tokenizer = emma_tiny._processor().tokenizer
+    rows = emma_tiny.end_of_turn_rows(tokenizer)
+    ((new, base),) = rows.items()
+    assert tokenizer.convert_ids_to_tokens(new) == "<end_of_utterance>"
+    assert tokenizer.convert_ids_to_tokens(base) == "<|im_end|>"

@@ -178,6 +178,17 @@ def _base_text_state(base_lm: Any, vocab: int, copies: dict[int, int] | None = N
     return state
 
 
+def end_of_turn_rows(tokenizer: Any) -> dict[int, int]:
+    """Idefics3 ends a turn with ``<end_of_utterance>`` where SmolLM2-Instruct ends it with ``<|im_end|>``:
+    the new token's embedding row (and its tied output row) starts as that base row, so the model ends
+    its answers before any training instead of spending the first VQA steps learning to."""
+    new = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    base = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(new, int) or not isinstance(base, int) or base == tokenizer.unk_token_id:
+        return {}
+    return {new: base}
+
+
 def _finish_generation_config(model: Any, tokenizer: Any) -> None:
     # A model built from its config (not from_pretrained) gets a generation config derived from the
     # composite config, whose use_cache is false: generation without the KV cache decodes several times
@@ -203,14 +214,7 @@ def build_init(out_dir: str | Path, seed: int = 0) -> Path:
     config = _config(base_lm, processor.tokenizer)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
-    # Idefics3 ends a turn with <end_of_utterance> where SmolLM2-Instruct ends it with <|im_end|>: the new
-    # token starts as that row (tied output row too), so the model stops its answers before any training.
-    end_of_turn = {
-        processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"): processor.tokenizer.convert_tokens_to_ids(
-            "<|im_end|>"
-        )
-    }
-    state = _base_text_state(base_lm, config.text_config.vocab_size, end_of_turn)
+    state = _base_text_state(base_lm, config.text_config.vocab_size, end_of_turn_rows(processor.tokenizer))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith(_TEXT_PREFIX) for k in missing):
         raise RuntimeError(f"base weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
