@@ -67,7 +67,12 @@ def test_questions_are_balanced_and_name_the_right_values(vqa: Path, tmp_path: P
     assert report.images == 7 and report.dicom_images == 0
     assert report.questions == len(samples) == 6 * 2 + 2 * 2  # six body parts, two modalities
     answers = Counter((s.meta.question_type, s.gold.answer) for s in samples)
-    assert answers == {("BODY_PART", "yes"): 6, ("BODY_PART", "no"): 6, ("MODALITY", "yes"): 2, ("MODALITY", "no"): 2}
+    assert answers == {
+        ("BODY_PART", "yes"): 6,
+        ("BODY_PART", "no"): 6,
+        ("MODALITY", "yes"): 2,
+        ("MODALITY", "no"): 2,
+    }
     for s in samples:
         assert s.task is TaskType.CLOSED_VQA and s.meta.split == "train"
         question, answer = s.turns[0].content, s.turns[1].content
@@ -88,7 +93,10 @@ def test_questions_are_balanced_and_name_the_right_values(vqa: Path, tmp_path: P
 def test_same_seed_same_questions_and_test_split_refused(vqa: Path, tmp_path: Path) -> None:
     build_fact_questions(vqa, tmp_path / "a", seed=3)
     build_fact_questions(vqa, tmp_path / "b", seed=3)
-    text = lambda out: sorted((s.id, s.turns[0].content) for s in _questions(out))  # noqa: E731
+
+    def text(out: Path) -> list[tuple[str, str]]:
+        return sorted((s.id, s.turns[0].content) for s in _questions(out))
+
     assert text(tmp_path / "a") == text(tmp_path / "b")
     with pytest.raises(InputError, match="never from test"):
         build_fact_questions(vqa, tmp_path / "c", split="test")

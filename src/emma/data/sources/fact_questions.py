@@ -125,14 +125,16 @@ def build_fact_questions(
     n_dataset = len(images)
     for sample, data in dicom_caption_samples(dicom_files):
         ref = sample.images[0]
-        images.append((ref.sha256 or sample.id, ref, _labels(sample.meta.body_part, sample.meta.modality), data))
+        images.append(
+            (ref.sha256 or sample.id, ref, _labels(sample.meta.body_part, sample.meta.modality), data)
+        )
     values: dict[str, list[str]] = {}
     for _, _, facts, _ in images:
         for kind, value in facts.items():
             if value not in values.setdefault(kind, []):
                 values[kind].append(value)
-    for kind in values:
-        values[kind].sort()
+    for known in values.values():
+        known.sort()
     questions = 0
     with DatasetWriter(
         out,
