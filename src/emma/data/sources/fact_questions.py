@@ -21,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
-from emma.data.sources.rule_captions import MODALITY_WORDS, collect_image_facts, dicom_caption_samples
-from emma.data.store import DatasetWriter, open_dataset
-from emma.errors import InputError
+from emma.data.sources.rule_captions import (
+    MODALITY_WORDS,
+    collect_image_facts,
+    dicom_caption_samples,
+    open_train_split,
+)
+from emma.data.store import DatasetWriter
 
 __all__ = ["FactQuestionReport", "build_fact_questions", "fact_questions"]
 
@@ -114,11 +118,7 @@ def build_fact_questions(
 ) -> FactQuestionReport:
     """Write a closed-VQA dataset (split ``train``) of balanced fact questions about ``source``'s
     ``split`` images (and ``dicom_files``' images). Refuses the test split."""
-    if split.strip().lower() == "test":
-        raise InputError("fact questions are built from a training split only, never from test")
-    dataset = open_dataset(source)
-    if split not in dataset.splits:
-        raise InputError(f"{source} has no split {split!r} (has: {', '.join(dataset.splits)})")
+    dataset = open_train_split(source, split, "fact questions")
     images: list[tuple[str, ImageRef, dict[str, str], bytes | None]] = []
     for sha, found in sorted(collect_image_facts(dataset, split).items()):
         images.append((sha, found.ref, _labels(found.body_part, found.modality), None))

@@ -35,6 +35,7 @@ __all__ = [
     "build_rule_captions",
     "collect_image_facts",
     "dicom_caption_samples",
+    "open_train_split",
     "package_dicom_files",
     "qa_statement",
 ]
@@ -239,6 +240,16 @@ def package_dicom_files() -> list[Path]:
     return files
 
 
+def open_train_split(source: str | Path, split: str, what: str) -> Dataset:
+    """Open ``source`` for building ``what`` from its ``split``: never the test split."""
+    if split.strip().lower() == "test":
+        raise InputError(f"{what} are built from a training split only, never from test")
+    dataset = open_dataset(source)
+    if split not in dataset.splits:
+        raise InputError(f"{source} has no split {split!r} (has: {', '.join(dataset.splits)})")
+    return dataset
+
+
 def build_rule_captions(
     source: str | Path,
     out: str | Path,
@@ -256,11 +267,7 @@ def build_rule_captions(
     several samples cover different facts). ``dicom_files`` adds header captions of DICOM files.
     Refuses the test split.
     """
-    if split.strip().lower() == "test":
-        raise InputError("captions are built from a training split only, never from test")
-    dataset = open_dataset(source)
-    if split not in dataset.splits:
-        raise InputError(f"{source} has no split {split!r} (has: {', '.join(dataset.splits)})")
+    dataset = open_train_split(source, split, "captions")
     if max_statements < 1:
         raise InputError("max_statements must be >= 1")
     if not 1 <= prompts_per_image <= len(CAPTION_PROMPTS):
