@@ -1,7 +1,7 @@
 """Does a trained model read its images? Loss on a stage's training samples with the right image, another
 sample's image, and a black image.
 
-    python scripts/image_reliance.py recipes/emma-tiny.yaml vqa runs/train/emma-tiny-v3/vqa/final [-n 48]
+    python scripts/image_reliance.py recipes/emma-tiny.yaml vqa runs/train/emma-tiny-v4c/vqa/final [-n 48]
 
 A model that uses its images has a clearly lower loss with the right image than with another one; equal
 losses mean the answers come from the text alone (what emma-tiny's first candidate did). Train samples

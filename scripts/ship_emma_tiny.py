@@ -1,6 +1,6 @@
 """Ship a trained emma-tiny: write its delta on SmolLM2-135M-Instruct into the package's assets.
 
-    python scripts/ship_emma_tiny.py runs/train/emma-tiny-v3/vqa/final [--out src/emma/assets/emma-tiny]
+    python scripts/ship_emma_tiny.py runs/train/emma-tiny-v4c/vqa/final [--out src/emma/assets/emma-tiny]
 
 Then check what ships: the delta is rebuilt into the full model on first use (`emma.model.emma_tiny.materialize`)
 and the model that users get is the one to evaluate: `emma eval --task vqa-rad --model emma-tiny ...`.

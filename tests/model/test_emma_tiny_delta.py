@@ -235,3 +235,14 @@ def test_end_of_utterance_starts_as_im_end() -> None:
     ((new, base),) = rows.items()
     assert tokenizer.convert_ids_to_tokens(new) == "<end_of_utterance>"
     assert tokenizer.convert_ids_to_tokens(base) == "<|im_end|>"
+
+
+def test_base_config_from_the_emma_tiny_config_loads_the_same_base_weights() -> None:
+    base = emma_tiny.load_base_language_model()
+    config = emma_tiny._config(base, emma_tiny._processor().tokenizer)
+    again = emma_tiny.load_base_language_model(emma_tiny.base_config_of(config))
+    assert again.config.vocab_size == base.config.vocab_size
+    theirs = again.state_dict()
+    assert theirs.keys() == base.state_dict().keys()
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in base.state_dict().items())
+    assert emma_tiny.base_config_of(type(config)()) is None  # a config without emma's keys
