@@ -57,6 +57,10 @@ class InstrumentedEngine:
         return self.inner.model_name
 
     @property
+    def max_batch_size(self) -> int:
+        return self.inner.max_batch_size
+
+    @property
     def family(self) -> str | None:
         return self.inner.family
 

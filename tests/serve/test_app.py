@@ -18,7 +18,9 @@ from PIL import Image
 
 from emma.infer import prompts
 from emma.infer.structured import structured_prompt
+from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from emma.model.tiny import load_tiny
 from emma.serve.app import _apply_mode, create_app
 from emma.serve.batcher import Batcher, ClientGone, PromptError, QueueFullError
 from emma.serve.schemas import EmmaOptions
@@ -407,6 +409,35 @@ def test_batcher_batches_concurrent_streams(tiny_engine: Any, instrument: Any) -
         )
 
     asyncio.run(scenario())
+
+
+def test_stream_batches_stay_within_the_engines_batch_size(instrument: Any) -> None:
+    engine = instrument(TransformersEngine(load_tiny("llava"), max_batch_size=2), gated=True)
+
+    async def consume(batcher: Batcher, request: GenerationRequest) -> str:
+        text = ""
+        async for chunk in await batcher.open_stream(request):
+            text += chunk.delta
+        return text
+
+    async def scenario() -> None:
+        batcher = Batcher(engine, max_batch_size=8, batch_wait_ms=0)
+        await batcher.start()
+        try:
+            busy = asyncio.create_task(batcher.generate(_request("hold the worker")))
+            while not engine.entered.is_set():
+                await asyncio.sleep(0.01)
+            streams = [asyncio.create_task(consume(batcher, _request(t, 3))) for t in ("a", "b", "c")]
+            while batcher.depth < 3:
+                await asyncio.sleep(0.01)
+            engine.release.set()
+            await busy
+            await asyncio.gather(*streams)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert engine.stream_batches == [2, 1]
 
 
 # ------------------------------------------------------------------------------------ engine failures

@@ -371,8 +371,11 @@ class Batcher:
             if job.stream:
                 key = job.request.sampling.batch_key()
                 if self.batches_streams:
+                    # stream_many takes at most the engine's own batch size in one call
+                    own = getattr(self.engine, "max_batch_size", None)
+                    limit = min(self.max_batch_size, own) if isinstance(own, int) and own >= 1 else None
                     batch, held = await self._gather(
-                        job, lambda j, k=key: j.stream and j.request.sampling.batch_key() == k
+                        job, lambda j, k=key: j.stream and j.request.sampling.batch_key() == k, limit
                     )
                 else:
                     batch, held = [job], None
@@ -381,15 +384,18 @@ class Batcher:
                 batch, held = await self._gather(job, lambda j: not j.stream)
                 await self._guarded(self._run_batch(batch), batch)
 
-    async def _gather(self, first: _Job, joins: Callable[[_Job], bool]) -> tuple[list[_Job], _Job | None]:
-        """``first`` plus the queued jobs that ``joins`` accepts, up to ``max_batch_size``, waiting up to
+    async def _gather(
+        self, first: _Job, joins: Callable[[_Job], bool], limit: int | None = None
+    ) -> tuple[list[_Job], _Job | None]:
+        """``first`` plus the queued jobs that ``joins`` accepts, up to ``limit`` (default
+        ``max_batch_size``), waiting up to
         ``batch_wait_ms`` only while requests are known to be on their way (never for a lone one). The
         first job that cannot join is returned apart, to run next (queue order is kept)."""
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         batch = [first]
         deadline = loop.time() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(batch) < (limit or self.max_batch_size):
             try:
                 nxt = self._queue.get_nowait()
             except asyncio.QueueEmpty:
