@@ -505,61 +505,50 @@ class Batcher:
             else:
                 _resolve(job, result)
 
-    def _stream_sync(self, job: _Job, emit: Callable[[StreamEvent], None]) -> None:
-        request = job.request
+    def _admit(self, job: _Job, channel: _Channel) -> bool:
+        """Before the engine: a cancelled stream just ends, one over the prompt bound fails. An engine
+        that checks prompts raises (or reports) its input errors before the first chunk, so the stream
+        counts as started (the client gets its 200) only once that chunk has come; else at once."""
+        if job.request.cancel.is_set():
+            channel.end()
+            return False
         try:
-            if request.cancel.is_set():
+            self._check_prompt(job.request)
+        except PromptError as exc:
+            channel.fail(exc)
+            return False
+        if not self.engine_checks_prompts:
+            channel.start()
+        return True
+
+    def _stream_sync(self, job: _Job, emit: Callable[[StreamEvent], None]) -> None:
+        """One stream through ``engine.stream``."""
+        channel = _Channel(emit)
+        try:
+            if not self._admit(job, channel):
                 return
-            try:
-                self._check_prompt(request)
-            except PromptError as exc:
-                emit(exc)
-                return
-            # An engine that checks prompts raises its input errors before the first chunk: the stream
-            # counts as started (the client gets its 200) only once that chunk has come.
-            started = not self.engine_checks_prompts
-            if started:
-                emit(_STARTED)
-            chunks = self.engine.stream(request)
+            chunks = self.engine.stream(job.request)
             try:
                 for chunk in chunks:  # after request.cancel is set the engine ends with "cancelled"
-                    if not started:
-                        started = True
-                        emit(_STARTED)
-                    emit(chunk)
+                    channel.chunk(chunk)
                     if chunk.response is not None:
                         break
             finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
-            if not started:
-                emit(_STARTED)  # an empty stream: the server reports it as a failed generation
+                _close(chunks)
         except EmmaError as exc:
-            emit(_prompt_error(exc))
+            channel.fail(_prompt_error(exc))
         except Exception as exc:  # noqa: BLE001 — reported to the client as a server error
-            emit(EngineFailure(f"engine failed ({type(exc).__name__})"))
+            channel.fail(EngineFailure(f"engine failed ({type(exc).__name__})"))
         finally:
-            emit(_END)
+            channel.start()  # a stream that ended without a chunk: reported as a failed generation
+            channel.end()
 
     def _stream_many_sync(self, jobs: list[_Job], emits: list[Callable[[StreamEvent], None]]) -> None:
         """Several streams through ``engine.stream_many``: events routed to each job's channel, each
         job ended as soon as its own final chunk comes."""
         channels = [_Channel(emit) for emit in emits]
-        live: list[int] = []
         try:
-            for i, job in enumerate(jobs):
-                if job.request.cancel.is_set():
-                    channels[i].end()
-                    continue
-                try:
-                    self._check_prompt(job.request)
-                except PromptError as exc:
-                    channels[i].fail(exc)
-                    continue
-                if not self.engine_checks_prompts:
-                    channels[i].start()
-                live.append(i)
+            live = [i for i, job in enumerate(jobs) if self._admit(job, channels[i])]
             if not live:
                 return
             pairs = self.engine.stream_many([jobs[i].request for i in live])  # type: ignore[attr-defined]
@@ -574,9 +563,7 @@ class Batcher:
                     if chunk.response is not None:
                         channel.end()
             finally:
-                close = getattr(pairs, "close", None)
-                if close is not None:
-                    close()
+                _close(pairs)
         except Exception as exc:  # noqa: BLE001 — reported to each unfinished client as a server error
             for channel in channels:
                 channel.fail(EngineFailure(f"engine failed ({type(exc).__name__})"))
@@ -652,6 +639,13 @@ class _Channel:
         if not self.ended:
             self.ended = True
             self.emit(_END)
+
+
+def _close(chunks: object) -> None:
+    """Close an engine's chunk iterator (a generator: stops its generation thread) if it can be closed."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 def _first_line(text: str) -> str:
