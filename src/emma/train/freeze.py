@@ -10,7 +10,7 @@ qwen2(.5)/3-VL     ``model.visual``              ``model.visual.merger`` (+ qwen
 idefics3           ``model.vision_model``        ``model.connector``
 llava, gemma3,     ``model.vision_tower``        ``model.multi_modal_projector`` (+ LLaVA-OneVision's
 llava_onevision,                                 ``model.image_newline``)
-internvl
+internvl, fast_vlm
 =================  ============================  ===============================================
 
 Everything else (``model.language_model`` / ``model.text_model``, ``lm_head``) is the language model.
@@ -41,6 +41,7 @@ _PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "llava_onevision": (("model.vision_tower",), ("model.multi_modal_projector", "model.image_newline")),
     "gemma3": _LLAVA_LIKE,
     "internvl": _LLAVA_LIKE,
+    "fast_vlm": _LLAVA_LIKE,
 }
 _LM_PREFIXES = ("model.language_model", "model.text_model")
 

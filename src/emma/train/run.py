@@ -114,6 +114,7 @@ def _call_stage(
     stage_dir: Path,
     data: StageData,
     resume: bool,
+    feature_cache: Any = None,
 ) -> Any:
     """Call an SFT stage (samples + one image loader, progress callback) or a GRPO stage (StageData)."""
     accepted = inspect.signature(fn).parameters
@@ -124,6 +125,7 @@ def _call_stage(
         args = (stage, model_dir, stage_dir, data.samples, data.ref_loader())
         optional["callbacks"] = [RichProgressCallback(stage=stage.name)]
         optional["on_trainer"] = _drop_tqdm  # the rich bar replaces transformers' tqdm bar
+        optional["feature_cache"] = feature_cache  # a frozen tower's features, computed once per run
     kwargs = {k: v for k, v in optional.items() if k in accepted}
     return fn(*args, resume=resume, seed=recipe.seed, **kwargs)
 
@@ -189,6 +191,9 @@ def run_recipe(
     _write_json(out / RECIPE_SNAPSHOT, recipe.model_dump(mode="json"))
     result = RecipeResult(output_dir=out, final_dir=base)
     model_dir = base
+    from emma.train.feature_cache import TowerFeatureCache
+
+    feature_cache = TowerFeatureCache()
     for i, stage in enumerate(recipe.stages):
         stage_dir = stage_dirs[i]
         final = stage_dir / FINAL
@@ -202,7 +207,7 @@ def run_recipe(
         say(f"{head}: {count} samples, from {model_dir}")
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        outcome = _call_stage(fns[i], recipe, stage, model_dir, stage_dir, data[i], resume)
+        outcome = _call_stage(fns[i], recipe, stage, model_dir, stage_dir, data[i], resume, feature_cache)
         seconds = time.perf_counter() - start
         if not (final / "config.json").is_file():
             raise RecipeError(f"stage {stage.name!r} finished without a model in {final}")

@@ -32,6 +32,7 @@ from emma.data.schema import Sample
 from emma.errors import InputError
 from emma.train.checkpoints import StrictResumeMixin, last_checkpoint, train_or_restore
 from emma.train.collator import VLCollator
+from emma.train.feature_cache import TowerFeatureCache
 from emma.train.freeze import (
     TrainableSummary,
     apply_trainable,
@@ -156,13 +157,16 @@ def run_sft_stage(
     callbacks: list[Any] | None = None,
     report_to: list[str] | str | None = None,
     on_trainer: Callable[[Any], None] | None = None,
+    feature_cache: TowerFeatureCache | None = None,
 ) -> StageResult:
     """Train one alignment / instruction / vqa stage; returns where its final model folder is.
 
     ``train_samples``: canonical samples (a list; an iterable is materialised) shown through
     ``image_loader`` (e.g. ``Dataset.open_image``). ``callbacks``: transformers ``TrainerCallback`` s.
     ``report_to``: Trainer integrations ("tensorboard", "wandb"; None: none). ``on_trainer``: called
-    with the trainer before ``train()`` (benchmarks, tests).
+    with the trainer before ``train()`` (benchmarks, tests). ``feature_cache``: where a frozen vision
+    tower's per-image outputs are kept (:mod:`emma.train.feature_cache`; shared across stages by
+    ``emma train``); a fresh one per stage when not given.
     """
     import datasets
     import torch
@@ -208,6 +212,8 @@ def run_sft_stage(
     else:
         trainable = apply_trainable(model, family, stage.kind, stage.train_vision)
     model.train()
+    cache = feature_cache if feature_cache is not None else TowerFeatureCache()
+    uncache = cache.attach(model, family)  # a frozen tower: eval mode, each image's features once
 
     cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -256,6 +262,8 @@ def run_sft_stage(
     checkpoint = last_checkpoint(ckpt_dir) if resume else None
     # A checkpoint already at max_steps (killed before final/ was written) is restored, not trained on.
     output = train_or_restore(trainer, checkpoint)
+    if uncache is not None:
+        uncache()
 
     trained = trainer.model
     if stage.lora is not None:
@@ -275,6 +283,7 @@ def run_sft_stage(
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
         "trainable": asdict(trainable),
+        "tower_features": {"cached": uncache is not None, "computed": cache.misses, "reused": cache.hits},
     }
     (final_dir / STAGE_INFO).write_text(json.dumps(info, indent=1))
     return StageResult(
