@@ -24,10 +24,10 @@ from emma.model.emma_tiny import (
     apply_delta,
 )
 
-EMB = "model.text_model.embed_tokens.weight"
-Q = "model.text_model.layers.0.self_attn.q_proj.weight"
-NORM = "model.text_model.norm.weight"
-PROJ = "model.connector.modality_projection.proj.weight"
+EMB = "model.language_model.embed_tokens.weight"
+Q = "model.language_model.layers.0.self_attn.q_proj.weight"
+NORM = "model.language_model.norm.weight"
+PROJ = "model.multi_modal_projector.linear_1.weight"
 
 
 def _rank(r: int, rows: int = 24, cols: int = 16, seed: int = 0) -> torch.Tensor:
@@ -213,7 +213,7 @@ def test_materialize_reuses_a_verified_cache_without_loading(tmp_path: Path, no_
     assert emma_tiny.materialize(folder) == final
 
 
-def test_new_rows_start_at_the_mean_or_at_their_base_row() -> None:
+def test_new_rows_start_at_the_mean() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -222,19 +222,26 @@ def test_new_rows_start_at_the_mean_or_at_their_base_row() -> None:
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
     emb = base.model.embed_tokens.weight.detach()
-    state = emma_tiny._base_text_state(base, 13, {11: 2})
-    grown = state["model.text_model.embed_tokens.weight"]
+    state = emma_tiny._base_text_state(base, 13)
+    grown = state[EMB]
     assert grown.shape == (13, 8) and torch.equal(grown[:10], emb)
-    assert torch.equal(grown[11], emb[2])
-    assert torch.allclose(grown[10], emb.mean(dim=0)) and torch.allclose(grown[12], emb.mean(dim=0))
+    for row in (10, 11, 12):
+        assert torch.allclose(grown[row], emb.mean(dim=0))
 
 
-def test_end_of_utterance_starts_as_im_end() -> None:
-    tokenizer = emma_tiny._processor().tokenizer
-    rows = emma_tiny.end_of_turn_rows(tokenizer)
-    ((new, base),) = rows.items()
-    assert tokenizer.convert_ids_to_tokens(new) == "<end_of_utterance>"
-    assert tokenizer.convert_ids_to_tokens(base) == "<|im_end|>"
+def test_chat_format_is_smollm2s_chatml_with_one_image_placeholder() -> None:
+    processor = emma_tiny._processor()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|im_start|>user\n<image>\nWhich organ?<|im_end|>\n<|im_start|>assistant\n"
+    from PIL import Image
+
+    batch = processor(images=[Image.new("RGB", (300, 200), (255, 0, 0))], text=[text], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == emma_tiny.IMAGE_TOKENS == 49
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (1, 3, emma_tiny.IMAGE_SIZE, emma_tiny.IMAGE_SIZE)  # squashed, not cropped
+    assert float(pixels.min()) == 0.0 and float(pixels.max()) == 1.0  # [0, 1], no mean/std
 
 
 def test_base_config_from_the_emma_tiny_config_loads_the_same_base_weights() -> None:

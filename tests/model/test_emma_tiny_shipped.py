@@ -49,7 +49,7 @@ def test_emma_tiny_loads_offline_and_answers_about_a_radiograph(monkeypatch: pyt
     from emma.model.registry import load_model
 
     loaded = load_model("emma-tiny", device="cpu")
-    assert loaded.family == "idefics3" and loaded.name == "emma-tiny"
+    assert loaded.family == "fast_vlm" and loaded.name == "emma-tiny"
     assert loaded.model.generation_config.use_cache  # decoding without the KV cache is several times slower
     image = load_images(path)[0].to_pil()
     engine = TransformersEngine(loaded)

@@ -38,6 +38,7 @@ from typing import Any
 
 from emma.errors import InputError
 from emma.model.tiny import (
+    _FAST_VLM_TEMPLATE,
     _GGUF_FILE,
     _file_lock,
     _publish,
@@ -77,20 +78,7 @@ _TEXT_PREFIX = "model.language_model."
 _VISION_PREFIX = "model.vision_tower."
 _BASE_VOCAB_KEY = "base_vocab_size"
 
-# SmolLM2-Instruct's own ChatML (no default system prompt); an image part is the <image> placeholder,
-# which the processor expands into IMAGE_TOKENS tokens.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message.role }}{{ '\\n' }}"
-    "{% if message.content is string %}{{ message.content }}"
-    "{% else %}{% for part in message.content %}"
-    "{% if part.type == 'image' or 'image' in part %}<image>{{ '\\n' }}"
-    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = _FAST_VLM_TEMPLATE  # SmolLM2-Instruct's own ChatML with an <image> placeholder
 
 
 class DeltaError(InputError):

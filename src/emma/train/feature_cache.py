@@ -1,10 +1,10 @@
-"""Frozen vision towers compute each image's features once: a per-image cache of the tower's output.
+"""Frozen vision towers stay in eval mode and compute each image's features once: a per-image cache of the tower's output.
 
 When a stage leaves the vision tower frozen (alignment, or instruction/VQA without ``train_vision``), the
 tower's output for an image never changes during training, yet the Trainer would recompute it at every
 step of every epoch (emma-tiny's ResNet-152: ~0.2 s an image on a 2-core CPU, more than the language
-model's step). :meth:`TowerFeatureCache.attach` puts the tower in eval mode (a frozen tower's batch-norm
-statistics must not drift with the training batches) and replaces its ``forward`` on that instance with
+model's step). :meth:`TowerFeatureCache.attach` pins the tower in eval mode (a frozen tower's batch-norm
+statistics must not drift with the training batches, which ``model.train()`` would allow) and replaces its ``forward`` on that instance with
 one that looks each image up by the SHA-1 of its pixel tensor (so a different augmentation or resize is a
 different entry) and runs the tower only on the images it has not seen. Parameters, module names and the
 state dict are untouched, so checkpoints and the saved model are exactly those of an uncached run.
@@ -81,6 +81,7 @@ def _stack(values: list[Any]) -> Any:
 class TowerFeatureCache:
     """Per-image outputs of frozen vision towers (in memory), with hit and miss counts."""
 
+    enabled: bool = True  # False: the tower is only pinned in eval mode and runs at every step
     hits: int = 0
     misses: int = 0
     _entries: dict[bytes, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -97,19 +98,25 @@ class TowerFeatureCache:
         if tower is None:
             return None
         tower.eval()
+        # The Trainer calls model.train() at every step: a frozen tower stays in eval mode (its batch-norm
+        # statistics must not drift with the training batches, cached or not).
+        tower.train = lambda mode=True: tower  # type: ignore[method-assign,assignment]
         original = tower.forward
         tower_key = _fingerprint(tower)
         def forward(pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
             if args or any(isinstance(v, torch.Tensor) for v in kwargs.values()) or pixel_values.dim() < 2:
                 return original(pixel_values, *args, **kwargs)
-            tower.eval()  # the Trainer calls model.train() on every step
             options = repr(sorted(kwargs.items())).encode()
             keys = []
             for row in pixel_values:
                 digest = hashlib.sha1(tower_key + options + str(tuple(row.shape)).encode())
                 digest.update(row.detach().cpu().contiguous().numpy().tobytes())
                 keys.append(digest.digest())
-            missing = [i for i, key in enumerate(keys) if key not in self._entries]
+            first: dict[bytes, int] = {}  # each new image once, even when a batch holds it twice
+            for i, key in enumerate(keys):
+                if key not in self._entries:
+                    first.setdefault(key, i)
+            missing = list(first.values())
             self.hits += len(keys) - len(missing)
             self.misses += len(missing)
             if missing:
@@ -122,10 +129,11 @@ class TowerFeatureCache:
             names = [k for k in rows[0] if k != _TYPE]
             return rows[0][_TYPE](**{k: _stack([row[k] for row in rows]) for k in names})
 
-        tower.forward = forward
+        if self.enabled:
+            tower.forward = forward
 
         def detach() -> None:
-            if tower.__dict__.get("forward") is forward:
-                del tower.forward
+            for name in ("forward", "train"):
+                vars(tower).pop(name, None)
 
         return detach
