@@ -96,13 +96,12 @@ from emma.annotate.quality import (
     with_hierarchy,
 )
 from emma.annotate.runner import (
-    DEFAULT_STORE,
-    RUN_FILE,
     Ask,
     Item,
     RunStats,
     Step,
     TeacherConfig,
+    check_out_folder,
     prompt_hash,
     provenance,
     record_provenance,
@@ -898,10 +897,7 @@ def scan_duplicates(
 
 def _check_out(out: Path) -> None:
     """The output folder is new, empty, or holds an annotation run (resumed if it is the same job)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} is not a folder")
-    if out.is_dir() and not (out / RUN_FILE).exists() and any(p.name != DEFAULT_STORE for p in out.iterdir()):
-        raise InputError(f"{out} is not empty and holds no annotation run; choose a new output folder")
+    check_out_folder(out)
 
 
 def annotate(

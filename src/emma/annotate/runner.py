@@ -65,6 +65,7 @@ from PIL import Image
 
 from emma.annotate.store import ResultStore, result_key
 from emma.annotate.teacher import Teacher, TeacherError, load_teacher, teacher_name
+from emma.data.durable import LOCK_FILE, atomic_write, exclusive_folder
 from emma.data.schema import Sample
 from emma.data.store import Dataset, DatasetFormat, DatasetWriter, decode_image, encode_png, open_dataset
 from emma.errors import EmmaError, InputError
@@ -80,6 +81,7 @@ __all__ = [
     "RunStats",
     "Step",
     "TeacherConfig",
+    "check_out_folder",
     "item_hash",
     "prompt_hash",
     "provenance",
@@ -93,6 +95,7 @@ REJECTED_SPLIT = "rejected"
 RUN_FILE = "annotate_run.json"
 STATS_FILE = "run_stats.json"
 DEFAULT_STORE = "teacher_store"
+_FREE_NAMES = frozenset({DEFAULT_STORE, LOCK_FILE})  # what a folder may hold before a run starts
 Backend = Literal["local", "ray"]
 
 
@@ -692,19 +695,28 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any]) -> bool:
                 "differ); choose a new output folder (pass the same store to reuse its answers)"
             )
         return True
-    if out.exists() and any(p.name != DEFAULT_STORE for p in out.iterdir()):
-        raise InputError(f"{out} is not empty and holds no annotation run; choose a new output folder")
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, run_file)
+    atomic_write(run_file, json.dumps(fingerprint, indent=2) + "\n")
     return False
 
 
+def check_out_folder(out: Path) -> None:
+    """``out`` is new, empty (but for a store or a lock) or holds an annotation run."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is not a folder")
+    if (out / RUN_FILE).exists() or not out.exists():
+        return
+    if any(p.name not in _FREE_NAMES and not _is_temporary(p.name) for p in out.iterdir()):
+        raise InputError(f"{out} is not empty and holds no annotation run; choose a new output folder")
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(f".{RUN_FILE}.") and name.endswith(".tmp")  # a killed atomic write
+
+
 def _write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _image_loader(source: Dataset) -> Callable[[Sample], list[bytes]]:
@@ -794,6 +806,55 @@ def run_pipeline(
         tname = str(config.options.get("name") or "") or teacher_name(config.spec)
 
     fingerprint = _fingerprint(steps, tname, src, wanted)
+    check_out_folder(out_path)
+    with exclusive_folder(out_path, "annotation run"):  # one writer: a concurrent run is refused
+        return _run_locked(
+            steps,
+            src,
+            out_path,
+            fingerprint,
+            config,
+            teacher_obj,
+            tname,
+            names,
+            wanted,
+            concurrency=concurrency,
+            backend=backend,
+            store=store,
+            progress=progress,
+            window=window,
+            limit=limit,
+            name=name,
+            out_format=out_format,
+            fsync=fsync,
+            ray_options=ray_options,
+            print_summary=print_summary,
+        )
+
+
+def _run_locked(
+    steps: Sequence[Step],
+    src: Dataset,
+    out_path: Path,
+    fingerprint: dict[str, Any],
+    config: TeacherConfig | None,
+    teacher_obj: Teacher | None,
+    tname: str,
+    names: list[str],
+    wanted: list[str],
+    *,
+    concurrency: int,
+    backend: Backend,
+    store: str | os.PathLike[str] | None,
+    progress: bool,
+    window: int | None,
+    limit: int | None,
+    name: str | None,
+    out_format: DatasetFormat | None,
+    fsync: Literal["always", "batch", "never"],
+    ray_options: dict[str, Any] | None,
+    print_summary: bool | None,
+) -> RunStats:
     resumed = _prepare_out(out_path, fingerprint)
     ctx = _Context(tuple(steps), result_key("fingerprint", json.dumps(fingerprint, sort_keys=True)))
     store_path = Path(store) if store is not None else out_path / DEFAULT_STORE

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from emma.data.durable import atomic_write, cut_torn_tail, fsync_dir
 from emma.data.schema import SCHEMA_VERSION, ImageRef, Sample
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 from emma.io.limits import DEFAULT_LIMITS, Limits
@@ -153,17 +154,9 @@ def _describe(exc: ValidationError) -> str:
     return f"{loc + ': ' if loc else ''}{msg}{more}".replace("\n", " ")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, fsync=fsync)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -227,6 +220,11 @@ def _parse_sample(raw: str | bytes, where: str) -> Sample:
 
 def _iter_jsonl(path: Path) -> Iterator[Sample]:
     """Samples of one JSONL file, line by line; a malformed line names the file and line number."""
+    for _, sample in _iter_jsonl_numbered(path):
+        yield sample
+
+
+def _iter_jsonl_numbered(path: Path) -> Iterator[tuple[int, Sample]]:
     try:
         f = path.open("rb")
     except OSError as exc:
@@ -234,7 +232,7 @@ def _iter_jsonl(path: Path) -> Iterator[Sample]:
     with f:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
-                yield _parse_sample(raw, f"{path}:{lineno}")
+                yield lineno, _parse_sample(raw, f"{path}:{lineno}")
 
 
 def _parquet_readable(path: Path) -> bool:
@@ -266,27 +264,6 @@ def _image_parts(images_dir: Path) -> list[Path]:
     return sorted(p for p in images_dir.glob("part-*.parquet") if _IMAGE_PART_RE.match(p.name))
 
 
-def _truncate_torn_line(path: Path) -> None:
-    """Cut a JSONL file after its last newline (a crash may leave half a line)."""
-    with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        pos = size
-        while pos > 0:
-            step = min(64 * 1024, pos)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                end = pos - step + nl + 1
-                break
-            pos -= step
-        else:
-            end = 0
-        if end < size:
-            log.warning("%s: dropping a torn last line (%d bytes)", path, size - end)
-            f.truncate(end)
-
-
 # ------------------------------------------------------------------------------------------------- sinks
 
 
@@ -303,29 +280,75 @@ class _JsonlSink:
     def ref_path(self, sha: str, ext: str) -> str | None:
         return f"images/{sha[:2]}/{sha}.{ext}"
 
-    def recover(self) -> Iterator[tuple[str, str]]:
-        """Repair and commit ``.part`` files left by a crash; yield ``(split, id)`` of every stored sample."""
+    def recover(self, seen: set[str]) -> Iterator[tuple[str, str]]:
+        """Repair and commit the files of a killed writer; yield ``(split, id)`` of every stored sample.
+
+        Tolerates every state a kill (or, before the folder lock, a second writer) can leave: a torn last
+        line (cut), a ``.part`` file (committed), a ``.part`` next to a committed file (merged: committed
+        lines first), an id stored twice (the first copy kept). ``seen``: ids stored so far (filled).
+        """
         if not self.samples_dir.is_dir():
             return
-        files: list[tuple[str, Path]] = []
+        for path in self.samples_dir.glob(".*.jsonl.*.tmp"):  # a killed atomic rewrite
+            path.unlink(missing_ok=True)
+        splits: dict[str, list[Path]] = {}
         for path in sorted(self.samples_dir.iterdir()):
             if path.name.endswith(".jsonl" + _PART):
                 split = _check_split(path.name[: -len(".jsonl" + _PART)])
-                if (self.samples_dir / f"{split}.jsonl").exists():
-                    raise DataFormatError(
-                        f"{path}: both it and {split}.jsonl exist; cannot tell which is current"
-                    )
-                _truncate_torn_line(path)
             elif path.name.endswith(".jsonl"):
                 split = _check_split(path.name[: -len(".jsonl")])
             else:
                 continue
-            files.append((split, path))
-        for split, path in files:
-            for sample in _iter_jsonl(path):
-                yield split, sample.id
-            if path.name.endswith(_PART):  # every line checked: commit it as it stands
-                os.replace(path, self.samples_dir / f"{split}.jsonl")
+            splits.setdefault(split, []).append(path)
+        for split in sorted(splits, key=_split_key):
+            committed = self.samples_dir / f"{split}.jsonl"
+            sources = [p for p in (committed, self.samples_dir / f"{split}.jsonl{_PART}") if p.exists()]
+            for path in sources:
+                cut_torn_tail(path)
+            drop: set[tuple[int, int]] = set()  # (source, line number) of later copies of an id
+            kept: list[str] = []
+            for n, path in enumerate(sources):
+                for lineno, sample in _iter_jsonl_numbered(path):
+                    if sample.id in seen:
+                        drop.add((n, lineno))
+                        continue
+                    seen.add(sample.id)
+                    kept.append(sample.id)
+            if drop or len(sources) > 1:
+                log.warning(
+                    "%s: repairing split %s (%d repeated sample(s) dropped, %d file(s) merged)",
+                    self.root,
+                    split,
+                    len(drop),
+                    len(sources),
+                )
+                self._rewrite(committed, sources, drop)
+            elif sources[0] != committed:  # every line checked: commit it as it stands
+                os.replace(sources[0], committed)
+            for sid in kept:
+                yield split, sid
+
+    @staticmethod
+    def _rewrite(committed: Path, sources: list[Path], drop: set[tuple[int, int]]) -> None:
+        """Write the kept lines of ``sources`` as the committed file (atomically), then remove the rest."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{committed.name}.", suffix=".tmp", dir=committed.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for n, path in enumerate(sources):
+                    with path.open("rb") as f:
+                        for lineno, raw in enumerate(f, 1):
+                            if raw.strip() and (n, lineno) not in drop:
+                                out.write(raw)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, committed)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        for path in sources:
+            if path != committed:
+                path.unlink(missing_ok=True)  # a kill before this: the next recovery drops its copies
+        fsync_dir(committed.parent)
 
     def image_info(self, sha: str) -> _StoredImage | None:
         info = self._known.get(sha)
@@ -415,8 +438,11 @@ class _ParquetSink:
 
     # -- resume
 
-    def recover(self) -> Iterator[tuple[str, str]]:
-        """Promote readable ``.part`` files, delete unreadable ones; yield ``(split, id)`` of stored samples."""
+    def recover(self, seen: set[str]) -> Iterator[tuple[str, str]]:
+        """Promote readable ``.part`` files, delete unreadable ones; yield ``(split, id)`` of stored samples.
+
+        ``seen``: ids stored so far (filled); a shard holding an id already seen is rewritten without it.
+        """
         if self.images_dir.is_dir():
             for part in sorted(self.images_dir.glob("part-*.parquet" + _PART)):
                 self._promote(part, lambda p: True)
@@ -435,8 +461,20 @@ class _ParquetSink:
                 continue
             split, index = _check_split(parsed[0]), parsed[1]
             self._next_shard[split] = max(self._next_shard.get(split, 0), index + 1)
-            for sid in _read_columns(path, ["id"]).column(0).to_pylist():
-                yield split, sid
+            ids = _read_columns(path, ["id"]).column(0).to_pylist()
+            keep = []
+            for sid in ids:
+                keep.append(sid not in seen)
+                seen.add(sid)
+            if not all(keep):
+                log.warning("%s: dropping %d repeated sample(s)", path, keep.count(False))
+                table = pq.read_table(path).filter(pa.array(keep))
+                tmp = path.with_name(f".{path.name}.rewrite.tmp")
+                pq.write_table(table, tmp, row_group_size=self.row_group)
+                os.replace(tmp, path)
+            for sid, ok in zip(ids, keep, strict=True):
+                if ok:
+                    yield split, sid
 
     def _images_known(self, part: Path) -> bool:
         shas = _read_columns(part, ["image_sha256"]).column(0).to_pylist()
@@ -633,11 +671,8 @@ class DatasetWriter:
         )
         self._ids: set[str] = set()
         self._counts: dict[str, int] = {}
-        if resume:
-            for split, sid in self._sink.recover():
-                if sid in self._ids:
-                    raise DataFormatError(f"{self.root}: sample id {sid!r} is stored twice")
-                self._ids.add(sid)
+        if resume:  # the sink drops later copies of an id (see its recover): never refused
+            for split, _sid in self._sink.recover(self._ids):
                 self._counts[split] = self._counts.get(split, 0) + 1
         self._started = False
         self._closed = False
@@ -796,7 +831,9 @@ class DatasetWriter:
             counts={s: self._counts[s] for s in sorted(self._counts, key=_split_key)},
             extra=self.extra,
         )
-        _atomic_write(self.root / MANIFEST, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n")
+        _atomic_write(
+            self.root / MANIFEST, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n", fsync=True
+        )
         (self.root / _RESUME_MANIFEST).unlink(missing_ok=True)
         self._closed = True
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from emma.data.durable import append_lines, cut_torn_tail
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, GenerationResponse, Message, SamplingParams
 
@@ -138,6 +138,8 @@ class VerdictCache:
         return (judge_model, prompt_hash, item.sample_id, item.prediction_hash, item.reference_hash)
 
     def _load(self, path: Path) -> None:
+        if cut_torn_tail(path):  # a kill's half line: gone before anything is appended after it
+            self.skipped_lines += 1
         with path.open(encoding="utf-8") as f:
             for line in f:
                 try:
@@ -150,9 +152,9 @@ class VerdictCache:
                         str(rec["reference_hash"]),
                     )
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    self.skipped_lines += 1  # a torn last line from a killed run
+                    self.skipped_lines += 1  # an unreadable line (never a torn one: cut above)
                     continue
-                self._records[key] = rec
+                self._records.setdefault(key, rec)  # a key stored twice keeps its first verdict
 
     def __len__(self) -> int:
         return len(self._records)
@@ -168,19 +170,7 @@ class VerdictCache:
         if self.path is None or not lines:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            # a torn line left by a kill must not swallow the next record
-            if f.tell() > 0 and not _ends_with_newline(self.path):
-                f.write("\n")
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+        append_lines(self.path, (line.rstrip("\n") for line in lines))
 
 
 class Judge:

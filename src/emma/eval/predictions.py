@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emma.data.durable import append_lines, cut_torn_tail
 from emma.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -82,28 +83,6 @@ class Prediction:
         )
 
 
-def _cut_torn_tail(path: Path) -> None:
-    """Truncate ``path`` after its last newline (a kill may leave half a line)."""
-    with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        pos = size
-        end = 0
-        while pos > 0:
-            step = min(65536, pos)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                end = pos - step + nl + 1
-                break
-            pos -= step
-        if end < size:
-            log.warning("%s: dropping a torn last line (%d bytes)", path, size - end)
-            f.truncate(end)
-
-
 class PredictionCache:
     """The append-only, resumable cache of a run's generations (see the module docstring)."""
 
@@ -112,7 +91,7 @@ class PredictionCache:
         self._records: dict[CacheKey, Prediction] = {}
         self.invalid_lines = 0
         if self.path.exists():
-            _cut_torn_tail(self.path)
+            cut_torn_tail(self.path)
             with self.path.open("r", encoding="utf-8") as fh:
                 for line in fh:
                     if not line.strip():
@@ -144,11 +123,7 @@ class PredictionCache:
         if not unique:
             return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = "".join(r.to_json() + "\n" for r in unique.values()).encode("utf-8")
-        with self.path.open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(self.path, (r.to_json() for r in unique.values()))
         self._records.update(unique)
         return len(unique)
 

@@ -31,9 +31,7 @@ import gc
 import importlib.metadata
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from emma.data.durable import atomic_write, exclusive_folder
 from emma.data.store import Dataset
 from emma.errors import DataFormatError, EmmaError, InputError
 from emma.eval.ablate import ablate_images, check_mode, shuffle_donors
@@ -164,15 +163,7 @@ def paused_gc() -> Iterator[None]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 def _json_default(value: Any) -> Any:
@@ -555,8 +546,19 @@ def run_eval(
         check_mode(options.ablate)
     split = options.split or task.default_split
     out = Path(options.out) if options.out is not None else default_out(options, split)
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_folder(out, "evaluation run"):  # one writer of the run folder at a time
+        return _run_eval_locked(task, options, split, out, engine, judge_engine, progress)
 
+
+def _run_eval_locked(
+    task: TaskDef,
+    options: EvalOptions,
+    split: str,
+    out: Path,
+    engine: Engine | None,
+    judge_engine: Engine | None,
+    progress: ProgressFn | None,
+) -> EvalRun:
     source = open_task_data(task, Path(options.data), out_dir=out)
     dataset = source.dataset
     if split not in dataset.splits:
