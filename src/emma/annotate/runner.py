@@ -45,6 +45,7 @@ exactly one request. ``call`` tells apart several calls of one step on one item.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -234,9 +235,16 @@ class BoundAsk:
     """The :class:`Ask` given to one step on one item (see the module doc for its key)."""
 
     def __init__(
-        self, teacher: Teacher, store: ResultStore, step: Step, item_sha: str, counters: Counter[str]
+        self,
+        teacher: Teacher,
+        store: ResultStore,
+        step: Step,
+        item_sha: str,
+        counters: Counter[str],
+        flight: threading.Semaphore | None = None,
     ) -> None:
         self._teacher_obj = teacher
+        self._flight = flight
         self._store = store
         self._step = step
         self._item_sha = item_sha
@@ -269,8 +277,9 @@ class BoundAsk:
             self._counters["cached"] += 1
             answer, t = record.answer, record.time
         else:
-            answer = self._teacher_obj.ask(messages, sampling=params)
-            t = self._store.put_answer(key, answer)
+            with self._flight or contextlib.nullcontext():  # a slot is freed once its answer is stored
+                answer = self._teacher_obj.ask(messages, sampling=params)
+                t = self._store.put_answer(key, answer)
             self._counters["asked"] += 1
         self._local[key] = (answer, t)
         self.times.append(t)
@@ -324,8 +333,12 @@ def _process(
     load_bytes: Callable[[Sample], list[bytes]],
     teacher: Teacher,
     store: ResultStore,
+    flight: threading.Semaphore | None = None,
 ) -> _Outcome:
-    """Carry one input through every step (in a worker thread or a Ray actor)."""
+    """Carry one input through every step (in a worker thread or a Ray actor).
+
+    ``flight``: the run's bound on teacher calls asked and not yet stored (see :func:`_run_local`).
+    """
     outcome = _Outcome(index, sample.id, _done_key(ctx, input_sha))
     try:
         blobs = load_bytes(sample)
@@ -345,7 +358,7 @@ def _process(
     for step in ctx.steps:
         nxt: list[Item] = []
         for item in frontier:
-            for produced in _run_step(step, item, by_sha, teacher, store, outcome.counters):
+            for produced in _run_step(step, item, by_sha, teacher, store, outcome.counters, flight):
                 if produced.rejected is not None:
                     produced.step = produced.step or step.name
                     rejected.append(produced)
@@ -377,11 +390,12 @@ def _run_step(
     teacher: Teacher,
     store: ResultStore,
     counters: Counter[str],
+    flight: threading.Semaphore | None = None,
 ) -> list[Item]:
     sid = item.sample.id
     try:
         images = _item_images(item, by_sha)
-        ask = BoundAsk(teacher, store, step, item_hash(item.sample), counters)
+        ask = BoundAsk(teacher, store, step, item_hash(item.sample), counters, flight)
         produced = step(item, images, ask)
         if not isinstance(produced, list) or not all(isinstance(p, Item) for p in produced):
             raise TypeError(f"step {step.name!r} returned {type(produced).__name__}, not a list of Item")
@@ -965,6 +979,8 @@ def _run_local(
     workers = worker_threads(concurrency)
     size = window or 2 * workers + 16
     pending: deque[Future[_Outcome] | _Outcome] = deque()
+    # at most `concurrency` teacher calls asked and not yet stored: a kill loses at most that many answers
+    flight = threading.BoundedSemaphore(concurrency)
     inputs = enumerate(_inputs(src, splits, limit))
     exhausted = False
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emma-annotate")
@@ -982,7 +998,9 @@ def _run_local(
                 if done is not None and done.outputs is not None and output.skip_ok(done.outputs):
                     pending.append(_Outcome(index, sample.id, "", skip=done.outputs))
                     continue
-                pending.append(pool.submit(_process, ctx, index, sample, sha, load, teacher, store))
+                pending.append(
+                    pool.submit(_process, ctx, index, sample, sha, load, teacher, store, flight)
+                )
             if not pending:
                 break
             head = pending.popleft()
@@ -1014,6 +1032,7 @@ class _RayWorker:
         self.pool = ThreadPoolExecutor(
             max_workers=worker_threads(self.concurrency), thread_name_prefix="emma-annotate-ray"
         )
+        self.flight = threading.BoundedSemaphore(self.concurrency)
 
     def _one(self, text: str) -> bytes:
         sample = Sample.model_validate_json(text)
@@ -1023,7 +1042,7 @@ class _RayWorker:
             outcome = _Outcome(0, sample.id, _done_key(self.ctx, sha), skip=done.outputs)
             outcome.items = [Item(sample)]  # kept so that the writer can redo it if the outputs are missing
         else:
-            outcome = _process(self.ctx, 0, sample, sha, self.load, self.teacher, self.store)
+            outcome = _process(self.ctx, 0, sample, sha, self.load, self.teacher, self.store, self.flight)
         for item in outcome.items:  # PIL images do not travel well: encoded PNG, decoded by the writer
             if item.images is not None:
                 item.images = [_PngImage(encode_png(im)) for im in item.images]  # type: ignore[misc]
