@@ -287,3 +287,18 @@ def test_eval_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     assert clean == n
     assert asked <= clean + batch * run.kills, (asked, clean)  # a kill loses at most the batch in flight
     print(f"eval: {run.kills} kills, {asked} requests vs {clean} uninterrupted")
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path: Path) -> None:
+    """Two writers are how a store got an id twice: the second is refused, and the first keeps going."""
+    from emma.data.durable import exclusive_folder
+
+    src = noise_source(tmp_path / "src", 2)
+    out = tmp_path / "out"
+    with LoopbackTeacher(annotate_answer) as server, exclusive_folder(out):
+        args = ["annotate", "--teacher", server.spec, "--in", str(src), "--out", str(out), "--quiet"]
+        done = subprocess.run([*_command(), *args], capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
+        assert server.stats.requests == 0
+    assert done.returncode == 2
+    message = done.stderr.decode().strip()
+    assert message.count("\n") == 0 and f"is being written by pid {os.getpid()}" in message
