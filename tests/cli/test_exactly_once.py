@@ -211,7 +211,7 @@ def test_annotate_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
 
 def test_synth_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     src = synth_source(tmp_path / "src", 16)
-    with LoopbackTeacher(synth_answer, latency_s=0.1) as server:
+    with LoopbackTeacher(synth_answer, latency_s=0.2) as server:
 
         def args(out: Path) -> list[str]:
             return [
@@ -248,7 +248,7 @@ def test_eval_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     data = tmp_path / "vqa-rad"
     run_importer("vqa-rad", REAL_VQA_RAD, data)
     n, batch = 48, 4
-    with LoopbackTeacher(latency_s=0.15) as server:
+    with LoopbackTeacher(latency_s=0.3) as server:
 
         def args(out: Path) -> list[str]:
             return [
