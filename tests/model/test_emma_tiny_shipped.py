@@ -61,3 +61,19 @@ def test_emma_tiny_loads_offline_and_answers_about_a_radiograph(monkeypatch: pyt
     first, again = engine.generate([request, request])
     assert first.finish_reason == "stop" and first.text.strip()
     assert first.text == again.text  # greedy: the same answer twice
+
+
+def test_the_shipped_delta_leaves_the_packaged_encoder_alone() -> None:
+    """The vision tower is Astra's, from its package (checked by SHA-256), not a copy in the repository."""
+    from safetensors import safe_open
+
+    from emma.model.vision_encoders import ASTRA_SHA256
+
+    manifest = json.loads((asset_dir() / MANIFEST_FILE).read_text())
+    assert manifest["encoder"]["sha256"] == ASTRA_SHA256
+    with safe_open(str(asset_dir() / DELTA_FILE), framework="pt") as delta:
+        names = list(delta.keys())
+    assert not any(name.startswith("model.vision_tower.") for name in names)
+    assert any(name.startswith("model.multi_modal_projector.") for name in names)
+    config = json.loads((asset_dir() / "config.json").read_text())
+    assert config["model_type"] == "fast_vlm" and config["vision_config"]["model_type"] == "resnet"
