@@ -19,32 +19,24 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from PIL import Image
 
 from emma.data.schema import Box
 from emma.errors import EmmaError, ImageTooLargeError, InputError
 from emma.infer.engine import Engine
-from emma.infer.grounding import parse_model_boxes
-from emma.infer.prompts import NOTICE, ContextLike, chat_prompt, system_prompt
-from emma.infer.report import ReportDraft, parse_report, report_prompt
-from emma.infer.structured import (
-    DiagnosticOutput,
-    canonicalize_boxes,
-    finding_boxes,
-    parse_structured,
-    structured_prompt,
-)
+from emma.infer.modes import ChatMode, check_mode, interpret, user_text
+from emma.infer.prompts import NOTICE, ContextLike, system_prompt
+from emma.infer.report import ReportDraft
+from emma.infer.structured import DiagnosticOutput
 from emma.infer.types import FinishReason, GenerationRequest, ImagePart, Message, SamplingParams, TextPart
 from emma.io.image import ModelImage
 from emma.io.limits import DEFAULT_LIMITS
 from emma.io.load import VolumeSampling, load_images
 from emma.io.windows import Window
-from emma.model.families import model_image_size, resolve_family
+from emma.model.families import resolve_family
 
-ChatMode = Literal["chat", "structured", "report"]
-MODES: tuple[str, ...] = get_args(ChatMode)
 ImageInput = str | os.PathLike[str] | Image.Image | ModelImage
 
 DEFAULT_SAMPLING = SamplingParams(max_new_tokens=512, temperature=0.0)
@@ -96,6 +88,7 @@ class ChatTurnResult:
     box_errors: list[str] = field(default_factory=list)
     structured: DiagnosticOutput | None = None
     structured_errors: list[str] = field(default_factory=list)
+    structured_repaired: bool = False  # the JSON answer needed repair to parse
     report: ReportDraft | None = None
     usage: dict[str, int] = field(default_factory=dict)  # prompt_tokens, completion_tokens
     finish_reason: FinishReason = "stop"
@@ -120,17 +113,12 @@ class ChatTurnResult:
             "box_errors": list(self.box_errors),
             "structured": self.structured.model_dump(mode="json") if self.structured is not None else None,
             "structured_errors": list(self.structured_errors),
+            "structured_repaired": self.structured_repaired,
             "report": report,
             "usage": dict(self.usage),
             "images": [im.to_json() for im in self.images],
             "notice": self.notice,
         }
-
-
-def _check_mode(mode: str) -> ChatMode:
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; expected chat, structured or report")
-    return mode  # type: ignore[return-value]
 
 
 class ChatSession:
@@ -214,18 +202,13 @@ class ChatSession:
     # ------------------------------------------------------------------------------- turns
 
     def _user_text(self, question: str, mode: ChatMode) -> str:
-        context = self.context if not self.history else None
-        if mode == "structured":
-            return structured_prompt(question, context, self.family)
-        if mode == "report":
-            return report_prompt(context, self.family, question=question)
-        return chat_prompt(question, context, self.family)
+        return user_text(question, mode, self.context if not self.history else None, self.family)
 
     def build_request(
         self, question: str, mode: str = "chat", sampling: SamplingParams | None = None
     ) -> GenerationRequest:
         """The engine request for the next turn (system prompt of the mode + history + this question)."""
-        mode = _check_mode(mode)
+        mode = check_mode(mode)
         content: list[TextPart | ImagePart] = [ImagePart(im.image) for im in self.pending]
         content.append(TextPart(self._user_text(question, mode)))
         messages = [
@@ -248,7 +231,7 @@ class ChatSession:
         Raises :class:`GenerationError` when the engine fails (the conversation and pending images are
         kept as they were, so the question can be asked again).
         """
-        chat_mode = _check_mode(mode)
+        chat_mode = check_mode(mode)
         request = self.build_request(question, chat_mode, sampling)
         if on_delta is None:
             response = self.engine.generate([request])[0]
@@ -277,31 +260,19 @@ class ChatSession:
         self.results.append(result)
         return result
 
-    def _model_sizes(self, images: Sequence[ChatImage]) -> list[tuple[int, int]] | None:
-        processor = getattr(self.engine, "processor", None)
-        try:
-            return [model_image_size(self.family, im.width, im.height, processor) for im in images]
-        except ValueError:
-            return None
-
     def _parse(self, text: str, mode: ChatMode) -> ChatTurnResult:
         sizes = [(im.width, im.height) for im in self.images]
-        model_sizes = self._model_sizes(self.images)
-        result = ChatTurnResult(text=text, mode=mode)
-        if mode == "structured":
-            parsed = parse_structured(text)
-            result.structured_errors = list(parsed.errors)
-            if parsed.output is not None:
-                output, box_errors = canonicalize_boxes(parsed.output, self.family, sizes, model_sizes)
-                result.structured = output
-                result.boxes = finding_boxes(output)
-                result.box_errors = box_errors
-            return result
-        grounding = parse_model_boxes(text, self.family, sizes, model_sizes)
-        result.boxes, result.box_errors = grounding.boxes, grounding.errors
-        if mode == "report":
-            result.report = parse_report(text)
-        return result
+        answer = interpret(text, mode, self.family, sizes, getattr(self.engine, "processor", None))
+        return ChatTurnResult(
+            text=text,
+            mode=mode,
+            boxes=answer.boxes,
+            box_errors=answer.box_errors,
+            structured=answer.structured,
+            structured_errors=answer.structured_errors,
+            structured_repaired=answer.structured_repaired,
+            report=answer.report,
+        )
 
     # ------------------------------------------------------------------------------ export
 

@@ -32,10 +32,8 @@ from emma import __version__
 from emma.data.schema import Box
 from emma.infer import prompts
 from emma.infer.engine import Engine
-from emma.infer.grounding import parse_model_boxes
+from emma.infer.modes import interpret, user_text
 from emma.infer.openai_engine import OpenAIEngine
-from emma.infer.report import parse_report, report_prompt
-from emma.infer.structured import canonicalize_boxes, finding_boxes, parse_structured, structured_prompt
 from emma.infer.types import (
     GenerationRequest,
     GenerationResponse,
@@ -46,7 +44,6 @@ from emma.infer.types import (
 )
 from emma.io.image import ModelImage
 from emma.io.limits import Limits
-from emma.model.families import model_image_size
 from emma.serve.batcher import (
     Arrival,
     Batcher,
@@ -567,44 +564,26 @@ def _audit(request: Request) -> AuditRecord:
 def _emma_result(
     options: EmmaOptions, text: str, images: Sequence[ModelImage], engine: Engine, settings: ServeSettings
 ) -> EmmaResult:
-    result = EmmaResult(mode=options.mode, images=_image_infos(images), notice=settings.notice)
     sizes = [(im.width, im.height) for im in images]
-    model_sizes = _model_sizes(engine, images)
-    if options.mode == "structured":
-        parsed = parse_structured(text)
-        result.structured_errors = list(parsed.errors)
-        result.structured_repaired = bool(parsed.repaired)
-        if parsed.output is not None:
-            output, box_errors = canonicalize_boxes(parsed.output, engine.family, sizes, model_sizes)
-            result.structured = output
-            result.box_errors = box_errors
-            result.boxes = [_box_out(b) for b in finding_boxes(output)]
-        return result
-    if images:
-        grounding = parse_model_boxes(text, engine.family, sizes, model_sizes)
-        result.boxes = [_box_out(b) for b in grounding.boxes]
-        result.box_errors = list(grounding.errors)
-    if options.mode == "report":
-        draft = parse_report(text)
-        result.report = ReportOut(findings=draft.findings, impression=draft.impression)
-        result.report_errors = list(draft.errors)
+    answer = interpret(text, options.mode, engine.family, sizes, getattr(engine, "processor", None))
+    result = EmmaResult(
+        mode=options.mode,
+        images=_image_infos(images),
+        notice=settings.notice,
+        boxes=[_box_out(b) for b in answer.boxes],
+        box_errors=answer.box_errors,
+        structured=answer.structured,
+        structured_errors=answer.structured_errors,
+        structured_repaired=answer.structured_repaired,
+    )
+    if answer.report is not None:
+        result.report = ReportOut(findings=answer.report.findings, impression=answer.report.impression)
+        result.report_errors = list(answer.report.errors)
     return result
 
 
 def _box_out(box: Box) -> BoxOut:
     return BoxOut(x1=box.x1, y1=box.y1, x2=box.x2, y2=box.y2, label=box.label, image_index=box.image_index)
-
-
-def _model_sizes(engine: Engine, images: Sequence[ModelImage]) -> list[tuple[int, int]] | None:
-    """Sizes the model saw (after its processor's resize), for families whose boxes use them."""
-    family = engine.family
-    if family is None:
-        return None
-    processor = getattr(engine, "processor", None)
-    try:
-        return [model_image_size(family, im.width, im.height, processor) for im in images]
-    except (ValueError, KeyError):
-        return None
 
 
 def _apply_mode(messages: list[Message], options: EmmaOptions, family: str | None) -> list[Message]:
@@ -625,12 +604,7 @@ def _apply_mode(messages: list[Message], options: EmmaOptions, family: str | Non
     last = turns[-1]
     if options.mode != "chat" or options.context:
         question = "\n".join(p.text for p in last.content if isinstance(p, TextPart)).strip()
-        if options.mode == "structured":
-            text = structured_prompt(question, context=options.context, family=family)
-        elif options.mode == "report":
-            text = report_prompt(options.context, family, question=question)
-        else:
-            text = prompts.chat_prompt(question, context=options.context, family=family)
+        text = user_text(question, options.mode, options.context, family)
         images: list[TextPart | ImagePart] = [p for p in last.content if isinstance(p, ImagePart)]
         turns[-1] = Message(role="user", content=[*images, TextPart(text)])
     return [Message.text("system", system), *turns] if system else turns

@@ -17,8 +17,8 @@ Families whose projector lives inside the vision module (Qwen-VL's ``merger``) a
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
