@@ -52,3 +52,31 @@ def test_model_sizes_unknown_family_or_size() -> None:
     assert model_sizes(None, None, [(10, 10)]) is None
     assert model_sizes("fast_vlm", None, [(0, 10)]) is None  # an invalid size: unknown, never a crash
     assert model_sizes("fast_vlm", None, [(640, 480)]) == [(224, 224)]
+
+
+def test_eval_grounding_reads_boxes_at_the_processors_real_size(tiny_loaded) -> None:  # type: ignore[no-untyped-def]
+    """Qwen2.5-VL boxes are pixels of the resized image: eval converts them with the engine's processor,
+    as chat and serve do, not with the family's released defaults."""
+    from emma.data.schema import Box, Gold, ImageRef, Sample, TaskType, Turn
+    from emma.eval.score_adapters import GroundingAdapter
+    from emma.eval.tasks.base import EvalItem
+    from emma.model.families import model_image_size
+
+    processor = tiny_loaded("qwen2_5_vl").processor
+    width, height = 1000, 500
+    seen_w, seen_h = model_image_size("qwen2_5_vl", width, height, processor)
+    assert (seen_w, seen_h) != model_image_size("qwen2_5_vl", width, height)  # the tiny processor differs
+    gold = Box(x1=100, y1=100, x2=500, y2=300)
+    sample = Sample(
+        id="g",
+        task=TaskType.GROUNDING,
+        images=[ImageRef(sha256="0" * 64, width=width, height=height)],
+        turns=[Turn(role="user", content="Where is the lesion?")],
+        gold=Gold(boxes=[gold]),
+    )
+    item = EvalItem(id="g", sample=sample, prompt="Where is the lesion?", images=tuple(sample.images))
+    sx, sy = seen_w / width, seen_h / height
+    box = [round(gold.x1 * sx), round(gold.y1 * sy), round(gold.x2 * sx), round(gold.y2 * sy)]
+    answer = '```json\n[{"bbox_2d": %s, "label": "lesion"}]\n```' % json.dumps(box)
+    assert GroundingAdapter("qwen2_5_vl", processor).score(item, answer).correct
+    assert not GroundingAdapter("qwen2_5_vl").score(item, answer).correct  # defaults: the wrong scale

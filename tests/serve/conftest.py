@@ -22,6 +22,7 @@ import uvicorn
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from emma.infer.engine import EngineCapabilities
 from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
 from emma.model.tiny import load_tiny
@@ -59,6 +60,13 @@ class InstrumentedEngine:
     @property
     def max_batch_size(self) -> int:
         return self.inner.max_batch_size
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self.inner.capabilities
+
+    def close(self) -> None:
+        self.inner.close()
 
     @property
     def family(self) -> str | None:

@@ -450,6 +450,13 @@ class _FailingEngine:
         self.inner = inner
 
     @property
+    def capabilities(self) -> Any:
+        return self.inner.capabilities
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
     def model_name(self) -> str:
         return self.inner.model_name
 

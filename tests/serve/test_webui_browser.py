@@ -36,6 +36,7 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 uvicorn = pytest.importorskip("uvicorn")
 
+from emma.infer.engine import EngineCapabilities  # noqa: E402
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk  # noqa: E402
 from emma.serve.app import ServeSettings, create_app  # noqa: E402
 
@@ -67,6 +68,13 @@ class FixedAnswerTestEngine:
     @property
     def model_name(self) -> str:
         return "fixed-answer-test-engine"
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(in_process=True)  # counts its own prompts; streams one at a time
+
+    def close(self) -> None:
+        pass
 
     @property
     def family(self) -> str | None:

@@ -338,9 +338,7 @@ class Teacher:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         if in_process is None:
-            from emma.infer.openai_engine import OpenAIEngine
-
-            in_process = not isinstance(engine, OpenAIEngine)
+            in_process = engine.capabilities.in_process
         self.in_process = in_process
         self._batcher = _EngineBatcher(engine, concurrency) if in_process else None
         self._stats_lock = threading.Lock()
@@ -357,9 +355,7 @@ class Teacher:
     def close(self) -> None:
         if self._batcher is not None:
             self._batcher.close()
-        close = getattr(self.engine, "close", None)
-        if callable(close):
-            close()
+        self.engine.close()
 
     def __repr__(self) -> str:
         return f"Teacher(name={self.name!r}, family={self.family!r}, concurrency={self.concurrency})"

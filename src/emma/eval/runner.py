@@ -605,7 +605,9 @@ def _score_and_write(
 ) -> EvalRun:
     """Score the predictions, add the statistics, checks and config, write the run folder."""
     dataset = source.dataset
-    adapter = make_adapter(task, compat=options.compat, family=preds.family)
+    engine = preds.engine if task.scorer == "grounding" else None  # box conversion needs its processor
+    processor = engine.capabilities.processor if engine is not None else None
+    adapter = make_adapter(task, compat=options.compat, family=preds.family, processor=processor)
     notes = list(preds.notes)
 
     # The headline metrics are always the real-image ones; an ablation only adds its own block.

@@ -136,19 +136,24 @@ class VqaAdapter(Adapter):
 
 
 class GroundingAdapter(Adapter):
-    """Boxes read with :func:`emma.infer.grounding.parse_model_boxes` in the family's fixed convention,
+    """Boxes read with :func:`emma.infer.grounding.parse_model_boxes` in the family's convention, with the
+    image sizes the model saw after its processor's resize (``processor``: the engine's, as ``emma chat``
+    and ``emma serve`` read boxes; None: the family's released defaults, e.g. for a predictions file),
     scored one-to-one with :func:`emma.eval.scorers.score_grounding` (IoU >= 0.5)."""
 
     headline = "recall_at_iou50"
 
-    def __init__(self, family: str | None) -> None:
+    def __init__(self, family: str | None, processor: Any = None) -> None:
         from emma.eval import scorers
         from emma.infer.grounding import parse_model_boxes
+        from emma.infer.modes import model_sizes
         from emma.model.families import resolve_family
 
         self._scorers = scorers
         self._parse = parse_model_boxes
+        self._model_sizes = model_sizes
         self.family = resolve_family(family)
+        self.processor = processor
 
     def score(self, item: EvalItem, prediction: str | None) -> Scored:
         sizes = [(int(r.width or 0), int(r.height or 0)) for r in item.images]
@@ -159,7 +164,8 @@ class GroundingAdapter(Adapter):
         if prediction is None or not prediction.strip():
             s = self._scorers.score_grounding(None, gold, status="empty")
         else:
-            boxes = [b for b in self._parse(prediction, self.family, sizes).boxes if b.image_index == 0]
+            seen = self._model_sizes(self.family.name, self.processor, sizes)
+            boxes = [b for b in self._parse(prediction, self.family, sizes, seen).boxes if b.image_index == 0]
             s = self._scorers.score_grounding(boxes or None, gold)
         values = {k: float(v[0]) for k, v in self._scorers.grounding_values([s]).items()}
         extracted = [[round(v, 1) for v in b.as_tuple()] for b in boxes]
@@ -254,7 +260,7 @@ class ReportAdapter(Adapter):
         }
 
 
-def make_adapter(task: TaskDef, *, compat: str | None, family: str | None) -> Adapter:
+def make_adapter(task: TaskDef, *, compat: str | None, family: str | None, processor: Any = None) -> Adapter:
     if compat is not None and task.scorer not in ("vqa", "choice"):
         raise InputError(f"--compat applies to VQA and multiple-choice tasks, not {task.kind}")
     if task.scorer == "vqa":
@@ -262,7 +268,7 @@ def make_adapter(task: TaskDef, *, compat: str | None, family: str | None) -> Ad
     if task.scorer == "choice":
         return VqaAdapter(compat, headline="choice_accuracy")
     if task.scorer == "grounding":
-        return GroundingAdapter(family)
+        return GroundingAdapter(family, processor)
     if task.scorer == "report":
         return ReportAdapter()
     raise InputError(f"task {task.name}: scorer {task.scorer!r} is not supported by the runner")

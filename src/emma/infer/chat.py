@@ -262,7 +262,7 @@ class ChatSession:
 
     def _parse(self, text: str, mode: ChatMode) -> ChatTurnResult:
         sizes = [(im.width, im.height) for im in self.images]
-        answer = interpret(text, mode, self.family, sizes, getattr(self.engine, "processor", None))
+        answer = interpret(text, mode, self.family, sizes, self.engine.capabilities.processor)
         return ChatTurnResult(
             text=text,
             mode=mode,

@@ -8,14 +8,43 @@ teachers, the CLI and the server all call models only through this interface.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do beyond the core calls. Callers (the server's batcher, annotation teachers,
+    chat) read this record instead of probing attributes, so a new engine (llama.cpp, vLLM) is one class.
+
+    ``in_process``: the model runs in this process, so counting a prompt's tokens is local and cheap
+    (for a remote server it would cost a request). ``batched_streams``: the engine has
+    ``stream_many(requests) -> Iterator[(index, StreamChunk)]``, several streams as one batch.
+    ``max_batch_size``: the most requests one ``generate`` / ``stream_many`` call takes (None: no bound).
+    ``max_prompt_tokens``: the engine's own prompt bound. ``checks_prompt_tokens``: the engine enforces
+    that bound itself while building a prompt (an over-long request fails with ``error_kind
+    "prompt_too_long"``), so callers need no separate count. ``processor``: the transformers processor,
+    whose resize tells which image size the model saw (box conventions); None when unknown.
+    """
+
+    in_process: bool = False
+    batched_streams: bool = False
+    max_batch_size: int | None = None
+    max_prompt_tokens: int | None = None
+    checks_prompt_tokens: bool = False
+    processor: Any = None
 
 
 @runtime_checkable
 class Engine(Protocol):
     """A model behind one interface, in-process or remote."""
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """What this engine can do (see :class:`EngineCapabilities`)."""
+        ...
 
     @property
     def model_name(self) -> str: ...
@@ -41,4 +70,8 @@ class Engine(Protocol):
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens the request would use (images included where the backend knows)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (connections, threads); the engine is not used afterwards."""
         ...

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 
 from emma.data.formats import image_data_url
+from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
     FinishReason,
     GenerationRequest,
@@ -106,6 +107,12 @@ class OpenAIEngine:
     @property
     def concurrency(self) -> int:
         return self._concurrency
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """A remote server: counting a prompt costs a request, streams go one at a time, and the server
+        bounds prompts itself (its 400 answers become ``error_kind "input"`` responses)."""
+        return EngineCapabilities(in_process=False)
 
     def close(self) -> None:
         self._client.close()

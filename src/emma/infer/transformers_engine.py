@@ -30,6 +30,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from emma.errors import InputError
+from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
     ErrorKind,
     FinishReason,
@@ -359,6 +360,20 @@ class TransformersEngine:
                     value = value.to(dtype)
             moved[key] = value
         return _Encoded(moved, prompt_tokens)
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(
+            in_process=True,
+            batched_streams=True,
+            max_batch_size=self.max_batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            checks_prompt_tokens=self.checks_prompt_tokens,
+            processor=self.processor,
+        )
+
+    def close(self) -> None:
+        """Nothing to release: the model is freed with the engine."""
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens of ``request``, image tokens included (raises InputError over the bound)."""

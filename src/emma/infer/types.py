@@ -35,7 +35,7 @@ class Message:
     content: list[TextPart | ImagePart]
 
     @classmethod
-    def text(cls, role: Role, text: str) -> "Message":
+    def text(cls, role: Role, text: str) -> Message:
         return cls(role=role, content=[TextPart(text)])
 
     @property

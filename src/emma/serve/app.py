@@ -33,7 +33,6 @@ from emma.data.schema import Box
 from emma.infer import prompts
 from emma.infer.engine import Engine
 from emma.infer.modes import interpret, user_text
-from emma.infer.openai_engine import OpenAIEngine
 from emma.infer.types import (
     GenerationRequest,
     GenerationResponse,
@@ -333,7 +332,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         queue_capacity=settings.queue_capacity,
         max_prompt_tokens=settings.max_prompt_tokens,
         retry_after_s=settings.retry_after_s,
-        count_prompts=not isinstance(engine, OpenAIEngine),
+        count_prompts=engine.capabilities.in_process,
     )
     resolver = ImageResolver(
         limits=settings.limits,
@@ -565,7 +564,7 @@ def _emma_result(
     options: EmmaOptions, text: str, images: Sequence[ModelImage], engine: Engine, settings: ServeSettings
 ) -> EmmaResult:
     sizes = [(im.width, im.height) for im in images]
-    answer = interpret(text, options.mode, engine.family, sizes, getattr(engine, "processor", None))
+    answer = interpret(text, options.mode, engine.family, sizes, engine.capabilities.processor)
     result = EmmaResult(
         mode=options.mode,
         images=_image_infos(images),

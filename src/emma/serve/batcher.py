@@ -150,7 +150,7 @@ class Batcher:
         self.poll_s = poll_s
         self.count_prompts = count_prompts  # off for remote engines, where counting costs a request
         # The engine bounds prompts itself while building them: no separate count (one prompt build).
-        self.engine_checks_prompts = count_prompts and getattr(engine, "checks_prompt_tokens", False) is True
+        self.engine_checks_prompts = count_prompts and engine.capabilities.checks_prompt_tokens
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -361,7 +361,7 @@ class Batcher:
     def batches_streams(self) -> bool:
         """Whether concurrent streams with the same sampling settings share one batch (the engine has
         ``stream_many``); otherwise streams run one at a time."""
-        return callable(getattr(self.engine, "stream_many", None)) and self.max_batch_size > 1
+        return self.engine.capabilities.batched_streams and self.max_batch_size > 1
 
     async def _work(self) -> None:
         assert self._queue is not None
@@ -372,8 +372,8 @@ class Batcher:
                 key = job.request.sampling.batch_key()
                 if self.batches_streams:
                     # stream_many takes at most the engine's own batch size in one call
-                    own = getattr(self.engine, "max_batch_size", None)
-                    limit = min(self.max_batch_size, own) if isinstance(own, int) and own >= 1 else None
+                    own = self.engine.capabilities.max_batch_size
+                    limit = min(self.max_batch_size, own) if own is not None and own >= 1 else None
                     batch, held = await self._gather(
                         job, lambda j, k=key: j.stream and j.request.sampling.batch_key() == k, limit
                     )
@@ -471,7 +471,7 @@ class Batcher:
         if response.error_kind == "input":
             return PromptError(message)
         n = response.prompt_tokens
-        limits = [b for b in (self.max_prompt_tokens, getattr(self.engine, "max_prompt_tokens", None)) if b]
+        limits = [b for b in (self.max_prompt_tokens, self.engine.capabilities.max_prompt_tokens) if b]
         exceeded = [b for b in limits if isinstance(b, int) and n > b]
         return PromptError(message, n_tokens=n, limit=min(exceeded) if exceeded else None)
 
