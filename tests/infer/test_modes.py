@@ -77,6 +77,6 @@ def test_eval_grounding_reads_boxes_at_the_processors_real_size(tiny_loaded) -> 
     item = EvalItem(id="g", sample=sample, prompt="Where is the lesion?", images=tuple(sample.images))
     sx, sy = seen_w / width, seen_h / height
     box = [round(gold.x1 * sx), round(gold.y1 * sy), round(gold.x2 * sx), round(gold.y2 * sy)]
-    answer = '```json\n[{"bbox_2d": %s, "label": "lesion"}]\n```' % json.dumps(box)
+    answer = "```json\n" + json.dumps([{"bbox_2d": box, "label": "lesion"}]) + "\n```"
     assert GroundingAdapter("qwen2_5_vl", processor).score(item, answer).correct
     assert not GroundingAdapter("qwen2_5_vl").score(item, answer).correct  # defaults: the wrong scale

@@ -47,7 +47,12 @@ from emma.model.tiny import (
     cache_root,
     smollm2_dir,
 )
-from emma.model.vision_encoders import ASTRA_PACKAGE, ASTRA_SHA256, astra_resnet_config, load_astra_encoder_state
+from emma.model.vision_encoders import (
+    ASTRA_PACKAGE,
+    ASTRA_SHA256,
+    astra_resnet_config,
+    load_astra_encoder_state,
+)
 
 __all__ = [
     "DELTA_FILE",
