@@ -38,6 +38,7 @@ EXPECTED_CONVENTIONS = {
     "llava": BoxConvention.NORM1000,
     "llava_onevision": BoxConvention.NORM1000,
     "gemma3": BoxConvention.NORM1000,
+    "fast_vlm": BoxConvention.NORM1000,
 }
 
 

@@ -14,7 +14,8 @@ from rich.markdown import Markdown
 from emma.cli import app
 from emma.cli.common import atomic_path, err_console, handle_errors
 from emma.errors import EmmaError, InputError
-from emma.infer.chat import MODES, ChatSession, ChatTurnResult, render_boxes
+from emma.infer.chat import ChatSession, ChatTurnResult, render_boxes
+from emma.infer.modes import MODES
 from emma.infer.types import SamplingParams
 from emma.io.image import ModelImage
 from emma.io.load import VolumeSampling, load_images

@@ -101,6 +101,12 @@ class FamilySpec:
     smart_resize: SmartResize | None = None
     base_view: tuple[int, int] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Module names (transformers 5.x) of the vision tower and of the projector/connector; everything else
+    # is the language model. emma.train.freeze decides from these what each training stage trains.
+    vision_modules: tuple[str, ...] = ("model.vision_tower",)
+    projector_modules: tuple[str, ...] = ("model.multi_modal_projector",)
+    # llama.cpp's name for the family when its convert_hf_to_gguf.py writes text model + mmproj (None: no)
+    gguf_name: str | None = None
 
 
 _QWEN_IMAGE_TOKENS = (
@@ -122,6 +128,9 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=16,
         max_image_pixels=12845056,
         smart_resize=SmartResize(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056),
+        vision_modules=("model.visual",),
+        projector_modules=("model.visual.merger",),
+        gguf_name="Qwen2.5-VL",
         notes=(
             "Boxes are absolute pixels of the image after smart_resize (sides multiples of 28, area in "
             "[min_pixels, max_pixels] from the processor; released default 3136..12845056). ChatML template; "
@@ -140,6 +149,9 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=16,
         max_image_pixels=16777216,
         smart_resize=SmartResize(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216),
+        vision_modules=("model.visual",),
+        projector_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        gguf_name="Qwen3-VL",
         notes=(
             "Same JSON box syntax as Qwen2.5-VL but coordinates are relative, 0-1000. ChatML template with "
             "a system role (text only; images in a system message are refused by the template). "
@@ -157,6 +169,9 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=16,
         max_image_pixels=12845056,
         smart_resize=SmartResize(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056),
+        vision_modules=("model.visual",),
+        projector_modules=("model.visual.merger",),
+        gguf_name="Qwen2-VL",
         notes=(
             "Boxes 0-1000 relative, written with special tokens; decode with skip_special_tokens=False "
             "or the box tokens are lost. ChatML template with a default system prompt."
@@ -174,6 +189,9 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=8,
         max_image_pixels=None,
         base_view=(364, 364),
+        vision_modules=("model.vision_model",),
+        projector_modules=("model.connector",),
+        gguf_name="Idefics3 / SmolVLM",
         notes=(
             "No trained box convention: EMMA uses 0-1000 <box> text boxes. The template renders roles as "
             "'System:' / 'User:' / 'Assistant:' with <end_of_utterance>. The processor resizes the longest "
@@ -211,6 +229,7 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=4,
         max_image_pixels=None,
         base_view=(336, 336),
+        gguf_name="LLaVA",
         notes=(
             "No trained box convention: EMMA uses 0-1000 <box> text boxes (relative to the whole original "
             "image). The LLaVA-1.5 template ('USER: <image>\\n... ASSISTANT:') writes a system message as "
@@ -230,6 +249,7 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=8,
         max_image_pixels=None,
         base_view=(384, 384),
+        projector_modules=("model.multi_modal_projector", "model.image_newline"),
         notes=(
             "No trained box convention: EMMA uses 0-1000 <box> text boxes. Qwen2 ChatML template with a "
             "system role. AnyRes processor: a 384x384 base view plus tiles picked from image_grid_pinpoints "
@@ -248,6 +268,7 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=8,
         max_image_pixels=None,
         base_view=(896, 896),
+        gguf_name="Gemma 3",
         notes=(
             "No trained box convention (Gemma 3 / MedGemma): EMMA uses 0-1000 <box> text boxes. The template "
             "has no system turn: a system message is folded into the first user turn. The processor squashes "
@@ -265,6 +286,7 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=8,
         max_image_pixels=None,
         base_view=(448, 448),
+        gguf_name="InternVL",
         notes=(
             "Boxes 0-1000 relative in <ref>label</ref><box>[[x1, y1, x2, y2]]</box> (transformers-native "
             "InternVL3 '-hf' checkpoints). ChatML template with a system role. The processor tiles the image "

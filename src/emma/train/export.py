@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from emma.errors import EmmaError, InputError
+from emma.model.families import FAMILIES
 
 ExportTarget = Literal["merged", "gguf"]
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,15 +33,7 @@ CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
 
 # EMMA families whose text model + mmproj llama.cpp's convert_hf_to_gguf.py writes (its mtmd support).
-GGUF_FAMILIES: dict[str, str] = {
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "qwen3_vl": "Qwen3-VL",
-    "idefics3": "Idefics3 / SmolVLM",
-    "gemma3": "Gemma 3",
-    "internvl": "InternVL",
-    "llava": "LLaVA",
-}
+GGUF_FAMILIES: dict[str, str] = {name: spec.gguf_name for name, spec in FAMILIES.items() if spec.gguf_name}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

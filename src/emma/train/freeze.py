@@ -1,6 +1,7 @@
 """Which parameters train in each stage, per model family (module names differ between families).
 
-Parts of a vision-language model (names in transformers 5.23, checked on the tiny models):
+Parts of a vision-language model (each family's ``FamilySpec.vision_modules`` / ``projector_modules`` in
+:mod:`emma.model.families`; names in transformers 5.x, checked on the tiny models):
 
 =================  ============================  ===============================================
 family             vision tower                  projector / connector
@@ -27,22 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from emma.errors import InputError
+from emma.model.families import FAMILIES
 
 Part = Literal["vision", "projector", "language"]
 _PEFT_PREFIX = "base_model.model."
-_QWEN = (("model.visual",), ("model.visual.merger",))
-_LLAVA_LIKE = (("model.vision_tower",), ("model.multi_modal_projector",))
-_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "qwen2_vl": _QWEN,
-    "qwen2_5_vl": _QWEN,
-    "qwen3_vl": (("model.visual",), ("model.visual.merger", "model.visual.deepstack_merger_list")),
-    "idefics3": (("model.vision_model",), ("model.connector",)),
-    "llava": _LLAVA_LIKE,
-    "llava_onevision": (("model.vision_tower",), ("model.multi_modal_projector", "model.image_newline")),
-    "gemma3": _LLAVA_LIKE,
-    "internvl": _LLAVA_LIKE,
-    "fast_vlm": _LLAVA_LIKE,
-}
 _LM_PREFIXES = ("model.language_model", "model.text_model")
 
 
@@ -56,9 +45,11 @@ class TrainableSummary:
 
 
 def _parts(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if family not in _PARTS:
-        raise InputError(f"no freeze policy for family {family!r}; known: {', '.join(_PARTS)}")
-    return _PARTS[family]
+    """(vision tower, projector) module prefixes of ``family`` (its :class:`FamilySpec`)."""
+    spec = FAMILIES.get(family)
+    if spec is None:
+        raise InputError(f"no freeze policy for family {family!r}; known: {', '.join(FAMILIES)}")
+    return spec.vision_modules, spec.projector_modules
 
 
 def _under(name: str, prefix: str) -> bool:
