@@ -37,16 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from emma.errors import InputError
-from emma.model.tiny import (
-    _FAST_VLM_TEMPLATE,
-    _GGUF_FILE,
-    _file_lock,
-    _publish,
-    _tokenizer,
-    _vocab,
-    cache_root,
-    smollm2_dir,
-)
+from emma.model.smollm2 import GGUF_FILE as _GGUF_FILE
+from emma.model.smollm2 import cache_root, file_lock, padded_vocab, publish, smollm2_dir, tokenizer_with
 from emma.model.vision_encoders import (
     ASTRA_PACKAGE,
     ASTRA_SHA256,
@@ -83,7 +75,22 @@ _TEXT_PREFIX = "model.language_model."
 _VISION_PREFIX = "model.vision_tower."
 _BASE_VOCAB_KEY = "base_vocab_size"
 
-CHAT_TEMPLATE = _FAST_VLM_TEMPLATE  # SmolLM2-Instruct's own ChatML with an <image> placeholder
+# SmolLM2-Instruct's own ChatML (no default system prompt); an image part is the <image> placeholder on
+# its own line, which the LLaVA processor expands into the image's tokens. The tiny FastVLM test model
+# uses it too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<image>{{ '\\n' }}"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
 
 
 class DeltaError(InputError):
@@ -146,7 +153,7 @@ def _processor() -> Any:
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = _tokenizer([_IMAGE_TOKEN])
+    tokenizer = tokenizer_with([_IMAGE_TOKEN])
     # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1]
     # and no mean/std: the input Astra was trained on.
     image_processor = CLIPImageProcessorPil(
@@ -176,7 +183,7 @@ def _config(base_lm: Any, tokenizer: Any) -> Any:
         text.pop(key, None)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text.update(
-        vocab_size=_vocab(tokenizer),
+        vocab_size=padded_vocab(tokenizer),
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         bos_token_id=tokenizer.bos_token_id,
@@ -267,7 +274,7 @@ def init_dir(seed: int = 0) -> Path:
     if (final / _DONE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.with_suffix(".lock")):
+    with file_lock(final.with_suffix(".lock")):
         if (final / _DONE).exists():
             return final
         if final.exists():
@@ -278,7 +285,7 @@ def init_dir(seed: int = 0) -> Path:
         except BaseException:
             shutil.rmtree(tmp.parent, ignore_errors=True)
             raise
-        _publish(tmp, final)
+        publish(tmp, final, _DONE)
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return final
 
@@ -424,7 +431,7 @@ def materialize(folder: Path | None = None) -> Path:
     if done.exists() and json.loads(done.read_text()).get("sha256") == sha:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.with_suffix(".lock")):
+    with file_lock(final.with_suffix(".lock")):
         if done.exists() and json.loads(done.read_text()).get("sha256") == sha:
             return final
         if final.exists():
@@ -452,7 +459,7 @@ def materialize(folder: Path | None = None) -> Path:
             model.save_pretrained(str(tmp))
             processor.save_pretrained(str(tmp))
             (tmp / _DONE).write_text(json.dumps({"sha256": sha, "version": EMMA_TINY_VERSION}))
-            _publish(tmp, final)
+            publish(tmp, final, _DONE)
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
     return final

