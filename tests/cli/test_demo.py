@@ -1,5 +1,6 @@
-"""`emma demo` end to end with a tiny random Idefics3 model (emma-tiny's architecture) on the real RG1 chest
-radiograph: the answers, the notice, the structured output and the overlays; then the real server."""
+"""`emma demo` end to end with a tiny random FastVLM model (emma-tiny's architecture) on the real RG1 chest
+radiograph: the answers, the notice, the structured output and the overlays; then the real server. Last, the
+demo as `make demo` runs it: on the shipped emma-tiny, offline."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ RG1 = get_testdata_file("RG1_UNCI.dcm", download=False)
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir: Callable[[str], Path]) -> str:
-    return str(tiny_model_dir("idefics3"))
+    return str(tiny_model_dir("fast_vlm"))
 
 
 def _free_port() -> int:
@@ -126,3 +127,20 @@ def test_demo_then_serves_the_model_with_the_web_ui(model_dir: str, tmp_path: Pa
                 proc.kill()
                 proc.wait(10)
     assert proc.returncode is not None
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_shipped_emma_tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from emma.model.emma_tiny import MANIFEST_FILE, asset_dir
+
+    assert (asset_dir() / MANIFEST_FILE).is_file(), "emma-tiny's delta ships with the package"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--no-serve", "--out", str(out), "--max-tokens", "48"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "model: emma-tiny" in text and "loaded emma-tiny" in text
+    assert text.count(NOTICE) == 3
+    assert (out / "chat_boxes.png").is_file() and (out / "structured_boxes.png").is_file()
+    assert "the server was not started" in text

@@ -114,6 +114,9 @@ class StageConfig(_Strict):
     # with AVX512-BF16/AMX), false = fp32 everywhere.
     bf16: bool | None = None
     max_samples: int | None = Field(None, gt=0)  # cap on the mixed sample list of this stage
+    # "standardize": re-initialise a from-scratch projector for the frozen tower's feature statistics
+    # before training (emma.train.projector_init); SFT stages only
+    projector_init: Literal["standardize"] | None = None
     grpo: GRPOSettings | None = None
 
     @field_validator("datasets", mode="before")

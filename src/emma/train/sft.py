@@ -211,6 +211,11 @@ def run_sft_stage(
         trainable = summarize(model, family)
     else:
         trainable = apply_trainable(model, family, stage.kind, stage.train_vision)
+    projector_start = None
+    if stage.projector_init == "standardize" and not (resume and last_checkpoint(ckpt_dir) is not None):
+        from emma.train.projector_init import standardize_projector
+
+        projector_start = standardize_projector(model, processor, family, samples, image_loader, seed=seed)
     model.train()
     cache = feature_cache if feature_cache is not None else TowerFeatureCache()
     uncache = cache.attach(model, family)  # a frozen tower: eval mode, each image's features once
@@ -284,6 +289,7 @@ def run_sft_stage(
         "resumed_from": checkpoint.name if checkpoint else None,
         "trainable": asdict(trainable),
         "tower_features": {"cached": uncache is not None, "computed": cache.misses, "reused": cache.hits},
+        "projector_init": asdict(projector_start) if projector_start is not None else None,
     }
     (final_dir / STAGE_INFO).write_text(json.dumps(info, indent=1))
     return StageResult(
