@@ -9,6 +9,7 @@ queue tests, to hold ``generate`` at a gate until the test releases it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import contextlib
 import io
 import socket
@@ -63,7 +64,7 @@ class InstrumentedEngine:
 
     @property
     def capabilities(self) -> EngineCapabilities:
-        return self.inner.capabilities
+        return dataclasses.replace(self.inner.capabilities, checks_prompt_tokens=self.checks_prompt_tokens)
 
     def close(self) -> None:
         self.inner.close()
