@@ -41,6 +41,7 @@ def test_image_tokens_get_the_word_embeddings_scale_and_lose_their_common_part(
     samples, loader = _samples()
     with torch.no_grad():  # make the features large and alike, as a real CNN's are
         model.model.multi_modal_projector.linear_1.weight.mul_(30.0)
+        model.model.multi_modal_projector.linear_2.weight.mul_(30.0)
     tower_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     result = standardize_projector(model, processor, loaded.family, samples, loader)
     assert result.images == 4
