@@ -32,6 +32,8 @@ GOLDEN_PROMPTS = {
     "A box.<end_of_turn>\n<start_of_turn>user\nWhere?<end_of_turn>\n<start_of_turn>model\n",
     "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown?<|im_end|>\n"
     "<|im_start|>assistant\nA box.<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n",
+    "fast_vlm": "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
+    "<|im_start|>assistant\nA box.<|im_end|>\n<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n",
 }
 
 UPSTREAM_PROCESSORS = {
@@ -43,6 +45,7 @@ UPSTREAM_PROCESSORS = {
     "llava_onevision": "LlavaOnevisionProcessor",
     "gemma3": "Gemma3Processor",
     "internvl": "InternVLProcessor",
+    "fast_vlm": "LlavaProcessor",
 }
 
 
