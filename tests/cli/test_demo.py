@@ -1,4 +1,4 @@
-"""`emma demo` end to end with a tiny random FastVLM model (emma-tiny's architecture) on the real RG1 chest
+"""`emma demo` end to end with a tiny random Idefics3 model on the real RG1 chest
 radiograph: the answers, the notice, the structured output and the overlays; then the real server. Last, the
 demo as `make demo` runs it: on the shipped emma-tiny, offline."""
 
@@ -31,7 +31,7 @@ RG1 = get_testdata_file("RG1_UNCI.dcm", download=False)
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir: Callable[[str], Path]) -> str:
-    return str(tiny_model_dir("fast_vlm"))
+    return str(tiny_model_dir("idefics3"))  # its random answers are printable text (fast_vlm's are newlines)
 
 
 def _free_port() -> int:
