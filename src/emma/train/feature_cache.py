@@ -122,7 +122,7 @@ class TowerFeatureCache:
             self.misses += len(missing)
             if missing:
                 # On the CPU the tower runs outside bf16 autocast, in its own dtype: autocast's bf16
-                # convolutions took 9.8 s an image against 0.17 s in fp32 for emma-tiny's ResNet-152 here.
+                # convolutions are ~27x slower than fp32 on a CPU without AVX512-BF16 (benchmarks/bench_cpu_bf16.py).
                 cpu = pixel_values.device.type == "cpu"
                 dtype = next(tower.parameters()).dtype
                 with torch.no_grad(), torch.autocast("cpu", enabled=False) if cpu else nullcontext():
