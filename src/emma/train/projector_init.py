@@ -4,7 +4,7 @@ A CNN's last feature map is far from what a language model reads: emma-tiny's Re
 non-negative features (mean 0.39, max ~18) whose per-image means are nearly identical, so a randomly
 initialised projector makes image tokens that are alike for every image. The first candidate trained from
 such a start (recipe v5) ended with image tokens of mean norm 79 against 3.2 for SmolLM2's word
-embeddings, their per-image means at cosine 0.99 to each other, and it answered VQA-RAD's closed
+embeddings, their per-image means at cosine 0.99 to each other (scripts/image_token_stats.py), and it answered VQA-RAD's closed
 questions about as well with blank images (0.526) as with the real ones (0.544).
 
 :func:`standardize_projector` (recipe: ``projector_init: standardize`` on the first stage that trains the
