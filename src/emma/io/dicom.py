@@ -33,7 +33,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from emma.errors import CorruptFileError, NoPixelDataError, UnsupportedTransferSyntaxError
+from emma.errors import (
+    CorruptFileError,
+    ImageTooLargeError,
+    NoPixelDataError,
+    UnsupportedTransferSyntaxError,
+)
+from emma.io.deflate import read_deflated
 from emma.io.image import ModelImage
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance, Step
@@ -89,19 +95,25 @@ def read_dataset(
 
     Files without the 128-byte preamble are accepted when they start like a DICOM stream (group 0002 or
     0008); their transfer syntax is then taken from the encoding pydicom detected. Pixel data are not
-    decoded here (see :func:`decode_frames`).
+    decoded here (see :func:`decode_frames`). A Deflated Explicit VR Little Endian file is inflated
+    within ``limits.max_file_bytes`` (:mod:`emma.io.deflate`), else ImageTooLargeError.
     """
     path = Path(path)
     limits.check_file(path)  # FileNotFoundError / IsADirectoryError pass through as OSError
     size = path.stat().st_size
     with path.open("rb") as f, quiet_pydicom():  # open errors (missing, permissions, ...) stay OSError
         try:
+            deflated = read_deflated(f, path, limits.max_file_bytes, stop_before_pixels=stop_before_pixels)
+            if deflated is not None:  # inflated within limits.max_file_bytes, never unbounded
+                ds, size = deflated
+                _check_complete(ds, path, size, stop_before_pixels)
+                return ds
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, force=False)
             except InvalidDicomError:
                 f.seek(0)
                 ds = _read_without_preamble(f, path, stop_before_pixels)
-        except CorruptFileError:
+        except (CorruptFileError, ImageTooLargeError):
             raise
         except Exception as exc:
             # pydicom raises many types (even OSError) on garbage, and its messages may quote values
