@@ -54,7 +54,10 @@ def _importer_kwargs(fn: Any, name: str, options: dict[str, tuple[str, Any]]) ->
 @data_app.command("import")
 @handle_errors
 def import_command(
-    name: str = typer.Argument(..., help="Dataset: vqa-rad, slake, pathvqa, pmc-vqa, omnimedvqa or generic."),
+    name: str = typer.Argument(
+        ...,
+        help="Dataset: vqa-rad, slake, pathvqa, pmc-vqa, omnimedvqa, chexpert, padchest, chestxray14, ...",
+    ),
     src: Path | None = typer.Option(
         None, "--src", help="Release folder (vqa-rad defaults to ../shared/data/vqa-rad when it exists)."
     ),
@@ -72,6 +75,9 @@ def import_command(
     ),
     v2: bool = typer.Option(False, "--v2", help="pmc-vqa: read the revised train_2.csv / test_2.csv."),
     access: list[str] | None = typer.Option(None, "--access", help="omnimedvqa: open and/or restricted."),
+    uncertainty: str | None = typer.Option(
+        None, "--uncertainty", help="chexpert: uncertain (-1) labels: u-ignore (default), u-zeros or u-ones."
+    ),
     dataset_name: str | None = typer.Option(None, "--name", help="generic: dataset name for the manifest."),
     license: str | None = typer.Option(None, "--license", help="generic: license of the data."),
     as_json: bool = typer.Option(False, "--json", help="Print the import report as JSON."),
@@ -89,6 +95,7 @@ def import_command(
         "languages": ("--lang", tuple(lang) if lang else None),
         "version": ("--v2", 2 if v2 else None),
         "access": ("--access", tuple(access) if access else None),
+        "uncertainty": ("--uncertainty", uncertainty),
         "name": ("--name", dataset_name),
         "license": ("--license", license),
     }

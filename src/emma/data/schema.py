@@ -24,6 +24,7 @@ class TaskType(StrEnum):
     GROUNDING = "grounding"
     CAPTION = "caption"
     REASONING = "reasoning"
+    CLASSIFICATION = "classification"  # multi-label findings of an image: gold.labels {finding: 0/1}
 
 
 class CoordSpace(StrEnum):

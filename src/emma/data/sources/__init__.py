@@ -15,9 +15,12 @@ from types import MappingProxyType
 from typing import Any
 
 from emma.data.sources._common import ImportReport, ProgressFn, probe_image
+from emma.data.sources.chestxray14 import import_chestxray14
+from emma.data.sources.chexpert import import_chexpert
 from emma.data.sources.generic import import_generic
-from emma.data.sources.omnimedvqa import import_omnimedvqa
 from emma.data.sources.mc_benchmarks import read_gmai_mmbench, read_mmmu_med
+from emma.data.sources.omnimedvqa import import_omnimedvqa
+from emma.data.sources.padchest import import_padchest
 from emma.data.sources.pathvqa import import_pathvqa
 from emma.data.sources.pmc_vqa import import_pmc_vqa
 from emma.data.sources.report_datasets import read_iu_xray, read_mimic_cxr
@@ -80,6 +83,24 @@ IMPORTERS: Mapping[str, ImporterSpec] = MappingProxyType(
                 "PhysioNet-CHDL-1.5.0",
             ),
             ImporterSpec(
+                "chexpert",
+                import_chexpert,
+                "CheXpert chest X-rays, 14 observations (train.csv/valid.csv + images)",
+                "CheXpert-RUA",
+            ),
+            ImporterSpec(
+                "padchest",
+                import_padchest,
+                "PadChest chest X-rays, list-valued labels (labels CSV + ImageDir folders)",
+                "CC-BY-SA-4.0",
+            ),
+            ImporterSpec(
+                "chestxray14",
+                import_chestxray14,
+                "NIH ChestX-ray14, 14 findings (Data_Entry_2017 CSV + official lists + images/)",
+                "NIH-unrestricted",
+            ),
+            ImporterSpec(
                 "generic", import_generic, "any CSV/JSON/JSONL table with image, question, answer", None
             ),
         )
@@ -90,7 +111,15 @@ IMPORTERS: Mapping[str, ImporterSpec] = MappingProxyType(
 def get_importer(name: str) -> ImporterSpec:
     """The importer registered as ``name`` (case-insensitive; ``_`` and ``-`` are interchangeable)."""
     key = name.strip().lower().replace("_", "-")
-    aliases = {"vqarad": "vqa-rad", "pmcvqa": "pmc-vqa", "path-vqa": "pathvqa", "omnimed-vqa": "omnimedvqa"}
+    aliases = {
+        "vqarad": "vqa-rad",
+        "pmcvqa": "pmc-vqa",
+        "path-vqa": "pathvqa",
+        "omnimed-vqa": "omnimedvqa",
+        "chestx-ray14": "chestxray14",
+        "nih-chestxray14": "chestxray14",
+        "cxr14": "chestxray14",
+    }
     key = aliases.get(key, key)
     if key not in IMPORTERS:
         raise DataFormatError(f"unknown dataset '{name}' (known: {', '.join(IMPORTERS)})")
@@ -108,8 +137,11 @@ __all__ = [
     "ImporterSpec",
     "ProgressFn",
     "get_importer",
+    "import_chestxray14",
+    "import_chexpert",
     "import_generic",
     "import_omnimedvqa",
+    "import_padchest",
     "import_pathvqa",
     "import_pmc_vqa",
     "import_slake",
