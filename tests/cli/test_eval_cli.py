@@ -200,3 +200,28 @@ def test_model_and_predictions_together_is_an_error(vqa_rad: Path, tmp_path: Pat
     assert compat.exit_code == 2 and "unknown compat mode" in compat.output
     missing = runner.invoke(app, ["eval", "compare", str(tmp_path), str(tmp_path)])
     assert missing.exit_code == 2 and "results.json" in missing.output
+
+
+def test_a_judge_that_cannot_be_reached_is_loud(
+    vqa_rad: Path, answers: dict[str, str], tmp_path: Path
+) -> None:
+    # nothing listens on port 9 (discard): the judge fails on every open answer
+    p = predictions(tmp_path / "ok.jsonl", answers)
+    args = ["eval", "--task", "vqa-rad", "--data", vqa_rad, "--predictions", p, "--limit", 40,
+            "--batch-size", 4, "--out", tmp_path / "run", "--bootstrap", 100,
+            "--judge", "openai:http://127.0.0.1:9/v1#x"]  # fmt: skip
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "could not judge any" in result.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["metrics"]["judge_accuracy"] is None  # null, never 0.0
+    assert results["metrics"]["judge_overall_accuracy"] is None
+    assert results["metrics"]["closed_accuracy"] == 1.0  # the rule-based numbers are still there
+    assert "judge_accuracy" not in results["ci95"]
+    counts = results["counts"]
+    assert counts["n_open"] > 0 and counts["judge_errors"] == counts["judge_n"] == counts["n_open"]
+    assert counts["open_judge_errors"] == counts["n_open"]
+    assert (
+        not (tmp_path / "run" / "judge_verdicts.jsonl").exists()
+        or not (tmp_path / "run" / "judge_verdicts.jsonl").read_text()
+    )

@@ -20,8 +20,10 @@ from emma.eval.judge import (
     JUDGE_TEMPLATE,
     Judge,
     JudgeItem,
+    Verdict,
     VerdictCache,
     judge_counts,
+    judge_errors,
     judge_metrics,
     parse_verdict,
 )
@@ -195,5 +197,50 @@ def test_transport_errors_are_not_cached(tmp_path: Path) -> None:
     assert [v.status for v in verdicts] == ["error", "error"]
     assert all(v.verdict is None and v.error for v in verdicts)
     assert judge_counts(verdicts)["judge_errors"] == 2
-    assert judge_metrics(verdicts) == {"judge_accuracy": 0.0}
+    assert judge_metrics(verdicts) == {"judge_accuracy": None}  # no verdict is never a rejection
     assert not (tmp_path / "c.jsonl").exists() or (tmp_path / "c.jsonl").read_text() == ""
+
+
+class _DownHandler(BaseHTTPRequestHandler):
+    """A judge server that is up but answers every request 503 (counted)."""
+
+    server: Any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.state.lock:
+            self.server.state.bodies.append({})
+        data = b'{"error": {"message": "overloaded"}}'
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_judge_that_is_down_is_asked_one_batch_only(
+    loopback_http: Callable[[type[BaseHTTPRequestHandler], Any], str], tmp_path: Path
+) -> None:
+    state = PeerState()
+    url = loopback_http(_DownHandler, state)
+    items = [JudgeItem(str(i), "q", "liver", "liver") for i in range(10)]
+    engine = load_engine(f"openai:{url}#j", max_retries=0, timeout=5)
+    judge = Judge(engine, cache_path=tmp_path / "c.jsonl", batch_size=3)
+    verdicts = judge.judge(items)
+    assert len(state.bodies) == 3  # the first batch failed entirely: the other 7 are not sent
+    assert [v.status for v in verdicts] == ["error"] * 10
+    assert "not asked" in (verdicts[-1].error or "")
+    assert len(judge_errors(verdicts)) == 2  # the server's error, then "not asked: ..." quoting it
+    assert judge_metrics(verdicts) == {"judge_accuracy": None}
+
+
+def test_partial_judge_failure_gives_no_accuracy(peer: tuple[str, PeerState], tmp_path: Path) -> None:
+    url, _ = peer
+    good = Judge(load_engine(f"openai:{url}#judge-a"), cache_path=tmp_path / "c.jsonl").judge(ITEMS[:2])
+    failed = Verdict("9", None, "error", "", False, "timeout")
+    assert judge_metrics(good) == {"judge_accuracy": 0.5}
+    assert judge_metrics([*good, failed]) == {"judge_accuracy": None}
+    assert judge_counts([*good, failed])["judge_errors"] == 1

@@ -512,3 +512,42 @@ def test_judge_only_adds_judge_metrics(vqa_rad: Path, test_items: list[Any], tmp
         judge_engine=again,
     )
     assert again.asked == 0  # verdicts cached by (judge model, prompt hash, ...)
+
+
+class FlakyJudgeEngine(VerdictEngine):
+    """The VerdictEngine whose every second request fails (as a judge that drops connections)."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+        out = super().generate(requests)
+        return [
+            GenerationResponse(
+                request_id=r.request_id, text="", finish_reason="error", error="connection reset"
+            )
+            if (self.asked - len(out) + k) % 2 == 1
+            else r
+            for k, r in enumerate(out)
+        ]
+
+
+@needs_real
+def test_a_judge_failing_on_some_answers_gives_null_judge_metrics(
+    vqa_rad: Path, test_items: list[Any], tmp_path: Path
+) -> None:
+    rows = [(it.id, f"I think: {it.sample.gold.answer}") for it in test_items[:40]]
+    preds = write_predictions(tmp_path / "p.jsonl", rows)
+    options = EvalOptions(
+        task="vqa-rad", data=vqa_rad, predictions=preds, out=tmp_path / "j", limit=40, n_resamples=200
+    )
+    flaky = FlakyJudgeEngine()
+    run = run_eval(options, judge_engine=flaky)
+    counts, metrics = run.results["counts"], run.results["metrics"]
+    assert 0 < counts["judge_errors"] < counts["judge_n"] == counts["n_open"]
+    assert metrics["judge_accuracy"] is None and metrics["judge_overall_accuracy"] is None
+    assert not run.judged_nothing
+    assert any("judge failed on" in n for n in run.results["notes"])
+    assert all("judge_accuracy" not in row["values"] for row in run.rows)
+    # the failures were not cached: a re-run with a working judge asks for those only and completes
+    good = VerdictEngine()
+    again = run_eval(options, judge_engine=good)
+    assert good.asked == counts["judge_errors"]
+    assert again.results["metrics"]["judge_accuracy"] == 1.0

@@ -172,6 +172,21 @@ def test_judge_adds_metrics_and_never_touches_rule_based_ones() -> None:
     assert {k: float(v.mean()) for k, v in values.items()} == m
 
 
+def test_a_judge_failure_makes_judge_metrics_null_not_zero() -> None:
+    opened = [score_vqa("left lung", OPEN, "left lung"), score_vqa("mass", OPEN, "a tumour")]
+    closed = [score_vqa("yes", CLOSED, "yes")]
+    failed = closed + [opened[0].with_judge(True), opened[1].with_judge(None, error=True)]
+    m, c = aggregate_vqa(failed), count_vqa(failed)
+    assert m["judge_accuracy"] is None and m["judge_overall_accuracy"] is None
+    assert m["closed_accuracy"] == 1.0  # rule-based metrics still there
+    assert (c["open_judged"], c["open_unjudged"], c["open_judge_errors"]) == (1, 1, 1)
+    assert "judge_accuracy" not in vqa_values(failed)  # no per-sample values to bootstrap
+    assert summarize_vqa(failed, n_resamples=100).metrics["judge_accuracy"] is None
+    # the same answer merely left without a verdict (empty, not sent) is a rejection, not a failure
+    unjudged = closed + [opened[0].with_judge(True), opened[1].with_judge(None)]
+    assert aggregate_vqa(unjudged)["judge_accuracy"] == 0.5
+
+
 # ----------------------------------------------------------------------------------------- grounding
 
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from emma.cli import app
-from emma.cli.common import fail, handle_errors
+from emma.cli.common import err_console, fail, handle_errors
 
 eval_app = typer.Typer(
     help=(
@@ -38,7 +38,8 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
     table.add_column("95% CI", justify="right")
     for name, value in results["metrics"].items():
         ci = results["ci95"].get(name)
-        table.add_row(name, f"{value:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
+        shown = "null" if value is None else f"{value:.4f}"
+        table.add_row(name, shown, f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
     console.print(table)
     ablation = results.get("ablation")
     if ablation:
@@ -161,6 +162,20 @@ def eval_command(
         typer.echo(json.dumps(run.results, indent=2, ensure_ascii=False))
     else:
         _print_results(run.results, run.out)
+    judge = run.results["config"].get("judge")
+    counts = run.results["counts"]
+    if judge is not None and counts.get("judge_errors"):
+        first = judge["errors"][0]
+        if run.judged_nothing:
+            raise fail(
+                f"the judge could not judge any of the {counts['judge_n']} open answers ({first}); "
+                "judge_* metrics are null"
+            )
+        err_console.print(
+            f"warning: the judge failed on {counts['judge_errors']} of {counts['judge_n']} open answers "
+            f"({first}); judge_* metrics are null, a re-run asks again for those only",
+            markup=False,
+        )
 
 
 @eval_app.command("compare")

@@ -18,6 +18,11 @@ The judge model may be anything behind the Engine interface, e.g.
   replies are cached (at temperature 0 the same question gets the same reply); transport errors are
   not, so a re-run asks again. A killed run loses at most the batch in flight; a torn last line is
   ignored on load.
+- **A failing judge is loud.** A transport error is verdict ``None`` with status ``"error"``, never a
+  rejection. When every request of a batch fails the judge is taken as down and the remaining items are
+  not sent (status ``"error"``, not cached). :func:`judge_metrics` is ``None`` when any item has no
+  verdict because of an error (an accuracy over part of the answers, or one counting failures as
+  rejections, would be a wrong number); :func:`judge_counts` says how many.
 """
 
 from __future__ import annotations
@@ -224,8 +229,13 @@ class Judge:
                 todo[key] = item
         fresh: dict[CacheKey, Verdict] = {}
         pending = list(todo.items())
+        stopped: str | None = None  # why the rest was not asked
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
+            if stopped is not None:
+                for key, item in chunk:
+                    fresh[key] = Verdict(item.sample_id, None, "error", "", False, stopped)
+                continue
             responses = self.engine.generate([self.request(item) for _, item in chunk])
             if len(responses) != len(chunk):
                 raise RuntimeError(f"judge engine returned {len(responses)} responses for {len(chunk)} requests")
@@ -236,6 +246,9 @@ class Judge:
                 if verdict.status != "error":
                     to_store.append((key, self._record(key, verdict)))
             self.cache.put_many(to_store)
+            if not to_store:  # every request of the batch failed: the judge is down, stop asking
+                first = fresh[chunk[0][0]].error or "failed"
+                stopped = f"not asked: the judge failed every request of an earlier batch ({first})"
         out = []
         for key, item in zip(keys, items):
             if key in fresh:
@@ -267,11 +280,19 @@ class Judge:
         }
 
 
-def judge_metrics(verdicts: Sequence[Verdict]) -> dict[str, float]:
-    """``judge_accuracy``: accepted / all judged items (unparseable and failed count as not accepted)."""
+def judge_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | None]:
+    """``judge_accuracy``: accepted / all items (unparseable counts as not accepted); ``None`` when the
+    judge failed on any item (transport error: no verdict, so no honest accuracy)."""
     if not verdicts:
         return {}
+    if any(v.status == "error" for v in verdicts):
+        return {"judge_accuracy": None}
     return {"judge_accuracy": sum(v.verdict == CORRECT for v in verdicts) / len(verdicts)}
+
+
+def judge_errors(verdicts: Sequence[Verdict]) -> list[str]:
+    """The distinct error messages of the failed items, in first-seen order."""
+    return list(dict.fromkeys(v.error or "failed" for v in verdicts if v.status == "error"))
 
 
 def judge_counts(verdicts: Sequence[Verdict]) -> dict[str, int]:

@@ -90,12 +90,15 @@ def _errs(values: Sequence[float], cis: Sequence[Sequence[float] | None]) -> lis
     return [lo, hi]
 
 
-def _unit(metrics: Mapping[str, float]) -> list[str]:
-    """Metrics on a 0-1 scale (plotted together; BLEU's 0-100 is left to the tables)."""
-    return [n for n, v in metrics.items() if 0.0 <= float(v) <= 1.0 and not n.startswith("bleu")]
+def _unit(metrics: Mapping[str, float | None]) -> list[str]:
+    """Metrics on a 0-1 scale (plotted together; BLEU's 0-100 is left to the tables); a null one is not
+    plotted (the tables show it)."""
+    return [n for n, v in metrics.items() if v is not None and 0.0 <= v <= 1.0 and not n.startswith("bleu")]
 
 
-def plot_metrics(metrics: Mapping[str, float], ci95: Mapping[str, Sequence[float]], title: str) -> bytes:
+def plot_metrics(
+    metrics: Mapping[str, float | None], ci95: Mapping[str, Sequence[float]], title: str
+) -> bytes:
     names = _unit(metrics)
     values = [float(metrics[n]) for n in names]
     fig = _figure(7, 0.45 * len(names) + 1.2)
@@ -130,10 +133,10 @@ def plot_breakdown(key: str, table: Mapping[str, Mapping[str, Any]], metric: str
 
 
 def plot_ablation(
-    ablation: Mapping[str, Any], metrics: Mapping[str, float], ci95: Mapping[str, Any]
+    ablation: Mapping[str, Any], metrics: Mapping[str, float | None], ci95: Mapping[str, Any]
 ) -> bytes:
     other = ablation["ablated"]
-    names = [n for n in _unit(metrics) if n in other["metrics"] and 0.0 <= float(metrics[n]) <= 1.0]
+    names = [n for n in _unit(metrics) if n in _unit(other["metrics"])]
     fig = _figure(7, 0.55 * len(names) + 1.4)
     ax = fig.subplots()
     height = 0.38
@@ -183,7 +186,7 @@ def make_plots(results: Mapping[str, Any]) -> dict[str, bytes]:
         if png is not None:
             plots[f"plot_by_{key}.png"] = png
     ablation = results.get("ablation")
-    if ablation and any(n in ablation["ablated"]["metrics"] for n in _unit(results["metrics"])):
+    if ablation and any(n in _unit(ablation["ablated"]["metrics"]) for n in _unit(results["metrics"])):
         plots["plot_ablation.png"] = plot_ablation(results["ablation"], results["metrics"], results["ci95"])
     return plots
 

@@ -109,8 +109,14 @@ class EvalRun:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | None]:
         return dict(self.results["metrics"])
+
+    @property
+    def judged_nothing(self) -> bool:
+        """A judge was asked and failed on every answer it was sent (the CLI exits non-zero)."""
+        counts = self.results["counts"]
+        return counts.get("judge_n", 0) > 0 and counts.get("judge_errors", 0) == counts["judge_n"]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -623,13 +629,26 @@ def _score_and_write(
             else _judge(options, out)
         )
         assert isinstance(adapter, VqaAdapter)
-        scored, judge_counts = apply_judge(adapter, judge, items, scored)
+        real = apply_judge(adapter, judge, items, scored)
+        scored = real.scored
+        errors = list(real.errors)
         if ablated is not None:
-            ablated, _ = apply_judge(adapter, judge, items, ablated)
-        judge_info = {**judge.config(), "counts": judge_counts}
+            ablated_pass = apply_judge(adapter, judge, items, ablated)
+            ablated = ablated_pass.scored
+            errors += [e for e in ablated_pass.errors if e not in errors]
+        judge_info = {**judge.config(), "counts": real.counts, "errors": errors[:5]}
         notes.append(
             "judge_* metrics come from an LLM judge on open questions; rule-based metrics are unchanged"
         )
+        if real.counts["judge_errors"]:
+            notes.append(
+                f"the judge failed on {real.counts['judge_errors']} of {real.counts['judge_n']} open answers "
+                f"({errors[0]}): judge_* metrics are null; a re-run asks again for those only"
+            )
+        elif errors:
+            notes.append(
+                f"the judge failed on some ablated answers ({errors[0]}): ablated judge_* metrics are null"
+            )
 
     metrics = adapter.metrics(scored)
     ci95 = adapter.cis(scored, options.n_resamples, options.seed)

@@ -78,7 +78,8 @@ class Adapter:
     def score(self, item: EvalItem, prediction: str | None) -> Scored:
         raise NotImplementedError
 
-    def metrics(self, scored: Sequence[Scored]) -> dict[str, float]:
+    def metrics(self, scored: Sequence[Scored]) -> dict[str, float | None]:
+        """Each metric's value; ``None`` for one that cannot be computed honestly (a failed judge)."""
         raise NotImplementedError
 
     def counts(self, scored: Sequence[Scored]) -> dict[str, int]:
@@ -119,16 +120,19 @@ class VqaAdapter(Adapter):
 
         return tuple((k, float(v[0])) for k, v in vqa_values([score], include_judge=judged).items())
 
-    def wrap(self, item: EvalItem, s: Any) -> Scored:
+    def wrap(self, item: EvalItem, s: Any, judge_values: bool | None = None) -> Scored:
+        """``judge_values``: whether the per-sample values carry judge_* (default: once judged); False
+        for every item of a pass where the judge failed on some (no judge metric for that pass)."""
         extracted = s.extracted
         if s.kind == "choice" and isinstance(extracted, int) and item.sample.gold.options:
             extracted = f"{chr(ord('A') + extracted)}. {item.sample.gold.options[extracted]}"
-        return Scored(s, dict(self._values(s, self.judged)), bool(s.correct), extracted, s.status)
+        judged = self.judged if judge_values is None else judge_values
+        return Scored(s, dict(self._values(s, judged)), bool(s.correct), extracted, s.status)
 
     def score(self, item: EvalItem, prediction: str | None) -> Scored:
         return self.wrap(item, self._fn(item.sample.gold, item.sample.task, prediction))
 
-    def metrics(self, scored: Sequence[Scored]) -> dict[str, float]:
+    def metrics(self, scored: Sequence[Scored]) -> dict[str, float | None]:
         return self._scorers.aggregate_vqa([s.score for s in scored], include_judge=self.judged or None)
 
     def counts(self, scored: Sequence[Scored]) -> dict[str, int]:
@@ -172,7 +176,7 @@ class GroundingAdapter(Adapter):
         correct = s.status == "ok" and s.hits == s.n_gold
         return Scored(s, values, correct, extracted, s.status)
 
-    def metrics(self, scored: Sequence[Scored]) -> dict[str, float]:
+    def metrics(self, scored: Sequence[Scored]) -> dict[str, float | None]:
         return self._scorers.grounding_metrics([s.score for s in scored])
 
     def counts(self, scored: Sequence[Scored]) -> dict[str, int]:
@@ -230,7 +234,7 @@ class ReportAdapter(Adapter):
             else:
                 self.unavailable[name] = metric.message
 
-    def metrics(self, scored: Sequence[Scored]) -> dict[str, float]:
+    def metrics(self, scored: Sequence[Scored]) -> dict[str, float | None]:
         return {**self._rm.aggregate_report_scores([s.score for s in scored]), **self.optional}
 
     def counts(self, scored: Sequence[Scored]) -> dict[str, int]:
@@ -274,15 +278,25 @@ def make_adapter(task: TaskDef, *, compat: str | None, family: str | None, proce
     raise InputError(f"task {task.name}: scorer {task.scorer!r} is not supported by the runner")
 
 
+@dataclass(frozen=True)
+class JudgePass:
+    """One pass of the judge over a scored run: the re-wrapped scores, the judge's counts and errors."""
+
+    scored: list[Scored]
+    counts: dict[str, int]
+    errors: list[str]  # distinct messages of the answers the judge failed on (empty: all judged)
+
+
 def apply_judge(
     adapter: VqaAdapter, judge: Any, items: Sequence[EvalItem], scored: Sequence[Scored]
-) -> tuple[list[Scored], dict[str, int]]:
+) -> JudgePass:
     """Attach LLM-judge verdicts to the open questions (closed and choice are never judged).
 
-    Open answers that are empty or missing are not sent (no verdict: counted as not accepted).
-    Returns the re-wrapped scores and the judge's counts.
+    Open answers that are empty or missing are not sent (no verdict: counted as not accepted). An answer
+    the judge failed on is marked ``judge_error`` (never a rejection); if any is, the judge metrics of
+    this pass are ``None`` and its per-sample values carry none.
     """
-    from emma.eval.judge import JudgeItem, judge_counts
+    from emma.eval.judge import JudgeItem, judge_counts, judge_errors
 
     todo = [
         (k, JudgeItem(it.id, it.sample.question or "", it.sample.gold.answer or "", s.score.located))
@@ -292,8 +306,10 @@ def apply_judge(
     verdicts = judge.judge([j for _, j in todo]) if todo else []
     by_index = {k: v for (k, _), v in zip(todo, verdicts)}
     adapter.judged = True
-    out = [
-        adapter.wrap(it, s.score.with_judge(by_index[k].correct if k in by_index else None))
-        for k, (it, s) in enumerate(zip(items, scored))
-    ]
-    return out, judge_counts(verdicts)
+    errors = judge_errors(verdicts)
+    out = []
+    for k, (it, s) in enumerate(zip(items, scored)):
+        v = by_index.get(k)
+        score = s.score.with_judge(v.correct if v else None, error=v is not None and v.status == "error")
+        out.append(adapter.wrap(it, score, judge_values=not errors))
+    return JudgePass(out, judge_counts(verdicts), errors)

@@ -24,7 +24,10 @@ gold's wording. Metrics (each present only when its denominator is non-zero):
   verdict counts as not accepted; ``counts["open_unjudged"]`` says how many). ``judge_overall_accuracy``
   = (closed correct by the rules + open accepted by the judge + choice correct) / all questions. The
   judge never touches closed or choice questions (a verdict on one is ignored), so rule-based metrics
-  are unchanged and no closed hit is dropped or counted twice.
+  are unchanged and no closed hit is dropped or counted twice. An open answer the judge *failed* on
+  (:attr:`SampleScore.judge_error`: a transport error, not a rejection) has no verdict and no honest
+  substitute: when any exists, both judge metrics are ``None`` in :func:`aggregate_vqa`, absent from
+  :func:`vqa_values`, and ``counts["open_judge_errors"]`` says how many.
 
 For confidence intervals, :func:`vqa_values` gives the per-sample values whose mean is each metric
 (a bootstrap of those means = a CI of the metric).
@@ -84,7 +87,7 @@ class SampleScore:
     the located answer text). ``gold``: the normalised gold answer (choice: the gold index; a closed
     yes/no gold, English or Chinese: its polarity ``"yes"`` / ``"no"``, e.g. 有 → ``"yes"``).
     Token metrics are set for open questions only. ``judge_correct``: an LLM judge's verdict (open
-    questions only count; see :func:`aggregate_vqa`).
+    questions only count; see :func:`aggregate_vqa`); ``judge_error``: the judge was asked and failed.
     """
 
     kind: VqaKind
@@ -97,14 +100,15 @@ class SampleScore:
     token_recall: float | None = None
     token_f1: float | None = None
     judge_correct: bool | None = None
+    judge_error: bool = False
     scorer: str = "emma"
 
     @property
     def parsed(self) -> bool:
         return self.status == "ok"
 
-    def with_judge(self, verdict: bool | None) -> SampleScore:
-        return replace(self, judge_correct=verdict)
+    def with_judge(self, verdict: bool | None, error: bool = False) -> SampleScore:
+        return replace(self, judge_correct=None if error else verdict, judge_error=error)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +195,12 @@ def score_vqa(sample_gold: Gold | str, task_type: TaskType | str, prediction: st
 
 
 def _has_judge(scores: Sequence[SampleScore]) -> bool:
-    return any(s.kind == "open" and s.judge_correct is not None for s in scores)
+    return any(s.kind == "open" and (s.judge_correct is not None or s.judge_error) for s in scores)
+
+
+def judge_failed(scores: Sequence[SampleScore]) -> bool:
+    """Whether the judge failed on any open answer (then the judge metrics are ``None``)."""
+    return any(s.kind == "open" and s.judge_error for s in scores)
 
 
 def vqa_values(
@@ -219,7 +228,7 @@ def vqa_values(
     if scores:
         out["overall_accuracy"] = arr(s.correct for s in scores)
     judge = _has_judge(scores) if include_judge is None else include_judge
-    if judge:
+    if judge and not judge_failed(scores):
         if opened:
             out["judge_accuracy"] = arr(s.judge_correct is True for s in opened)
         if scores:
@@ -229,9 +238,24 @@ def vqa_values(
     return out
 
 
-def aggregate_vqa(scores: Sequence[SampleScore], include_judge: bool | None = None) -> dict[str, float]:
-    """The VQA metrics (see the module docstring). ``include_judge=None``: when any open verdict exists."""
-    return {name: float(v.mean()) for name, v in vqa_values(scores, include_judge).items()}
+def _judge_names(scores: Sequence[SampleScore]) -> list[str]:
+    """The judge metrics ``scores`` would have (by their denominators)."""
+    names = ["judge_accuracy"] if any(s.kind == "open" for s in scores) else []
+    return names + (["judge_overall_accuracy"] if scores else [])
+
+
+def aggregate_vqa(
+    scores: Sequence[SampleScore], include_judge: bool | None = None
+) -> dict[str, float | None]:
+    """The VQA metrics (see the module docstring). ``include_judge=None``: when any open verdict exists.
+    The judge metrics are ``None`` when the judge failed on any open answer."""
+    out: dict[str, float | None] = {
+        name: float(v.mean()) for name, v in vqa_values(scores, include_judge).items()
+    }
+    judge = _has_judge(scores) if include_judge is None else include_judge
+    if judge and judge_failed(scores):
+        out.update(dict.fromkeys(_judge_names(scores)))
+    return out
 
 
 def count_vqa(scores: Sequence[SampleScore], include_judge: bool | None = None) -> dict[str, int]:
@@ -263,6 +287,7 @@ def count_vqa(scores: Sequence[SampleScore], include_judge: bool | None = None) 
         opened = [s for s in scores if s.kind == "open"]
         out["open_judged"] = sum(s.judge_correct is not None for s in opened)
         out["open_unjudged"] = len(opened) - out["open_judged"]
+        out["open_judge_errors"] = sum(s.judge_error for s in opened)
         out["judge_correct"] = sum(s.judge_correct is True for s in opened)
     return out
 
@@ -271,7 +296,7 @@ def count_vqa(scores: Sequence[SampleScore], include_judge: bool | None = None) 
 class Summary:
     """Metrics, their bootstrap CIs and the counts of one scored run."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     ci95: dict[str, tuple[float, float]]
     counts: dict[str, int]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -286,7 +311,7 @@ def summarize_vqa(
 ) -> Summary:
     """:func:`aggregate_vqa` + :func:`count_vqa` + percentile bootstrap CIs of every metric."""
     values = vqa_values(scores, include_judge)
-    metrics = {k: float(v.mean()) for k, v in values.items()}
+    metrics = aggregate_vqa(scores, include_judge)
     cis = bootstrap_cis(values, n_resamples=n_resamples, seed=seed, level=level)
     return Summary(metrics, cis, count_vqa(scores, include_judge))
 
