@@ -138,3 +138,18 @@ def test_bad_window_and_missing_file(tmp_path: Path) -> None:
     assert run("convert", src, "-o", tmp_path / "x.png", "--window", "nope").exit_code == 2
     result = run("info", tmp_path / "missing.dcm")
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "RG1_UNCI.dcm"])
+def test_info_reports_pixel_data_and_refuses_a_file_cut_inside_them(tmp_path: Path, name: str) -> None:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not installed")
+    result = run("info", path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["has_pixel_data"] is True
+    data = Path(path).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) - 1000])  # inside PixelData, the last element
+    result = run("info", cut)
+    assert result.exit_code == 2 and "truncated" in result.output, result.output

@@ -28,6 +28,7 @@ from emma.errors import (
     UnsupportedTransferSyntaxError,
 )
 from emma.io.dicom import (
+    HEADER_DEFER_BYTES,
     apply_voi,
     check_pixel_bounds,
     decode_frames,
@@ -566,6 +567,27 @@ def test_summary_is_json_and_phi_free(dicom_file, testdata):
     json.dumps(real)
     assert real["photometric_interpretation"] == "MONOCHROME1" and real["bits_stored"] == 15
     assert real["transfer_syntax"]["name"].startswith("JPEG 2000")
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "RG1_J2KI.dcm", "CT_small.dcm"])
+def test_header_read_knows_the_pixel_data_without_loading_them(testdata, name):
+    ds = read_dataset(testdata(name), defer_size=HEADER_DEFER_BYTES)
+    assert dicom_summary(ds)["has_pixel_data"] is True
+    pixel = ds.get_item(0x7FE00010, keep_deferred=True)
+    size = os.path.getsize(testdata(name))
+    if size > 2 * HEADER_DEFER_BYTES and pixel.length != 0xFFFFFFFF:  # native, large: left in the file
+        assert pixel.value is None
+    # stop_before_pixels cannot tell: the element is not read at all
+    assert dicom_summary(read_dataset(testdata(name), stop_before_pixels=True))["has_pixel_data"] is False
+
+
+@pytest.mark.parametrize(("name", "fraction"), [("RG1_UNCI.dcm", 0.5), ("CT_small.dcm", 0.6), ("RG1_J2KI.dcm", 0.5)])
+def test_header_read_of_a_file_cut_inside_the_pixel_data_is_corrupt(testdata, tmp_path, name, fraction):
+    data = Path(testdata(name)).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CorruptFileError, match="truncated"):
+        read_dataset(cut, defer_size=HEADER_DEFER_BYTES)
 
 
 def test_dataset_input_and_source_label(testdata):

@@ -248,6 +248,7 @@ CLASS_UID_KEYWORDS: frozenset[str] = frozenset(
 
 # Modalities whose pixels often carry burned-in text (PS3.15 E.1.1 guidance).
 BURNED_IN_RISK_MODALITIES: frozenset[str] = frozenset({"US", "SC", "OT", "XC", "ES"})
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float/DoubleFloat/PixelData
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -804,7 +805,11 @@ def phi_keywords_present(ds: Dataset) -> list[str]:
 
 
 def _walk(ds: Dataset) -> Iterator[DataElement]:
+    """Every element at any depth (private sequences not opened), except pixel data: never a PHI field,
+    and a header-level read leaves them in the file (reading them here would load them whole)."""
     for tag in list(ds.keys()):
+        if tag in _PIXEL_TAGS:
+            continue
         try:
             elem = ds[tag]
         except Exception:

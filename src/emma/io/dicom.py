@@ -52,6 +52,7 @@ from emma.io.windows import (
 )
 
 __all__ = [
+    "HEADER_DEFER_BYTES",
     "apply_voi",
     "check_pixel_bounds",
     "decode_frames",
@@ -67,6 +68,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # First tag groups of a DICOM stream written without the 128-byte preamble: file meta or identifying.
 _BARE_START_GROUPS = {0x0002, 0x0008}
 _YBR_TO_CONVERT = {"YBR_FULL", "YBR_FULL_422"}
+# Header-level reads (``emma info``): values over this size (pixel data) stay in the file, see read_dataset.
+HEADER_DEFER_BYTES = 64 * 1024
 PERCENTILE_LOW = 0.5
 PERCENTILE_HIGH = 99.5
 
@@ -90,6 +93,7 @@ def read_dataset(
     limits: Limits = DEFAULT_LIMITS,
     *,
     stop_before_pixels: bool = False,
+    defer_size: int | None = None,
 ) -> Dataset:
     """Read one DICOM file after checking its size; unreadable or truncated files raise CorruptFileError.
 
@@ -97,6 +101,11 @@ def read_dataset(
     0008); their transfer syntax is then taken from the encoding pydicom detected. Pixel data are not
     decoded here (see :func:`decode_frames`). A Deflated Explicit VR Little Endian file is inflated
     within ``limits.max_file_bytes`` (:mod:`emma.io.deflate`), else ImageTooLargeError.
+
+    ``stop_before_pixels`` leaves the pixel data out of the dataset (so neither their presence nor their
+    completeness is known); ``defer_size`` (pydicom's) keeps them in it but leaves every value over that
+    many bytes in the file until it is accessed: a header-level read that still says whether the file
+    has pixel data and checks that they are all there (:data:`HEADER_DEFER_BYTES`).
     """
     path = Path(path)
     limits.check_file(path)  # FileNotFoundError / IsADirectoryError pass through as OSError
@@ -109,10 +118,12 @@ def read_dataset(
                 _check_complete(ds, path, size, stop_before_pixels)
                 return ds
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, force=False)
+                ds = pydicom.dcmread(
+                    f, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=False
+                )
             except InvalidDicomError:
                 f.seek(0)
-                ds = _read_without_preamble(f, path, stop_before_pixels)
+                ds = _read_without_preamble(f, path, stop_before_pixels, defer_size)
         except (CorruptFileError, ImageTooLargeError):
             raise
         except Exception as exc:
@@ -122,7 +133,9 @@ def read_dataset(
     return ds
 
 
-def _read_without_preamble(f: BinaryIO, path: Path, stop_before_pixels: bool) -> Dataset:
+def _read_without_preamble(
+    f: BinaryIO, path: Path, stop_before_pixels: bool, defer_size: int | None = None
+) -> Dataset:
     head = f.read(8)
     f.seek(0)
     if len(head) < 8:
@@ -131,7 +144,7 @@ def _read_without_preamble(f: BinaryIO, path: Path, stop_before_pixels: bool) ->
     group_be = int.from_bytes(head[:2], "big")
     if group_le not in _BARE_START_GROUPS and group_be not in _BARE_START_GROUPS:
         raise CorruptFileError(f"{path}: not a DICOM file (no DICM marker)")
-    ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, force=True)
+    ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer_size, force=True)
     if not any(kw in ds for kw in ("SOPClassUID", "Rows", "Modality", *_PIXEL_KEYWORDS)):
         raise CorruptFileError(f"{path}: not a DICOM file (no DICM marker, no recognisable elements)")
     if not ds.file_meta.get("TransferSyntaxUID"):
@@ -149,7 +162,8 @@ def _syntax_for_encoding(implicit: bool, little: bool) -> UID:
 
 
 def _check_complete(ds: Dataset, path: Path, size: int, stop_before_pixels: bool) -> None:
-    """Detect truncation pydicom tolerates: short element values, or parsing that stopped early at EOF.
+    """Detect truncation pydicom tolerates: short element values (or, for a value left in the file by
+    ``defer_size``, one that would end past the end of the file), or parsing that stopped early at EOF.
 
     pydicom drops the whole top-level dataset when an undefined-length element runs into EOF (it only
     warns), so an empty dataset is treated as truncated too.
@@ -162,7 +176,7 @@ def _check_complete(ds: Dataset, path: Path, size: int, stop_before_pixels: bool
     last_tell, last_end = -1, None
     for tag in tags:
         try:
-            elem = ds.get_item(tag)
+            elem = ds.get_item(tag, keep_deferred=True)  # a deferred value stays in the file
         except Exception:
             raise CorruptFileError(f"{path}: invalid element {_keyword(tag)}") from None
         if not isinstance(elem, RawDataElement):
@@ -172,9 +186,10 @@ def _check_complete(ds: Dataset, path: Path, size: int, stop_before_pixels: bool
         value = elem.value
         end: int | None = None
         if elem.length != _UNDEFINED_LENGTH:
-            if isinstance(value, bytes | bytearray) and len(value) < elem.length:
-                raise CorruptFileError(f"{path}: truncated file ({_keyword(elem.tag)} is incomplete)")
             end = elem.value_tell + elem.length
+            short = isinstance(value, bytes | bytearray) and len(value) < elem.length
+            if short or (value is None and end > size):  # read short, or deferred past the end of file
+                raise CorruptFileError(f"{path}: truncated file ({_keyword(elem.tag)} is incomplete)")
         elif isinstance(value, bytes | bytearray):
             end = elem.value_tell + len(value) + 8  # the sequence delimiter item
         if elem.value_tell > last_tell:

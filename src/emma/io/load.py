@@ -174,7 +174,8 @@ def describe(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> d
         info["series_count"] = len(series)
         info["series"] = series
     else:
-        ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
+        # pixel data stay in the file (deferred) but are known to be there, and complete
+        ds = dicom.read_dataset(path, limits, defer_size=dicom.HEADER_DEFER_BYTES)
         info.update(dicom.dicom_summary(ds))
         info["phi_fields"] = deid.phi_keywords_present(ds)
     return info
