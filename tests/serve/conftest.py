@@ -26,6 +26,8 @@ from pydicom.data import get_testdata_file
 from emma.infer.engine import EngineCapabilities
 from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
+from emma.io.image import ImageFit
+from emma.model.families import image_fit
 from emma.model.tiny import load_tiny
 from emma.serve.app import ServeSettings, create_app
 
@@ -164,6 +166,14 @@ def instrument() -> type[InstrumentedEngine]:
 @pytest.fixture(scope="session")
 def tiny_engine() -> TransformersEngine:
     return TransformersEngine(load_tiny(TINY_FAMILY), max_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def served_fit(tiny_engine: TransformersEngine) -> ImageFit:
+    """What the test servers downscale images to when decoding them (the tiny model's processor view)."""
+    fit = image_fit(tiny_engine.family, tiny_engine.processor)
+    assert fit is not None
+    return fit
 
 
 @pytest.fixture(scope="session")

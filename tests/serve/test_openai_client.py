@@ -17,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from emma.io.image import ImageFit
 from emma.io.load import load_images
 from emma.serve.app import create_app
 from emma.serve.security import AUDIT_LOGGER_NAME
@@ -48,7 +49,9 @@ def model_id(client: openai.OpenAI) -> str:
 # ------------------------------------------------------------------------------------------ chat
 
 
-def test_chat_with_png_data_url(client: openai.OpenAI, model_id: str, png_url: str) -> None:
+def test_chat_with_png_data_url(
+    client: openai.OpenAI, model_id: str, png_url: str, served_fit: ImageFit
+) -> None:
     resp = client.chat.completions.create(model=model_id, messages=_image_message(png_url), max_tokens=8)
     choice = resp.choices[0]
     assert resp.object == "chat.completion" and resp.model == model_id
@@ -60,12 +63,14 @@ def test_chat_with_png_data_url(client: openai.OpenAI, model_id: str, png_url: s
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     emma = _extra(resp, "emma")
     assert emma["mode"] == "chat"
-    assert emma["images"] == [{"index": 0, "width": 64, "height": 48, "source_format": "png"}]
+    width, height = served_fit.size_for(64, 48)  # downscaled when decoded to what the model uses
+    assert (width, height) < (64, 48)
+    assert emma["images"] == [{"index": 0, "width": width, "height": height, "source_format": "png"}]
     assert emma["notice"] == "Research tool, not for clinical use."
 
 
 def test_chat_with_dicom_data_url_and_window(
-    client: openai.OpenAI, model_id: str, dicom_url: str, dicom_path: Any
+    client: openai.OpenAI, model_id: str, dicom_url: str, dicom_path: Any, served_fit: ImageFit
 ) -> None:
     resp = client.chat.completions.create(
         model=model_id,
@@ -73,7 +78,7 @@ def test_chat_with_dicom_data_url_and_window(
         max_tokens=4,
         extra_body={"emma": {"window": "abdomen"}},
     )
-    expected = load_images(dicom_path, window="abdomen")[0]
+    expected = load_images(dicom_path, window="abdomen", fit=served_fit)[0]
     emma = _extra(resp, "emma")
     assert emma["images"] == [
         {"index": 0, "width": expected.width, "height": expected.height, "source_format": "dicom"}
@@ -92,7 +97,9 @@ def test_image_tokens_count_in_usage(client: openai.OpenAI, model_id: str, png_u
     assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens
 
 
-def test_streaming_matches_non_streaming(client: openai.OpenAI, model_id: str, png_url: str) -> None:
+def test_streaming_matches_non_streaming(
+    client: openai.OpenAI, model_id: str, png_url: str, served_fit: ImageFit
+) -> None:
     messages = _image_message(png_url)
     whole = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12)
     chunks = list(
@@ -111,7 +118,7 @@ def test_streaming_matches_non_streaming(client: openai.OpenAI, model_id: str, p
     assert last.usage.completion_tokens == whole.usage.completion_tokens
     assert last.usage.prompt_tokens == whole.usage.prompt_tokens
     emma = _extra(last, "emma")
-    assert emma["mode"] == "chat" and emma["images"][0]["width"] == 64
+    assert emma["mode"] == "chat" and emma["images"][0]["width"] == served_fit.size_for(64, 48)[0]
 
 
 def test_stream_ends_with_done_line(base_url: str, png_url: str) -> None:
@@ -374,11 +381,14 @@ def test_models_and_health(client: openai.OpenAI, base_url: str, tiny_engine: An
     assert health["queue"]["capacity"] == 64 and health["queue"]["depth"] == 0
 
 
-def test_preview_returns_model_ready_pixels(base_url: str, dicom_url: str, dicom_path: Any) -> None:
+def test_preview_returns_model_ready_pixels(
+    base_url: str, dicom_url: str, dicom_path: Any, served_fit: ImageFit
+) -> None:
     r = httpx.post(f"{base_url}/v1/emma/preview", json={"images": [dicom_url], "window": "bone"}, timeout=30)
     assert r.status_code == 200
     [item] = r.json()["images"]
-    expected = load_images(dicom_path, window="bone")[0]
+    expected = load_images(dicom_path, window="bone", fit=served_fit)[0]
+    assert expected.provenance.steps[-1].op == "resize"  # the 128 x 128 CT is more than the model uses
     assert (item["width"], item["height"]) == (expected.width, expected.height)
     assert item["provenance"]["source"] == "upload:0" and item["provenance"]["format"] == "dicom"
     png = base64.b64decode(item["png"].split(",", 1)[1])
@@ -428,7 +438,7 @@ def image_host(png_bytes: bytes) -> Iterator[int]:
 
 
 def test_remote_images_only_from_allowed_hosts(
-    tiny_engine: Any, serve: Any, make_settings: Any, image_host: int
+    tiny_engine: Any, serve: Any, make_settings: Any, image_host: int, served_fit: ImageFit
 ) -> None:
     settings = make_settings(allow_remote_images=True, allowed_domains=("127.0.0.1",))
     with serve(create_app(tiny_engine, settings)) as url:
@@ -442,7 +452,7 @@ def test_remote_images_only_from_allowed_hosts(
         ok = ask(f"http://127.0.0.1:{image_host}/chest.png")
         assert _extra(ok, "emma")["images"][0]["source_format"] == "png"
         ok = ask(f"http://127.0.0.1:{image_host}/same-host")
-        assert _extra(ok, "emma")["images"][0]["width"] == 64
+        assert _extra(ok, "emma")["images"][0]["width"] == served_fit.size_for(64, 48)[0]
         for bad in (f"http://localhost:{image_host}/chest.png", f"http://127.0.0.1:{image_host}/other-host"):
             exc = _status_error(lambda: ask(bad))  # noqa: B023
             assert exc.status_code == 400 and _error_code(exc) == "remote_image_refused"

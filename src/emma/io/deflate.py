@@ -122,7 +122,7 @@ def read_deflated(
         preamble = read_preamble(f, True)  # None (and f at 0) without the 128-byte preamble
         meta = read_elements(f, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
         syntax = meta.get("TransferSyntaxUID")
-    except Exception:  # not a DICOM file meta: the ordinary reader decides what the file is
+    except Exception:  # noqa: BLE001 — not a DICOM file meta: the ordinary reader decides what it is
         f.seek(0)
         return None
     if syntax != DeflatedExplicitVRLittleEndian:

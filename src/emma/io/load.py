@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from emma.errors import InputError
-from emma.io.image import ModelImage
+from emma.io.image import ImageFit, ModelImage, fit_image
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.windows import Window
 
@@ -109,6 +109,7 @@ def load_images(
     sampling: VolumeSampling = VolumeSampling(),
     limits: Limits = DEFAULT_LIMITS,
     source: str | None = None,
+    fit: ImageFit | None = None,
 ) -> list[ModelImage]:
     """Read a file or a DICOM series folder into RGB uint8 images, each with its provenance.
 
@@ -120,7 +121,26 @@ def load_images(
     current position), bounded by ``limits.max_file_bytes`` before decoding; ``source`` then labels the
     images' provenance and error messages (default ``"<memory>"``). DICOM or NIfTI content in memory
     raises InputError (write it to a file).
+
+    ``fit`` (what the model can use, e.g. from :func:`emma.model.families.image_fit`) downscales every
+    image bigger than it as it is made, recorded as a "resize" step in its provenance; raster frames are
+    fitted one at a time as they are decoded.
     """
+    images = _load(path, window=window, sampling=sampling, limits=limits, source=source, fit=fit)
+    for i, image in enumerate(images):  # in place: each full-resolution image is freed as it is replaced
+        images[i] = fit_image(image, fit)
+    return images
+
+
+def _load(
+    path: RasterSource,
+    *,
+    window: Window | str | None,
+    sampling: VolumeSampling,
+    limits: Limits,
+    source: str | None,
+    fit: ImageFit | None,
+) -> list[ModelImage]:
     from emma.io import dicom, nifti, raster, volume
 
     if not isinstance(path, str | os.PathLike):
@@ -128,10 +148,10 @@ def load_images(
         fmt = detect_format(fp)
         if fmt is not SourceFormat.RASTER:
             raise InputError(f"{what}: {fmt.value} data are read from a file, not from memory")
-        return raster.raster_images(fp, window=window, limits=limits, source=what)
+        return raster.raster_images(fp, window=window, limits=limits, source=what, fit=fit)
     fmt = detect_format(path)
     if fmt is SourceFormat.RASTER:
-        return raster.raster_images(path, window=window, limits=limits, source=source or str(path))
+        return raster.raster_images(path, window=window, limits=limits, source=source or str(path), fit=fit)
     if fmt is SourceFormat.NIFTI:
         vol = nifti.load_nifti(path, limits=limits)
     elif fmt is SourceFormat.DICOM_SERIES:

@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emma.errors import CorruptFileError, ImageTooLargeError
-from emma.io.image import ModelImage
+from emma.io.image import ImageFit, ModelImage, fit_array
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance
 from emma.io.windows import Window, apply_window, gray_to_rgb, parse_window, percentile_window, to_uint8
 
-__all__ = ["RASTER_FORMATS", "RasterSource", "raster_images", "raster_summary"]
+__all__ = ["RASTER_FORMATS", "RasterSource", "raster_geometry", "raster_images", "raster_summary"]
 
 # A file path, a file's content, or a binary file object (read from its current position).
 RasterSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
@@ -154,11 +154,16 @@ def _exif_orientation(im: Image.Image) -> int:
         return 1
 
 
-def _frame_to_rgb(im: Image.Image, window: Window | None, label: str, prov: Provenance) -> np.ndarray:
+def _frame_to_rgb(
+    im: Image.Image, window: Window | None, label: str, prov: Provenance, fit: ImageFit | None = None
+) -> np.ndarray:
+    """One decoded frame → RGB uint8, downscaled to ``fit`` at the cheapest point: grayscale after its
+    window (one byte per pixel), colour as the PIL image, before the RGB array is made."""
     mode = im.mode
     if mode in _HIGH_DEPTH_MODES:
         prov.add("decode", mode=mode)
-        return gray_to_rgb(_gray_to_uint8(np.asarray(im), window, label, prov, fallback=True))
+        gray = _gray_to_uint8(np.asarray(im), window, label, prov, fallback=True)
+        return gray_to_rgb(fit_array(gray, fit, prov))
     if mode in ("L", "LA", "1", "La"):
         if mode != "L":
             im = im.convert("L")
@@ -168,7 +173,8 @@ def _frame_to_rgb(im: Image.Image, window: Window | None, label: str, prov: Prov
                 mode_to="L",
                 alpha="dropped" if "A" in mode or "a" in mode else None,
             )
-        return gray_to_rgb(_gray_to_uint8(np.asarray(im), window, label, prov, fallback=False))
+        gray = _gray_to_uint8(np.asarray(im), window, label, prov, fallback=False)
+        return gray_to_rgb(fit_array(gray, fit, prov))
     if mode != "RGB":
         converted = im.convert("RGB")
         prov.add(
@@ -177,6 +183,13 @@ def _frame_to_rgb(im: Image.Image, window: Window | None, label: str, prov: Prov
         im = converted
     if window is not None:
         prov.add("color", to="RGB", window_ignored=True)
+    if fit is not None and fit.size_for(*im.size) != im.size:
+        target = fit.size_for(*im.size)
+        prov.add(
+            "resize",
+            **{"from": list(im.size), "to": list(target), "method": "lanczos", "reason": fit.reason},
+        )
+        im = im.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
     return np.array(im, dtype=np.uint8)
 
 
@@ -186,6 +199,7 @@ def raster_images(
     window: Window | str | None = None,
     limits: Limits = DEFAULT_LIMITS,
     source: str | None = None,
+    fit: ImageFit | None = None,
 ) -> list[ModelImage]:
     """Read a PNG/JPEG/TIFF/BMP/GIF/WebP file → one RGB uint8 :class:`ModelImage` per frame/page.
 
@@ -194,6 +208,8 @@ def raster_images(
     messages. ``window`` (a :class:`Window`, preset name or ``"C,W"``) applies to grayscale images; high
     bit depth grayscale without a window gets a percentile window. Byte size, pixel size and frame count
     are checked against ``limits`` before decoding; unreadable or truncated files raise CorruptFileError.
+    ``fit`` downscales each frame as it is decoded (a "resize" provenance step), so no full-resolution
+    frame is kept.
     """
     fp, what = open_input(path, limits, source)
     src = source or what
@@ -217,7 +233,8 @@ def raster_images(
                 if orientation in range(2, 9):
                     frame = ImageOps.exif_transpose(im)
                     prov.add("exif_transpose", orientation=orientation)
-                pixels = _frame_to_rgb(frame, win, label, prov)
+                pixels = _frame_to_rgb(frame, win, label, prov, fit)
+                del frame
             except (ImageTooLargeError, CorruptFileError):
                 raise
             except _DECODE_ERRORS as exc:
@@ -226,6 +243,19 @@ def raster_images(
                 ) from None
             images.append(ModelImage(pixels=np.ascontiguousarray(pixels), provenance=prov))
     return images
+
+
+def raster_geometry(
+    source: RasterSource, limits: Limits = DEFAULT_LIMITS, label: str | None = None
+) -> tuple[int, int, int]:
+    """``(width, height, frames)`` from the header alone (no pixel data decoded), checked against
+    ``limits`` as :func:`raster_images` checks them."""
+    fp, what = open_input(source, limits, label)
+    with _open(fp, what) as im:
+        width, height = im.size
+        frames = _n_frames(im, what)
+    limits.check_image(height, width, frames, what=what)
+    return width, height, frames
 
 
 def raster_summary(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from emma.io.image import ImageFit
+
 
 class BoxConvention(StrEnum):
     PIXELS = "pixels"  # pixels of the original image (canonical)
@@ -419,6 +421,43 @@ def _base_view(spec: FamilySpec, processor: Any) -> tuple[int, int] | None:
         if edge and spec.name == "llava":
             return edge, edge
     return spec.base_view
+
+
+def image_fit(family: FamilySpec | str | None, processor: Any = None) -> ImageFit | None:
+    """The largest image the family's processor makes use of (read from ``processor`` when given, else
+    the family's defaults), for downscaling images when they are decoded (:mod:`emma.io.image`).
+
+    Qwen families: the ``smart_resize`` pixel budget. Idefics3/SmolVLM: the longest edge it resizes to.
+    LLaVA-OneVision: the largest ``image_grid_pinpoints`` area. InternVL: ``max_patches`` tiles when it
+    crops to patches, else its square view. Processors with one fixed view (LLaVA's crop, Gemma 3 and
+    FastVLM's squash): the view, both sides kept at least as large. None for an unknown family.
+    """
+    if family is None:
+        return None
+    try:
+        spec = _as_spec(family)
+    except (KeyError, ValueError):
+        return None
+    reason = f"model:{spec.name}"
+    params = smart_resize_params(spec, processor)
+    if params is not None:
+        return ImageFit(max_pixels=params.max_pixels, reason=reason)
+    ip = _image_processor(processor) if processor is not None else None
+    if spec.name == "idefics3":
+        edge = _positive_int(_lookup(_lookup(ip, "size"), "longest_edge"))
+        return ImageFit(max_side=edge or 4 * (spec.base_view or (364, 364))[0], reason=reason)
+    if spec.name == "llava_onevision":
+        pinpoints = _lookup(ip, "image_grid_pinpoints") or [[2304, 2304]]
+        areas = [int(w) * int(h) for w, h in pinpoints if _positive_int(w) and _positive_int(h)]
+        return ImageFit(max_pixels=max(areas), reason=reason) if areas else None
+    if spec.name == "internvl" and _lookup(ip, "crop_to_patches"):
+        size = _lookup(ip, "size")
+        w, h = _positive_int(_lookup(size, "width")), _positive_int(_lookup(size, "height"))
+        patches = _positive_int(_lookup(ip, "max_patches"))
+        if w and h and patches:
+            return ImageFit(max_pixels=patches * w * h, reason=reason)
+    view = _base_view(spec, processor)
+    return ImageFit(cover=view, reason=reason) if view is not None else None
 
 
 def model_image_size(

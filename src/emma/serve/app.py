@@ -41,8 +41,9 @@ from emma.infer.types import (
     SamplingParams,
     TextPart,
 )
-from emma.io.image import ModelImage
+from emma.io.image import ImageFit, ModelImage
 from emma.io.limits import Limits
+from emma.model.families import image_fit
 from emma.serve.batcher import (
     Arrival,
     Batcher,
@@ -52,6 +53,7 @@ from emma.serve.batcher import (
     QueueFullError,
     ShuttingDown,
 )
+from emma.serve.budget import BODY_COPIES, Ledger, MemoryBudget
 from emma.serve.images import ImageResolver, png_data_url
 from emma.serve.schemas import (
     MAX_STOP_CHARS,
@@ -118,7 +120,31 @@ class ServeSettings(BaseModel):
     max_images: int = Field(
         default=16, ge=1, description="Model-ready images per request (slices/frames count)."
     )
+    max_request_pixels: int = Field(
+        default=256 * 1024**2,
+        ge=1,
+        description="Pixels decoded for one request: frames x rows x columns (voxels of volumes) summed "
+        "over its images, read from their headers before decoding.",
+    )
     limits: Limits = Field(default=SERVE_LIMITS, description="Per-image file size, pixel and frame bounds.")
+    memory_budget_mb: int = Field(
+        default=2048,
+        ge=16,
+        description="Memory the requests in flight may hold (bodies, decoding, model-ready images), "
+        "reserved before it is allocated: a request that can never fit is refused with 413, one that "
+        "does not fit beside the others with 503 + Retry-After.",
+    )
+    fit_images: bool = Field(
+        default=True,
+        description="Downscale images when decoded to what the served model's processor can use "
+        "(emma.model.families.image_fit), recorded in their provenance.",
+    )
+    max_text_chars: int = Field(
+        default=256 * 1024,
+        ge=1,
+        description="Characters of text in one request (messages and emma.context), checked before "
+        "anything is tokenized.",
+    )
     max_prompt_tokens: int | None = Field(default=16384, ge=1, description="Prompt tokens, images included.")
     max_tokens: int = Field(
         default=2048, ge=1, description="Upper bound on max_tokens a request may ask for."
@@ -152,7 +178,16 @@ class ServeSettings(BaseModel):
             raise ValueError("default_max_tokens must not exceed max_tokens")
         if self.allow_remote_images and not self.allowed_domains:
             raise ValueError("allow_remote_images needs at least one allowed domain")
+        if self.memory_budget_bytes < self.max_body_bytes * BODY_COPIES:
+            raise ValueError(
+                f"memory_budget_mb must hold at least {BODY_COPIES} x max_body_bytes (a body at the bound "
+                "could never be served)"
+            )
         return self
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget_mb * 1024**2
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -204,6 +239,23 @@ def _to_messages(messages: Sequence[ChatMessage], groups: Sequence[list[ModelIma
             400, "the last message must be a user message", code="invalid_request", param="messages"
         )
     return out
+
+
+def _check_text(body: ChatCompletionRequest, settings: ServeSettings) -> None:
+    """The request's text in characters against ``max_text_chars``, before anything is tokenized."""
+    n = len((body.emma.context or "") if body.emma is not None else "")
+    for m in body.messages:
+        if isinstance(m.content, str):
+            n += len(m.content)
+        elif m.content is not None:
+            n += sum(len(part.text) for part in m.content if not isinstance(part, ImageURLPart))
+    if n > settings.max_text_chars:
+        raise APIError(
+            400,
+            f"the request has {n} characters of text, over this server's limit of {settings.max_text_chars}",
+            code="context_length_exceeded",
+            param="messages",
+        )
 
 
 def _sampling(body: ChatCompletionRequest, settings: ServeSettings) -> SamplingParams:
@@ -308,6 +360,15 @@ def _scalars(value: Any, depth: int = 0) -> set[str]:
     return set().union(*(_scalars(v, depth + 1) for v in items[:100])) if items else set()
 
 
+_UNPARSABLE_BODY = (UnicodeDecodeError, RecursionError, ValueError)
+
+
+def _memory(request: Request) -> Ledger | None:
+    """The request's memory ledger (set by the GuardMiddleware; None outside it)."""
+    ledger = getattr(request.state, "memory", None)
+    return ledger if isinstance(ledger, Ledger) else None
+
+
 def _sse(payload: BaseModel | dict[str, Any]) -> str:
     data = (
         payload.model_dump_json()
@@ -334,12 +395,19 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         retry_after_s=settings.retry_after_s,
         count_prompts=engine.capabilities.in_process,
     )
+    budget = MemoryBudget(settings.memory_budget_bytes)
+    fit: ImageFit | None = (
+        image_fit(engine.family, engine.capabilities.processor) if settings.fit_images else None
+    )
     resolver = ImageResolver(
         limits=settings.limits,
         max_images=settings.max_images,
+        max_request_pixels=settings.max_request_pixels,
+        fit=fit,
         allow_remote_images=settings.allow_remote_images,
         allowed_domains=settings.allowed_domains,
         remote_timeout_s=settings.remote_timeout_s,
+        retry_after_s=settings.retry_after_s,
     )
 
     @asynccontextmanager
@@ -366,6 +434,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     app.state.settings = settings
     app.state.batcher = batcher
     app.state.resolver = resolver
+    app.state.budget = budget
 
     # ---------------------------------------------------------------------------- error shapes
 
@@ -382,6 +451,14 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, _UNPARSABLE_BODY):
+            # FastAPI's body parsing failed past json.loads' JSONDecodeError: invalid UTF-8, nesting
+            # deeper than the parser's recursion bound: not JSON it can read, as documented
+            _audit(request).error = "invalid_json"
+            return JSONResponse(
+                error_payload("the request body is not valid JSON", "invalid_request_error", "invalid_json"),
+                status_code=400,
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "request failed")
         _audit(request).error = code
@@ -414,7 +491,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     )
     async def preview(body: PreviewRequest, request: Request) -> PreviewResponse:
         """Images → the exact model-ready PNGs the model sees (the pixel space of the response boxes)."""
-        groups = await resolver.resolve(body.images, body)
+        groups = await resolver.resolve(body.images, body, _memory(request))
         images = [im for group in groups for im in group]
         _audit(request).images = len(images)
         return PreviewResponse(
@@ -458,10 +535,11 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         if body.stream and not batcher.batches_streams:
             arrival.done()  # streams run one at a time here, never in a batch: nothing to wait for
         try:
+            _check_text(body, settings)
             sampling = _sampling(body, settings)
             options = body.emma or EmmaOptions()
             urls = _image_urls(body.messages)
-            groups = await resolver.resolve(urls, options)
+            groups = await resolver.resolve(urls, options, _memory(request))
             images = [im for group in groups for im in group]
             record.images = len(images)
             messages = _apply_mode(_to_messages(body.messages, groups), options, engine.family)
@@ -505,7 +583,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     if settings.static_dir is not None and Path(settings.static_dir).is_dir():
         app.mount("/", StaticFiles(directory=settings.static_dir, html=True), name="ui")
 
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        budget=budget,
+        retry_after_s=settings.retry_after_s,
+    )
     app.add_middleware(_ArrivalMiddleware, batcher=batcher)  # outermost: counts a request from its start
     return app
 

@@ -12,6 +12,13 @@ plain paths and any other scheme are always refused.
 Decoding runs in a worker thread, one image at a time, with pydicom's value validation and warnings
 silenced (their messages can quote element values, i.e. PHI). Error messages name the image by its
 index in the request, never by a path, URL or value.
+
+Before any pixel is decoded, each image's header is read (:func:`emma.io.plan.plan_images`): the images
+it gives count against ``max_images`` and its pixels (frames x rows x columns, voxels of a volume)
+against ``max_request_pixels`` (413), and the memory decoding it takes is reserved in the request's
+:class:`~emma.serve.budget.Ledger` (413 if it can never fit the budget, 503 while others use it).
+Images are downscaled to ``fit`` (what the served model can use) as they are decoded, and the
+reservation then shrinks to what the request keeps.
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ from PIL import Image
 
 from emma.errors import ImageTooLargeError, InputError
 from emma.io.dicom import quiet_pydicom
-from emma.io.image import ModelImage
+from emma.io.image import ImageFit, ModelImage
 from emma.io.limits import Limits
 from emma.io.load import VolumeSampling, load_images
+from emma.io.plan import ImagePlan, plan_images
 from emma.io.windows import Window, parse_window
+from emma.serve.budget import HELD_BYTES_PER_PIXEL, Ledger, OverBudget, Reservation
 from emma.serve.schemas import ImageOptions
-from emma.serve.security import APIError, host_allowed
+from emma.serve.security import APIError, host_allowed, over_budget_error
 
 DICOM_TYPES = ("application/dicom", "application/dicom+binary", "image/dicom")
 NIFTI_TYPES = (
@@ -117,6 +126,19 @@ def resolve_window(spec: str | None) -> Window | None:
         ) from None
 
 
+def held_bytes(images: Sequence[ModelImage]) -> int:
+    """What a request keeps for its model-ready images until it ends (see emma.serve.budget)."""
+    return sum(im.width * im.height for im in images) * HELD_BYTES_PER_PIXEL
+
+
+class _Tally:
+    """One request's running totals: model images and source pixels so far."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.pixels = 0
+
+
 class ImageResolver:
     """Turns a request's image URLs into model-ready images under the server's bounds."""
 
@@ -125,12 +147,18 @@ class ImageResolver:
         *,
         limits: Limits,
         max_images: int,
+        max_request_pixels: int | None = None,
+        fit: ImageFit | None = None,
         allow_remote_images: bool = False,
         allowed_domains: Sequence[str] = (),
         remote_timeout_s: float = 10.0,
+        retry_after_s: int = 1,
     ) -> None:
         self.limits = limits
         self.max_images = max_images
+        self.max_request_pixels = max_request_pixels
+        self.fit = fit
+        self.retry_after_s = retry_after_s
         self.allow_remote_images = allow_remote_images
         self.allowed_domains = tuple(allowed_domains)
         self.remote_timeout_s = remote_timeout_s
@@ -138,8 +166,11 @@ class ImageResolver:
         # time bounds the memory that decoding can take.
         self._lock = threading.Lock()
 
-    async def resolve(self, urls: Sequence[str], options: ImageOptions) -> list[list[ModelImage]]:
-        """The images of each URL, in order (a volume or multi-frame file gives several)."""
+    async def resolve(
+        self, urls: Sequence[str], options: ImageOptions, ledger: Ledger | None = None
+    ) -> list[list[ModelImage]]:
+        """The images of each URL, in order (a volume or multi-frame file gives several), each bounded
+        from its header before it is decoded; memory reserved in ``ledger`` when given."""
         if len(urls) > self.max_images:
             raise APIError(
                 413,
@@ -149,20 +180,50 @@ class ImageResolver:
         window = resolve_window(options.window)
         sampling = VolumeSampling(plane=options.plane, n=options.slices, mode=options.volume_mode)
         out: list[list[ModelImage]] = []
-        total = 0
+        tally = _Tally()
         for index, url in enumerate(urls):
             mime, data = await self.fetch(url, index)
-            images = await asyncio.to_thread(self.decode, data, mime, index, window, sampling)
+            images = await asyncio.to_thread(
+                self.decode, data, mime, index, window, sampling, tally=tally, ledger=ledger
+            )
+            del data
             out.append(images)
-            total += len(images)
-            if total > self.max_images:
+            if (
+                sum(len(group) for group in out) > self.max_images
+            ):  # a plan never undercounts; kept as a guard
+                raise self._too_many_images()
+        return out
+
+    def _too_many_images(self) -> APIError:
+        return APIError(
+            413,
+            f"the request's images give more than {self.max_images} model images "
+            "(volumes and multi-frame files count each sampled slice or frame)",
+            code="too_many_images",
+        )
+
+    def _admit(
+        self, plan: ImagePlan, index: int, tally: _Tally | None, ledger: Ledger | None
+    ) -> Reservation | None:
+        """Count ``plan`` against the request's bounds and reserve its decoding, before decoding."""
+        if tally is not None:
+            tally.images += plan.count
+            if tally.images > self.max_images:
+                raise self._too_many_images()
+            tally.pixels += plan.source_pixels
+            if self.max_request_pixels is not None and tally.pixels > self.max_request_pixels:
                 raise APIError(
                     413,
-                    f"the request's images give more than {self.max_images} model images "
-                    "(volumes and multi-frame files count each sampled slice or frame)",
-                    code="too_many_images",
+                    f"the request's images hold more than {self.max_request_pixels} pixels "
+                    "(frames x rows x columns, voxels of volumes), this server's limit per request",
+                    code="too_many_pixels",
                 )
-        return out
+        if ledger is None:
+            return None
+        try:
+            return ledger.reserve(plan.decode_bytes, f"decoding image {index}")
+        except OverBudget as exc:
+            raise over_budget_error(exc, self.retry_after_s, never_code="image_too_large") from None
 
     async def fetch(self, url: str, index: int) -> tuple[str, bytes]:
         """``(media type, bytes)`` of one image URL; only data: URLs and allowed http(s) hosts."""
@@ -235,25 +296,53 @@ class ImageResolver:
             ) from None
 
     def decode(
-        self, data: bytes, mime: str, index: int, window: Window | None, sampling: VolumeSampling
+        self,
+        data: bytes,
+        mime: str,
+        index: int,
+        window: Window | None,
+        sampling: VolumeSampling,
+        *,
+        tally: _Tally | None = None,
+        ledger: Ledger | None = None,
     ) -> list[ModelImage]:
         """Bytes → model-ready images: rasters from memory, DICOM and NIfTI via a private temporary
-        file deleted before returning."""
+        file deleted before returning. The header is planned and admitted (:meth:`_admit`) first."""
         label = f"image {index}"
         suffix = file_suffix(data, mime)
-        with self._lock:
-            if suffix in _IN_MEMORY_SUFFIXES:
-                with _decode_errors(label, ()):
-                    images = load_images(
-                        data, window=window, sampling=sampling, limits=self.limits, source=label
-                    )
-            else:
-                with tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
-                    path = Path(tmp) / f"upload{suffix}"
-                    with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
-                        fh.write(data)
-                    with _decode_errors(label, (str(path), str(path.parent), path.name)), quiet_pydicom():
-                        images = load_images(path, window=window, sampling=sampling, limits=self.limits)
+        reservation: Reservation | None = None
+        try:
+            with self._lock:
+                if suffix in _IN_MEMORY_SUFFIXES:
+                    with _decode_errors(label, ()):
+                        plan = plan_images(data, sampling=sampling, limits=self.limits, source=label)
+                        reservation = self._admit(plan, index, tally, ledger)
+                        images = load_images(
+                            data,
+                            window=window,
+                            sampling=sampling,
+                            limits=self.limits,
+                            source=label,
+                            fit=self.fit,
+                        )
+                else:
+                    with tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
+                        path = Path(tmp) / f"upload{suffix}"
+                        with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
+                            fh.write(data)
+                        hide = (str(path), str(path.parent), path.name)
+                        with _decode_errors(label, hide), quiet_pydicom():
+                            plan = plan_images(path, sampling=sampling, limits=self.limits)
+                            reservation = self._admit(plan, index, tally, ledger)
+                            images = load_images(
+                                path, window=window, sampling=sampling, limits=self.limits, fit=self.fit
+                            )
+        except BaseException:
+            if reservation is not None and ledger is not None:
+                ledger.shrink(reservation, 0)
+            raise
+        if reservation is not None and ledger is not None:
+            ledger.shrink(reservation, held_bytes(images))
         for image in images:
             image.provenance.source = f"upload:{index}"
         if not images:

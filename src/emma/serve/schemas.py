@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from emma.infer.prompts import MAX_CONTEXT_CHARS
 from emma.infer.structured import DiagnosticOutput
@@ -19,6 +19,7 @@ NOTICE = "Research tool, not for clinical use."
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 MAX_SLICES = 64
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI and vLLM take it
 
 Mode = Literal["chat", "structured", "report"]
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -69,7 +70,7 @@ class ImageOptions(BaseModel):
         description='CT window: a preset name ("lung", "bone", ...) or "CENTER,WIDTH"; null = the file\'s own.',
     )
     plane: Plane = Field(default="axial", description="Plane sampled from a volume (NIfTI, series, mosaic).")
-    slices: int = Field(default=8, ge=1, le=MAX_SLICES, description="Images sampled from a volume.")
+    slices: StrictInt = Field(default=8, ge=1, le=MAX_SLICES, description="Images sampled from a volume.")
     volume_mode: VolumeMode = Field(default="slice", description="Single slices, thick slabs or MIPs.")
 
 
@@ -90,24 +91,28 @@ class EmmaOptions(ImageOptions):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI ``POST /v1/chat/completions`` body (the fields EMMA reads) plus ``emma``."""
+    """OpenAI ``POST /v1/chat/completions`` body (the fields EMMA reads) plus ``emma``.
+
+    Numbers and flags are strict: ``max_tokens: true`` or ``stream: "yes"`` are refused (422), not read
+    as 1 or true; ``seed`` is a signed 64-bit integer.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, description="The id from /v1/models; omitted = the served model.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = Field(default=None, ge=1)
-    stream: bool | None = False
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: StrictInt | None = Field(default=None, ge=1)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     tools: list[Any] | None = None
     emma: EmmaOptions | None = None

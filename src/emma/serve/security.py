@@ -10,6 +10,10 @@ pass through untouched). For every HTTP request it
 3. reads the body with a bound: a ``Content-Length`` over ``max_body_bytes`` is answered 413 at once;
    a chunked body is counted as it arrives and answered 413 as soon as it passes the bound; the body is
    then replayed to the application, and later ``receive`` calls (disconnect detection) pass through;
+   with a :class:`~emma.serve.budget.MemoryBudget`, the request gets a
+   :class:`~emma.serve.budget.Ledger` (``request.state.memory``) and its body is reserved in it before
+   it is read (503 ``server_busy`` with ``Retry-After`` when the budget is in use); everything the
+   request reserved is released when its response has ended;
 4. turns an unexpected exception into a 500 JSON error that names no content;
 5. writes exactly one line to the ``emma.audit`` logger: request id, method, a known route (never the
    raw path of an unknown one), status, images, bytes in and out, prompt and completion tokens, latency.
@@ -31,6 +35,8 @@ from typing import Any
 import anyio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from emma.serve.budget import BODY_COPIES, Ledger, MemoryBudget, OverBudget
 
 AUDIT_LOGGER_NAME = "emma.audit"
 audit_logger = logging.getLogger(AUDIT_LOGGER_NAME)
@@ -224,13 +230,43 @@ class _ClientLeft(Exception):
     pass
 
 
+class _BodyOverBudget(Exception):
+    def __init__(self, error: OverBudget, *, complete: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.complete = complete
+
+
+def over_budget_error(exc: OverBudget, retry_after_s: int, *, never_code: str) -> APIError:
+    """413 (``never_code``) for what can never fit the budget, else 503 ``server_busy`` + Retry-After."""
+    if exc.never:
+        return APIError(413, str(exc), code=never_code)
+    return APIError(
+        503,
+        str(exc),
+        type="server_overloaded",
+        code="server_busy",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 class GuardMiddleware:
     """See the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        budget: MemoryBudget | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self.api_key = api_key or None
         self.max_body_bytes = max_body_bytes
+        self.budget = budget
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -241,6 +277,8 @@ class GuardMiddleware:
             request_id=uuid.uuid4().hex, method=scope.get("method", "?"), route=_route_label(path)
         )
         scope.setdefault("state", {})["audit"] = record
+        ledger = self.budget.ledger() if self.budget is not None else None
+        scope["state"]["memory"] = ledger
         started = False
         api = path.startswith(PROTECTED_PREFIX)
 
@@ -291,12 +329,24 @@ class GuardMiddleware:
                     await self._drain(receive, record)
                     await refuse(self._too_large(), close=True)
                     return
+                if ledger is not None and int(length) > 0:
+                    try:
+                        ledger.reserve(int(length) * BODY_COPIES, "the request body")
+                    except OverBudget as exc:
+                        await self._drain(receive, record)
+                        await refuse(self._over_budget(exc), close=True)
+                        return
             try:
-                body = await self._read_body(receive, record)
+                body = await self._read_body(receive, record, None if length is not None else ledger)
             except _BodyTooLarge as exc:
                 if not exc.complete:
                     await self._drain(receive, record)
                 await refuse(self._too_large(), close=True)
+                return
+            except _BodyOverBudget as exc:
+                if not exc.complete:
+                    await self._drain(receive, record)
+                await refuse(self._over_budget(exc.error), close=True)
                 return
             except _ClientLeft:
                 record.status = 499
@@ -324,7 +374,12 @@ class GuardMiddleware:
             else:
                 record.status = 500
         finally:
+            if ledger is not None:
+                ledger.release()
             audit_logger.info("%s", record.line())
+
+    def _over_budget(self, exc: OverBudget) -> APIError:
+        return over_budget_error(exc, self.retry_after_s, never_code="body_too_large")
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -349,7 +404,9 @@ class GuardMiddleware:
                 if not message.get("more_body", False):
                     return
 
-    async def _read_body(self, receive: Receive, record: AuditRecord) -> bytes:
+    async def _read_body(self, receive: Receive, record: AuditRecord, ledger: Ledger | None) -> bytes:
+        """The whole body within ``max_body_bytes``; with ``ledger`` (a body of unannounced length),
+        each chunk is reserved as it arrives."""
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -359,6 +416,11 @@ class GuardMiddleware:
             record.bytes_in += len(chunk)
             if record.bytes_in > self.max_body_bytes:
                 raise _BodyTooLarge(complete=not message.get("more_body", False))
+            if ledger is not None and chunk:
+                try:
+                    ledger.reserve(len(chunk) * BODY_COPIES, "the request body")
+                except OverBudget as exc:
+                    raise _BodyOverBudget(exc, complete=not message.get("more_body", False)) from None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
