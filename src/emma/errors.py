@@ -42,3 +42,7 @@ class MixedSeriesError(SeriesError):
 
 class DataFormatError(InputError):
     """A dataset folder or record that does not match the expected layout or schema."""
+
+
+class OutputError(EmmaError):
+    """An output that cannot be written where asked (permissions, a file in the way, a full disk)."""

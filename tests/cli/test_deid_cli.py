@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -183,3 +184,38 @@ def test_bad_input_gives_one_line_error_and_exit_2(tmp_path: Path, case: str) ->
         assert not (tmp_path / "single.dcm").exists()
     if case == "key in out":
         assert not (out / "deid.key").exists()
+
+
+@pytest.mark.parametrize("case", ["file in the way", "read-only folder"])
+def test_an_unwritable_output_is_blamed_not_the_input(tmp_path: Path, case: str) -> None:
+    src = sorted(make_inputs(tmp_path / "in").glob("*.dcm"))[0]
+    if case == "file in the way":
+        (tmp_path / "ro").write_text("a file, not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+    out = tmp_path / "ro" / "x.dcm"
+    result = run("deid", src, out, env={"EMMA_DEID_KEY": "k" * 32})
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {out}: cannot write the output"), line
+    assert src.name not in line
+    assert_clean(result)
+
+
+def test_retain_safe_private_keeps_a_siemens_mosaic_loadable(tmp_path: Path) -> None:
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    series = shared / "dcm-qa-orientation" / "dicom" / "axasc35"
+    if not series.is_dir():
+        pytest.skip("dcm-qa-orientation Siemens mosaics not present")
+    env = {"EMMA_DEID_KEY": "k" * 32}
+    plain = run("deid", series, tmp_path / "plain", env=env)
+    assert plain.exit_code == 0 and "Siemens mosaic lost its CSA image header" in plain.stdout
+    assert run("info", tmp_path / "plain", "--json").stdout.count('"error"') == 1
+    kept = run("deid", series, tmp_path / "kept", "--retain-safe-private", "--json", env=env)
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["warnings"] == []
+    info = json.loads(run("info", tmp_path / "kept", "--json").stdout)
+    assert info["series"][0]["n_slices"] == 35 and "error" not in info["series"][0]

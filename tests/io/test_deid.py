@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from emma.errors import CorruptFileError, InputError
+from emma.errors import CorruptFileError, InputError, SeriesError
 from emma.io.deid import (
     BASIC_PROFILE,
     CLASS_UID_KEYWORDS,
@@ -35,7 +35,9 @@ from emma.io.deid import (
     patient_pseudonym,
     phi_keywords_present,
     remap_uid,
+    safe_private_tags,
 )
+from emma.io.volume import load_series
 
 KEY = b"test-key-0123456789abcdef-not-secret"
 CONFIG = DeidConfig(key=KEY)
@@ -654,3 +656,61 @@ def test_real_files(tmp_path: Path, name: str) -> None:
         assert any("modality US" in w for w in report.warnings)
     else:
         assert report.warnings == []
+
+
+# ------------------------------------------------------------------------ Retain Safe Private (Siemens CSA)
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SIEMENS_MOSAIC = SHARED_DATA / "dcm-qa-orientation" / "dicom" / "axasc35"
+
+
+def _siemens_series() -> Path:
+    if not SIEMENS_MOSAIC.is_dir():
+        pytest.skip("dcm-qa-orientation Siemens mosaics not present")
+    return SIEMENS_MOSAIC
+
+
+def test_safe_private_tags_follow_the_creator_block_not_fixed_numbers() -> None:
+    ds = Dataset()
+    ds.add_new(0x00290010, "LO", "ANOTHER VENDOR")
+    ds.add_new(0x00291010, "OB", b"other vendor data")
+    ds.add_new(0x00290011, "LO", "SIEMENS CSA HEADER")  # the CSA block is 0029,11xx here
+    ds.add_new(0x00291108, "CS", "IMAGE NUM 4")
+    ds.add_new(0x00291109, "LO", "20140310")  # a version that is a date: not kept
+    ds.add_new(0x00291110, "OB", b"SV10csa")
+    ds.add_new(0x00291120, "OB", b"series protocol")  # the series header: not kept
+    assert safe_private_tags(ds) == {0x00290011, 0x00291108, 0x00291110}
+    out = deidentify_dataset(ds, DeidConfig(key=KEY, retain_safe_private=True)).dataset
+    assert [int(t) for t in out.keys() if t.is_private] == [0x00290011, 0x00291108, 0x00291110]
+    assert out[0x00291110].value == b"SV10csa"
+    codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
+    assert "113111" in codes
+    plain = deidentify_dataset(ds, CONFIG).dataset
+    assert not any(t.is_private for t in plain.keys())
+    assert "113111" not in [item.CodeValue for item in plain.DeidentificationMethodCodeSequence]
+
+
+def test_siemens_mosaic_series_loads_after_deid_only_with_retain_safe_private(tmp_path: Path) -> None:
+    series = _siemens_series()
+    original = load_series(series)
+    first = pydicom.dcmread(sorted(series.iterdir())[0], stop_before_pixels=True)
+    secrets = [str(first.get(k)) for k in ("PatientName", "PatientID", "InstitutionName", "StationName",
+               "DeviceSerialNumber", "ProtocolName", "StudyDate", "PatientBirthDate", "StudyInstanceUID",
+               "SeriesInstanceUID", "FrameOfReferenceUID") if first.get(k)]  # fmt: skip
+
+    plain = deidentify_path(series, tmp_path / "plain", CONFIG)
+    assert len(plain.warnings) == 2 and all("Siemens mosaic" in w for w in plain.warnings)
+    with pytest.raises(SeriesError, match="mosaic"):
+        load_series(tmp_path / "plain")
+
+    kept = deidentify_path(series, tmp_path / "kept", DeidConfig(key=KEY, retain_safe_private=True))
+    assert kept.warnings == [] and kept.actions["private_kept"] == 2 * 3  # creator, type, info per file
+    volume = load_series(tmp_path / "kept")
+    assert np.array_equal(volume.data, original.data)
+    np.testing.assert_allclose(volume.affine, original.affine)
+    for path in written_files(tmp_path / "kept"):
+        raw = path.read_bytes()
+        for value in secrets:
+            assert value.encode() not in raw, value
+        back = pydicom.dcmread(path, stop_before_pixels=True)
+        assert {int(t) for t in back.keys() if t.is_private} == {0x00290010, 0x00291008, 0x00291010}

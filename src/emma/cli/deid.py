@@ -95,6 +95,11 @@ def deid_command(
         False, "--keep-patient-characteristics", help="Keep sex, age (capped at 90), size and weight."
     ),
     shift_times: bool = typer.Option(False, "--shift-times", help="Shift times of day too, not only dates."),
+    retain_safe_private: bool = typer.Option(
+        False,
+        "--retain-safe-private",
+        help="PS3.15 Retain Safe Private option: keep the Siemens CSA image header (mosaics need it).",
+    ),
     layout: str = typer.Option(
         "uid", "--layout", help="uid: OUT/<study>/<series>/<sop>.dcm; mirror: input folders, files renamed."
     ),
@@ -103,7 +108,8 @@ def deid_command(
     """De-identify DICOM files (PS3.15 basic profile), keeping pixels and geometry.
 
     Names and IDs become keyed pseudonyms, dates move by one offset per patient, UIDs are remapped
-    consistently, private tags and overlays are removed. Exit 1 when some files failed.
+    consistently, private tags (but, with --retain-safe-private, the Siemens CSA image header) and overlays
+    are removed. Exit 1 when some files failed.
     """
     if layout not in ("uid", "mirror"):
         raise InputError(f"--layout must be 'uid' or 'mirror', not {layout!r}")
@@ -115,6 +121,7 @@ def deid_command(
         keep_descriptions=keep_descriptions,
         shift_times=shift_times,
         keep_patient_characteristics=keep_patient_characteristics,
+        retain_safe_private=retain_safe_private,
     )
     if origin == "ephemeral":
         err_console.print(

@@ -10,6 +10,16 @@ What is done to a dataset (every level, sequences included):
 * Private elements, curves (50xx), overlays (60xx), the retired Results group (4008) and public elements
   unknown to the data dictionary are removed; values pydicom cannot read are removed, and IS/DS values
   holding letters are emptied.
+* **Retain Safe Private Option** (PS3.15 E.3.10, code 113111; ``retain_safe_private``): the private
+  elements of the allow-list :data:`SAFE_PRIVATE` are kept, unchanged, with their private creator. The
+  list is EMMA's, kept short on purpose: the Siemens CSA *image* header type and info (0029,xx08 and
+  0029,xx10 of "SIEMENS CSA HEADER"), which hold acquisition parameters only (slice count and slice normal
+  of a mosaic, dwell time, coil, table position) and are what a Siemens mosaic needs to load as a volume.
+  Not on it, as checked on the dcm_qa mosaics: the CSA image header *version* (0029,xx09), which holds the
+  acquisition date there, and the CSA *series* header (0029,xx20), which carries the scanner protocol with
+  the device serial number, the protocol name and the UIDs of other series, whose Siemens digits encode the
+  acquisition date and time. Without the option a mosaic loses its CSA header and no longer loads: a
+  warning says so.
 * The file meta gets the new SOP Instance UID, loses its AE titles and private information, and names
   pydicom as the writing implementation; the 128-byte preamble is zeroed.
 * ``PatientIdentityRemoved = YES``, ``DeidentificationMethod`` and ``DeidentificationMethodCodeSequence``
@@ -75,7 +85,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
-from emma.errors import CorruptFileError, EmmaError, InputError
+from emma.errors import CorruptFileError, EmmaError, InputError, OutputError, SeriesError
+from emma.io import mosaic
 from emma.io.dicom import quiet_pydicom, read_dataset
 from emma.io.limits import DEFAULT_LIMITS, Limits
 
@@ -249,6 +260,14 @@ CLASS_UID_KEYWORDS: frozenset[str] = frozenset(
 # Modalities whose pixels often carry burned-in text (PS3.15 E.1.1 guidance).
 BURNED_IN_RISK_MODALITIES: frozenset[str] = frozenset({"US", "SC", "OT", "XC", "ES"})
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float/DoubleFloat/PixelData
+
+# Retain Safe Private Option: (group, private creator) -> element offsets kept (see the module doc).
+SAFE_PRIVATE: Mapping[tuple[int, str], frozenset[int]] = MappingProxyType(
+    {
+        # Siemens CSA image header type and info (NumberOfImagesInMosaic, SliceNormalVector, ...)
+        (0x0029, "SIEMENS CSA HEADER"): frozenset({0x08, 0x10}),
+    }
+)
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
@@ -258,6 +277,7 @@ _FILE_META_REMOVE: tuple[int, ...] = (0x00020016, 0x00020017, 0x00020018, 0x0002
 _CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
 _CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 _CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
+_CODE_SAFE_PRIVATE = ("113111", "Retain Safe Private Option")
 
 Layout = Literal["uid", "mirror"]
 
@@ -273,12 +293,14 @@ class DeidConfig:
     output. ``keep_descriptions``: keep :data:`DESCRIPTOR_KEYWORDS` (free text, review it).
     ``shift_times``: also shift times of day (see module doc). ``keep_patient_characteristics``: keep sex,
     age (ages of 90 and over are capped at ``090Y``), size, weight (Annex E option 113108).
+    ``retain_safe_private``: keep the private elements of :data:`SAFE_PRIVATE` (option 113111).
     """
 
     key: bytes = field(repr=False)
     keep_descriptions: bool = False
     shift_times: bool = False
     keep_patient_characteristics: bool = False
+    retain_safe_private: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, bytes | bytearray):
@@ -558,7 +580,11 @@ class _Cleaner:
     # one dataset level; sequences recurse
     def clean(self, ds: Dataset) -> None:
         temporal: list[DataElement] = []
+        safe = safe_private_tags(ds) if self.config.retain_safe_private else frozenset()
         for tag in list(ds.keys()):
+            if tag in safe:
+                self.counts["private_kept"] += 1
+                continue
             if tag.is_private:
                 del ds[tag]
                 self.counts["private_removed"] += 1
@@ -704,10 +730,39 @@ def _mark(ds: Dataset, config: DeidConfig) -> None:
     if config.keep_patient_characteristics:
         method.append("Patient characteristics kept")
         codes.append(_CODE_PATIENT_CHARACTERISTICS)
+    if config.retain_safe_private:
+        method.append("Safe private kept: Siemens CSA image header")
+        codes.append(_CODE_SAFE_PRIVATE)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = method
     ds.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
+
+
+def safe_private_tags(ds: Dataset) -> frozenset[BaseTag]:
+    """The tags of ``ds`` (this level) that the Retain Safe Private Option keeps: each :data:`SAFE_PRIVATE`
+    element present and the private creator of its block."""
+    out: set[BaseTag] = set()
+    for (group, creator), offsets in SAFE_PRIVATE.items():
+        try:
+            block = ds.private_block(group, creator)
+        except KeyError:  # no such creator in this dataset
+            continue
+        kept = {block.get_tag(offset) for offset in offsets if block.get_tag(offset) in ds}
+        if kept:
+            out |= kept | {BaseTag((group << 16) | (block.block_start >> 8))}
+    return frozenset(out)
+
+
+def _mosaic_loads(ds: Dataset) -> bool:
+    """Whether ``ds`` is a Siemens mosaic whose geometry (slice count, layout) can be read."""
+    if not mosaic.is_mosaic(ds):
+        return False
+    try:
+        mosaic.mosaic_geometry(ds)
+    except SeriesError:
+        return False
+    return True
 
 
 def _burned_in_warnings(ds: Dataset) -> list[str]:
@@ -760,7 +815,13 @@ def deidentify_dataset(
         notes = _burned_in_warnings(ds)
         if "EncapsulatedDocument" in ds:
             notes.append("EncapsulatedDocument present: the document content was not cleaned")
+        loadable_mosaic = _mosaic_loads(ds)
         cleaner.clean(ds)
+        if loadable_mosaic and not _mosaic_loads(ds):
+            notes.append(
+                "Siemens mosaic lost its CSA image header with the private tags: the output no longer "
+                "loads as a volume (use the Retain Safe Private option, --retain-safe-private)"
+            )
         if "PatientName" not in ds:
             ds.PatientName = cleaner.patient_pseudonym
         if "PatientID" not in ds:
@@ -899,15 +960,29 @@ def _iter_files(src: Path, exclude: Path | None) -> list[Path]:
 
 
 def _atomic_save(ds: Dataset, target: Path) -> None:
-    """Write ``ds`` to a temporary file beside ``target``, then rename it; nothing partial is left."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".deid-", suffix=".part", dir=target.parent)
+    """Write ``ds`` to a temporary file beside ``target``, then rename it; nothing partial is left.
+
+    A failure to write (permissions, a file where a folder should be, a full disk) is an OutputError
+    naming ``target``: the input is fine."""
+
+    def unwritable(exc: OSError) -> OutputError:
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            return OutputError(f"{target}: cannot write the output (a file stands where a folder should be)")
+        return OutputError(f"{target}: cannot write the output ({type(exc).__name__}: {exc.strerror})")
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".deid-", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise unwritable(exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         with quiet_pydicom():
             ds.save_as(tmp_path, enforce_file_format=True)
         os.replace(tmp_path, target)
+    except OSError as exc:
+        raise unwritable(exc) from None
     except (AttributeError, TypeError, ValueError, KeyError, struct.error) as exc:
         raise CorruptFileError(f"{target.name}: cannot be encoded as DICOM ({type(exc).__name__})") from None
     finally:
@@ -1059,6 +1134,7 @@ __all__ = [
     "CLASS_UID_KEYWORDS",
     "DESCRIPTOR_KEYWORDS",
     "PATIENT_CHARACTERISTIC_KEYWORDS",
+    "SAFE_PRIVATE",
     "Action",
     "DeidConfig",
     "DeidReport",
@@ -1072,4 +1148,5 @@ __all__ = [
     "patient_pseudonym",
     "phi_keywords_present",
     "remap_uid",
+    "safe_private_tags",
 ]
