@@ -82,6 +82,13 @@ def test_registry_holds_every_task_with_fixed_prompts() -> None:
         "iu-xray": "report",
         "mimic-cxr": "report",
         "slake-grounding": "grounding",
+        "chexpert": "classification",
+        "chexpert-14": "classification",
+        "chexpert-which": "classification",
+        "padchest": "classification",
+        "padchest-which": "classification",
+        "chestxray14": "classification",
+        "chestxray14-which": "classification",
     }
     assert {name: t.kind for name, t in TASKS.items()} == expected
     for t in TASKS.values():

@@ -84,6 +84,14 @@ gold 右; ``"不，左侧"`` is right for 左 (punctuation ends the negation). K
    longer matched option does not count (``"lobar pneumonia"`` names the option "lobar pneumonia",
    not also "pneumonia"). Several options or none → unparseable.
 
+**Findings, multi-label** (:func:`extract_findings`, value = the sorted tuple of option indices named):
+the located answer is split into parts at commas, semicolons, line breaks, ``and`` / ``&`` between
+words and leading list markers (``-``, ``*``, ``1.``); each part, normalised, must be exactly one
+option's name (normalised, so case, articles and punctuation do not matter). One part that names no
+option makes the whole answer unparseable (no partial credit for a sentence such as "There is
+cardiomegaly"). ``none``, ``none of them``, ``none of the above``, ``no finding(s)`` or ``nothing``
+alone is the empty set. A name said twice counts once.
+
 There is no fuzzy or random fallback: ``"I cannot determine"`` is unparseable.
 """
 
@@ -405,3 +413,39 @@ def extract_choice(text: str | None, options: Sequence[str]) -> Extraction:
     if idx is None:
         return Extraction(None, "unparseable", located)
     return Extraction(idx, "ok", located)
+
+
+# ---------------------------------------------------------------------------------- findings (multi)
+
+_PART_SPLIT_RE = re.compile(r"[,;\n]|\s+(?:and|&)\s+", re.IGNORECASE)
+_LIST_MARKER_RE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+NONE_ANSWERS = frozenset({"none", "none of them", "none of above", "no finding", "no findings", "nothing"})
+
+
+def extract_findings(text: str | None, options: Sequence[str]) -> Extraction:
+    """The set of options named (module docstring): value = sorted tuple of option indices, ``()`` for
+    "none"; unparseable when any part of the answer is not exactly one option's name."""
+    if not options:
+        raise ValueError("a findings question needs at least one option")
+    located = locate_answer(text)
+    if _empty(located):
+        return Extraction(None, "empty", located)
+    names: dict[str, int] = {}
+    for i, option in enumerate(options):
+        key = normalize_answer(option)
+        if not key or key in names:
+            raise ValueError(f"options must have distinct, non-empty names: {option!r}")
+        names[key] = i
+    if normalize_answer(located) in NONE_ANSWERS:
+        return Extraction((), "ok", located)
+    chosen: set[int] = set()
+    for part in _PART_SPLIT_RE.split(located):
+        key = normalize_answer(_LIST_MARKER_RE.sub("", part))
+        if not key:
+            continue
+        if key not in names:
+            return Extraction(None, "unparseable", located)
+        chosen.add(names[key])
+    if not chosen:
+        return Extraction(None, "unparseable", located)
+    return Extraction(tuple(sorted(chosen)), "ok", located)

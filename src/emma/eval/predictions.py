@@ -11,13 +11,17 @@ generations are not cached (a resumed run retries them).
 **Prediction files** (:func:`read_prediction_file`): JSON Lines with ``{"id": "<sample id>",
 "prediction": "<model text>"}`` per line. Numeric ids are read as their text (VQA-RAD's qids); a
 ``null`` prediction is an empty answer; lines that are not such objects are counted and reported,
-never fatal; an id given twice keeps its last line and is reported.
+never fatal; an id given twice keeps its last line and is reported. An optional ``"logprobs"``
+object (``{"yes": -0.1, "no": -2.4}``: the log-probabilities of answer words as the first generated
+token, what engines report as ``word_logprobs``) feeds the AUROC of finding-classification tasks; a
+line whose ``logprobs`` is not an object of finite numbers is invalid.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -59,6 +63,7 @@ class Prediction:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+    logprobs: dict[str, float] | None = None  # the engine's word_logprobs, when the request asked
 
     @property
     def key(self) -> CacheKey:
@@ -80,7 +85,22 @@ class Prediction:
             prompt_tokens=int(obj.get("prompt_tokens", 0)),
             completion_tokens=int(obj.get("completion_tokens", 0)),
             latency_s=float(obj.get("latency_s", 0.0)),
+            logprobs=_logprobs(obj.get("logprobs")),
         )
+
+
+def _logprobs(value: Any) -> dict[str, float] | None:
+    """A ``{word: log-probability}`` object, or None; TypeError / ValueError for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("logprobs must be an object")
+    out: dict[str, float] = {}
+    for word, lp in value.items():
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 0:
+            raise ValueError("logprobs must map words to finite log-probabilities (<= 0)")
+        out[str(word)] = float(lp)
+    return out
 
 
 class PredictionCache:
@@ -134,6 +154,7 @@ class PredictionFile:
 
     predictions: dict[str, str]
     invalid_lines: list[int] = field(default_factory=list)  # 1-based line numbers
+    logprobs: dict[str, dict[str, float]] = field(default_factory=dict)  # id → word log-probabilities
     duplicate_ids: list[str] = field(default_factory=list)
 
 
@@ -168,11 +189,20 @@ def read_prediction_file(path: str | os.PathLike[str]) -> PredictionFile:
                 if pred is not None and not isinstance(pred, str):
                     out.invalid_lines.append(lineno)
                     continue
+                try:
+                    logprobs = _logprobs(obj.get("logprobs"))
+                except (TypeError, ValueError):
+                    out.invalid_lines.append(lineno)
+                    continue
                 key = str(sid)
                 if key in seen:
                     out.duplicate_ids.append(key)
                 seen.add(key)
                 out.predictions[key] = pred or ""
+                if logprobs is not None:
+                    out.logprobs[key] = logprobs
+                else:
+                    out.logprobs.pop(key, None)
         except UnicodeDecodeError:
             raise DataFormatError(f"{path}: not UTF-8 text") from None
     return out

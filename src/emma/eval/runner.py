@@ -209,7 +209,12 @@ def build_request(item: EvalItem, images: Sequence[Image.Image], decoding: Decod
     parts: list[TextPart | ImagePart] = [ImagePart(im) for im in images]
     parts.append(TextPart(item.prompt))
     messages.append(Message(role="user", content=parts))
-    return GenerationRequest(messages=messages, sampling=decoding.sampling(), request_id=f"eval-{item.id}")
+    return GenerationRequest(
+        messages=messages,
+        sampling=decoding.sampling(),
+        request_id=f"eval-{item.id}",
+        logprob_words=item.logprob_words,
+    )
 
 
 @dataclass
@@ -285,6 +290,7 @@ def generate(
                     prompt_tokens=response.prompt_tokens,
                     completion_tokens=response.completion_tokens,
                     latency_s=response.latency_s,
+                    logprobs=response.word_logprobs,
                 )
             )
         cache.append(records)
@@ -402,6 +408,8 @@ class _Predictions:
     file_info: dict[str, Any] | None = None
     generation: dict[str, Any] | None = None
     engine: Engine | None = None
+    logprobs: dict[str, dict[str, float] | None] = field(default_factory=dict)  # id → word_logprobs
+    ablated_logprobs: dict[str, dict[str, float] | None] | None = None
 
 
 def _from_file(options: EvalOptions, ids: list[str]) -> _Predictions:
@@ -442,6 +450,7 @@ def _from_file(options: EvalOptions, ids: list[str]) -> _Predictions:
             "invalid_line_numbers": pf.invalid_lines[:10],
             "duplicate_ids": len(pf.duplicate_ids),
         },
+        logprobs={i: pf.logprobs.get(i) for i in ids},
     )
 
 
@@ -483,6 +492,7 @@ def _from_engine(
     generation: dict[str, Any] = _stats_dict(stats)
     errors = dict(stats.errors)
     ablated_texts = None
+    ablated_logprobs = None
     if options.ablate:
         ablated, astats = generate(
             items,
@@ -497,6 +507,7 @@ def _from_engine(
         generation["ablated"] = _stats_dict(astats)
         errors.update(astats.errors)
         ablated_texts = {it.id: (ablated[it.id].prediction if it.id in ablated else None) for it in items}
+        ablated_logprobs = {it.id: ablated[it.id].logprobs for it in items if it.id in ablated}
     notes = []
     if errors:
         notes.append(
@@ -512,6 +523,8 @@ def _from_engine(
         notes=notes,
         generation=generation,
         engine=engine,
+        logprobs={it.id: base[it.id].logprobs for it in items if it.id in base},
+        ablated_logprobs=ablated_logprobs,
     )
 
 
@@ -617,8 +630,12 @@ def _score_and_write(
     notes = list(preds.notes)
 
     # The headline metrics are always the real-image ones; an ablation only adds its own block.
-    scored = adapter.score_batch(items, preds.texts)
-    ablated = adapter.score_batch(items, preds.ablated) if preds.ablated is not None else None
+    scored = adapter.score_batch(items, preds.texts, preds.logprobs)
+    ablated = (
+        adapter.score_batch(items, preds.ablated, preds.ablated_logprobs)
+        if preds.ablated is not None
+        else None
+    )
     judge_info = None
     if options.judge or judge_engine is not None:
         from emma.eval.judge import Judge

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from emma.data.schema import TaskType
 from emma.errors import DataFormatError, InputError
 from emma.eval.tasks import EvalItem, TaskDef
 
@@ -72,7 +73,14 @@ class Adapter:
         """The per-sample metric shown by group (a mean of per-sample values)."""
         return self.headline
 
-    def score_batch(self, items: Sequence[EvalItem], texts: Mapping[str, str | None]) -> list[Scored]:
+    def score_batch(
+        self,
+        items: Sequence[EvalItem],
+        texts: Mapping[str, str | None],
+        logprobs: Mapping[str, Mapping[str, float] | None] | None = None,
+    ) -> list[Scored]:
+        """Score every item; ``logprobs`` (id → the engine's word_logprobs) is read by the adapters that
+        use it (finding classification: AUROC) and ignored by the others."""
         return [self.score(item, texts.get(item.id)) for item in items]
 
     def score(self, item: EvalItem, prediction: str | None) -> Scored:
@@ -214,7 +222,12 @@ class ReportAdapter(Adapter):
         self.optional: dict[str, float] = {}
         self.unavailable: dict[str, str] = {}
 
-    def score_batch(self, items: Sequence[EvalItem], texts: Mapping[str, str | None]) -> list[Scored]:
+    def score_batch(
+        self,
+        items: Sequence[EvalItem],
+        texts: Mapping[str, str | None],
+        logprobs: Mapping[str, Mapping[str, float] | None] | None = None,
+    ) -> list[Scored]:
         preds = [texts.get(it.id) or "" for it in items]
         refs = [it.sample.gold.answer or "" for it in items]
         samples = self._rm.score_report_samples(preds, refs)
@@ -275,6 +288,10 @@ def make_adapter(task: TaskDef, *, compat: str | None, family: str | None, proce
         return GroundingAdapter(family, processor)
     if task.scorer == "report":
         return ReportAdapter()
+    if task.scorer == "classification":
+        from emma.eval.findings import FindingsAdapter
+
+        return FindingsAdapter(task.findings, multi=TaskType.CLASSIFICATION in task.task_types)
     raise InputError(f"task {task.name}: scorer {task.scorer!r} is not supported by the runner")
 
 

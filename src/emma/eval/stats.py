@@ -6,6 +6,9 @@
   sample ``i``); the same resample indices are applied to both, giving a CI for
   ``delta = stat(b) - stat(a)`` and a two-sided bootstrap p-value (centred: the share of resampled
   deltas at least as far from the observed delta as the observed delta is from 0).
+- :func:`cluster_bootstrap_cis`: percentile bootstrap of several statistics of clustered data (e.g.
+  the per-finding questions of one image): each replicate draws the clusters with replacement and the
+  statistics are recomputed from the clusters' multiplicities, so correlated items move together.
 - :func:`permutation_test`: paired two-sided permutation test of ``stat(b) - stat(a)``: each sample's
   pair is swapped at random (a sign flip of the per-sample difference for the mean);
   ``p = (1 + #{|T*| >= |T|}) / (1 + n_resamples)``.
@@ -138,6 +141,42 @@ def bootstrap_cis(
         for name, vals in values_by_metric.items()
         if np.asarray(vals).size
     }
+
+
+ClusterStat = Callable[[NDArray[np.int64]], Mapping[str, float]]
+
+
+def cluster_bootstrap_cis(
+    n_clusters: int,
+    stat: ClusterStat,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of the statistics ``stat`` returns, resampling whole clusters.
+
+    Each replicate draws ``n_clusters`` cluster indices with replacement and calls ``stat`` with the
+    multiplicity of every cluster (an ``int64`` array of length ``n_clusters`` summing to it), which
+    returns ``{metric: value}``. A metric that a replicate leaves out (undefined there, e.g. an AUC of
+    a resample without positives) gets no value from that replicate; its interval comes from the
+    replicates that define it (none: no interval).
+    """
+    _check_level(level)
+    if n_clusters < 1:
+        raise ValueError("no clusters")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    rng = np.random.default_rng(seed)
+    reps: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        counts = np.bincount(rng.integers(0, n_clusters, size=n_clusters), minlength=n_clusters)
+        for name, value in stat(counts.astype(np.int64)).items():
+            reps.setdefault(name, []).append(float(value))
+    out: dict[str, tuple[float, float]] = {}
+    for name, values in reps.items():
+        lo, hi = np.quantile(np.asarray(values), [(1 - level) / 2, (1 + level) / 2])
+        out[name] = (float(lo), float(hi))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

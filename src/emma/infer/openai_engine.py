@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import openai
 
 from emma.data.formats import image_data_url
@@ -31,6 +32,7 @@ from emma.infer.types import (
 )
 
 _MAX_ERROR_CHARS = 200
+TOP_LOGPROBS = 20  # alternatives asked per token for ``logprob_words`` (OpenAI's and vLLM's default cap)
 
 
 def _one_line(text: str) -> str:
@@ -51,6 +53,27 @@ def error_message(exc: BaseException) -> str:
 
 def _finish(reason: str | None) -> FinishReason:
     return "length" if reason == "length" else "stop"
+
+
+def word_logprobs(choice: Any, words: Sequence[str]) -> dict[str, float] | None:
+    """``words`` → log of the summed probability of the alternatives at the first generated token whose
+    text, stripped and lower-cased, equals the word; ``None`` when the server sent no log-probabilities.
+    Only the server's top alternatives are known: a word none of them spells is absent."""
+    logprobs = getattr(choice, "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if not content:
+        return None
+    first = content[0]
+    alternatives = list(getattr(first, "top_logprobs", None) or [])
+    if not alternatives:
+        alternatives = [first]
+    out: dict[str, float] = {}
+    for word in words:
+        key = word.strip().lower()
+        found = {str(a.token): float(a.logprob) for a in alternatives if str(a.token).strip().lower() == key}
+        if found:
+            out[word] = float(np.logaddexp.reduce(np.array(list(found.values()), dtype=np.float64)))
+    return out
 
 
 def message_to_openai(message: Message) -> dict[str, Any]:
@@ -130,6 +153,9 @@ class OpenAIEngine:
             params["stop"] = list(s.stop)
         if s.seed is not None:
             params["seed"] = s.seed
+        if request.logprob_words and max_tokens is None:
+            params["logprobs"] = True
+            params["top_logprobs"] = TOP_LOGPROBS
         return params
 
     def _generate_one(self, request: GenerationRequest) -> GenerationResponse:
@@ -153,6 +179,7 @@ class OpenAIEngine:
                 completion_tokens=usage.completion_tokens if usage else 0,
                 latency_s=latency,
                 first_token_s=latency,
+                word_logprobs=word_logprobs(choice, request.logprob_words) if request.logprob_words else None,
             )
         except Exception as exc:  # noqa: BLE001 — every failure is reported in its own response
             return GenerationResponse(

@@ -197,6 +197,7 @@ class TransformersEngine:
         self._eos_ids = self._eos_token_ids()
         self._drop_ids = self._special_ids_to_drop()
         self._control_re = self._control_tokens_re(spec)
+        self._word_index: dict[str, list[int]] | None = None  # token text (stripped, lower) → ids
 
     # ------------------------------------------------------------------------------ properties
 
@@ -410,7 +411,10 @@ class TransformersEngine:
         sampling: SamplingParams,
         stopper: _RowStopper,
         streamer: BaseStreamer,
-    ) -> torch.Tensor:
+        *,
+        first_logits: bool = False,
+    ) -> Any:
+        """The generated sequences; with ``first_logits``, ``(sequences, raw logits of the first step)``."""
         config = self._generation_config(sampling)
         kwargs: dict[str, Any] = {
             **encoded.inputs,
@@ -420,6 +424,14 @@ class TransformersEngine:
         }
         if config.stop_strings:
             kwargs["tokenizer"] = self.tokenizer
+        if first_logits:
+            config.output_logits = True
+            config.return_dict_in_generate = True
+            out = self._generate(kwargs, sampling)
+            return out.sequences, out.logits[0]
+        return self._generate(kwargs, sampling)
+
+    def _generate(self, kwargs: dict[str, Any], sampling: SamplingParams) -> Any:
         with self._lock, torch.inference_mode():
             if sampling.temperature > 0 and sampling.seed is not None:
                 devices = [self.model.device] if getattr(self.model.device, "type", "cpu") == "cuda" else []
@@ -427,6 +439,32 @@ class TransformersEngine:
                     torch.manual_seed(sampling.seed)
                     return self.model.generate(**kwargs)
             return self.model.generate(**kwargs)
+
+    def word_token_ids(self, word: str) -> list[int]:
+        """Vocabulary ids whose decoded text, stripped and lower-cased, is ``word`` (stripped, lower-cased)
+        (``"yes"`` → the ids of ``yes``, ``Yes``, `` Yes``, ``YES``, ...). The index is built once."""
+        if self._word_index is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            index: dict[str, list[int]] = {}
+            for i, text in enumerate(texts):
+                key = text.strip().lower()
+                if key:
+                    index.setdefault(key, []).append(i)
+            self._word_index = index
+        return self._word_index.get(word.strip().lower(), [])
+
+    def _word_logprobs(self, request: GenerationRequest, logits: torch.Tensor) -> dict[str, float] | None:
+        """``request.logprob_words`` → log of the summed probability of each word's tokens, from the raw
+        logits of the first generated position (a word with no token in the vocabulary is absent)."""
+        if not request.logprob_words:
+            return None
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out: dict[str, float] = {}
+        for word in request.logprob_words:
+            ids = [i for i in self.word_token_ids(word) if i < logp.shape[-1]]
+            if ids:
+                out[word] = float(torch.logsumexp(logp[ids], dim=0))
+        return out
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Generated token ids → text: special tokens removed, except the box tokens of families that
@@ -487,20 +525,25 @@ class TransformersEngine:
         encoded = self._encode(batch)
         stopper = _RowStopper(batch, encoded.prompt_len)
         clock = _FirstTokenClock(start)
-        sequences = self._run(encoded, batch[0].sampling, stopper, clock)
+        first: torch.Tensor | None = None
+        if any(r.logprob_words for r in batch):
+            sequences, first = self._run(encoded, batch[0].sampling, stopper, clock, first_logits=True)
+        else:
+            sequences = self._run(encoded, batch[0].sampling, stopper, clock)
         out = []
         for row, request in enumerate(batch):
             generated = sequences[row, encoded.prompt_len :].tolist()
-            out.append(
-                self._finalize(
-                    request,
-                    generated,
-                    encoded.prompt_tokens[row],
-                    stopper.cancelled_at.get(row),
-                    start,
-                    clock.first_token_s,
-                )
+            response = self._finalize(
+                request,
+                generated,
+                encoded.prompt_tokens[row],
+                stopper.cancelled_at.get(row),
+                start,
+                clock.first_token_s,
             )
+            if first is not None:
+                response.word_logprobs = self._word_logprobs(request, first[row])
+            out.append(response)
         return out
 
     def _error(self, request: GenerationRequest, exc: BaseException, start: float) -> GenerationResponse:

@@ -71,6 +71,10 @@ class GenerationRequest:
     # An extra bound on this request's prompt tokens (images included), applied on top of the engine's
     # own by engines that check prompts themselves (``checks_prompt_tokens``); None: the engine's only.
     max_prompt_tokens: int | None = None
+    # Words whose log-probability as the FIRST generated token the engine reports in the response's
+    # ``word_logprobs`` (e.g. ("yes", "no") for the probability of "yes" behind a classification AUROC).
+    # A word stands for every vocabulary token whose text, stripped and lower-cased, equals it.
+    logprob_words: tuple[str, ...] = ()
 
     @property
     def images(self) -> list[Image.Image]:
@@ -88,6 +92,11 @@ class GenerationResponse:
     first_token_s: float | None = None
     error: str | None = None  # set when finish_reason == "error" (one line, no PHI)
     error_kind: ErrorKind | None = None  # set with ``error`` by engines that classify failures
+    # For a request with ``logprob_words``: word → log of the summed probability of its tokens at the
+    # first generated position. In-process engines know every word (the full distribution); a remote
+    # server reports its top alternatives only, and a word none of whose tokens is among them is absent.
+    # None: not asked, or the engine exposes no log-probabilities.
+    word_logprobs: dict[str, float] | None = None
 
 
 @dataclass

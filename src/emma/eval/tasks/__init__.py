@@ -15,7 +15,19 @@ mmmu-med           mc      mmmu-med             validation  reader in :mod:`emma
 iu-xray            report  iu-xray              test        reader in :mod:`emma.data.sources.report_datasets`; findings
 mimic-cxr          report  mimic-cxr            test        reader in :mod:`emma.data.sources.report_datasets`; findings
 slake-grounding    ground  slake (en)           test        one question per (image, organ) from SLAKE boxes
+chexpert           cls     chexpert             validation  5 competition findings, yes/no each; frontal
+chexpert-14        cls     chexpert             validation  the 14 observations, yes/no each; frontal
+chexpert-which     cls     chexpert             validation  "which of the 5 findings", one per image
+padchest           cls     padchest             test        12 frequent findings, yes/no each; physician-
+                                                            labelled frontal images
+padchest-which     cls     padchest             test        "which of the 12 findings", one per image
+chestxray14        cls     chestxray14          test        the 14 findings, yes/no each (official test)
+chestxray14-which  cls     chestxray14          test        "which of the 14 findings", one per image
 =================  ======  ===================  ==========  ===============================================
+
+Classification tasks (``cls``) are described in :mod:`.findings` (questions) and
+:mod:`emma.eval.findings` (per-finding and macro F1, accuracy, AUROC from P(yes)); their yes/no
+questions ask the engine for the log-probabilities of "yes" and "no" as the first answer token.
 
 Prompts are fixed per task and recorded verbatim in every run's ``results.json``; decoding is greedy
 (temperature 0) with a per-kind ``max_new_tokens``. ``--data`` takes a canonical dataset folder or the
@@ -30,6 +42,10 @@ from types import MappingProxyType
 from typing import Any
 
 from emma.data.schema import TaskType
+from emma.data.sources.chestxray14 import FINDINGS as NIH_FINDINGS
+from emma.data.sources.chexpert import COMPETITION as CHEXPERT_COMPETITION
+from emma.data.sources.chexpert import OBSERVATIONS as CHEXPERT_OBSERVATIONS
+from emma.data.sources.padchest import FREQUENT_FINDINGS as PADCHEST_FINDINGS
 from emma.errors import DataFormatError
 from emma.eval.tasks.base import (
     VQA_TYPES,
@@ -41,6 +57,7 @@ from emma.eval.tasks.base import (
     gold_of,
 )
 from emma.eval.tasks.data import DataSource, is_canonical, resolve_data
+from emma.eval.tasks.findings import FindingQuestions, WhichFindings, frontal_views, physician_frontal
 from emma.eval.tasks.grounding import derive_organ_grounding
 
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
@@ -53,6 +70,11 @@ VQA_DECODING = Decoding(max_new_tokens=64)
 MC_DECODING = Decoding(max_new_tokens=32)
 REPORT_DECODING = Decoding(max_new_tokens=384)
 GROUNDING_DECODING = Decoding(max_new_tokens=96)
+
+FINDING_PROMPT = "{question}\nAnswer yes or no."
+WHICH_PROMPT = '{question}\nAnswer with the names of the findings shown, separated by commas, or "none".'
+FINDING_DECODING = Decoding(max_new_tokens=16)
+WHICH_DECODING = Decoding(max_new_tokens=96)
 
 _VQA_LAYOUT = "see emma.data.sources.{module} (official release layout)"
 
@@ -100,6 +122,38 @@ def _report(name: str, description: str) -> TaskDef:
         task_types=frozenset({TaskType.REPORT}),
         decoding=REPORT_DECODING,
         layout="see emma.data.sources.report_datasets",
+    )
+
+
+def _findings(
+    name: str,
+    importer: str,
+    findings: tuple[str, ...],
+    description: str,
+    *,
+    which: bool = False,
+    split: str = "test",
+    sample_filter: Any = None,
+) -> TaskDef:
+    """A finding-classification task: one yes/no question per finding, or one which-findings question."""
+    derive = WhichFindings(findings) if which else FindingQuestions(findings)
+    task_type = TaskType.CLASSIFICATION if which else TaskType.CLOSED_VQA
+    return TaskDef(
+        name=name,
+        kind="classification",
+        importer=importer,
+        description=description,
+        scorer="classification",
+        prompts=MappingProxyType({str(task_type): WHICH_PROMPT if which else FINDING_PROMPT}),
+        task_types=frozenset({task_type}),
+        decoding=WHICH_DECODING if which else FINDING_DECODING,
+        default_split=split,
+        layout=f"see emma.data.sources.{importer}",
+        derive=derive,
+        source_task_types=frozenset({TaskType.CLASSIFICATION}),
+        sample_filter=sample_filter,
+        findings=findings,
+        logprob_words=() if which else ("yes", "no"),
     )
 
 
@@ -155,6 +209,59 @@ TASKS: Mapping[str, TaskDef] = MappingProxyType(
                 layout="see emma.data.sources.slake (detection.json boxes)",
                 derive=derive_organ_grounding,
                 source_task_types=VQA_TYPES,
+            ),
+            _findings(
+                "chexpert",
+                "chexpert",
+                CHEXPERT_COMPETITION,
+                "CheXpert, the 5 competition findings (yes/no each; validation set, frontal images)",
+                split="validation",
+                sample_filter=frontal_views,
+            ),
+            _findings(
+                "chexpert-14",
+                "chexpert",
+                CHEXPERT_OBSERVATIONS,
+                "CheXpert, the 14 observations (yes/no each; validation set, frontal images)",
+                split="validation",
+                sample_filter=frontal_views,
+            ),
+            _findings(
+                "chexpert-which",
+                "chexpert",
+                CHEXPERT_COMPETITION,
+                "CheXpert, which of the 5 competition findings (one question per frontal image)",
+                which=True,
+                split="validation",
+                sample_filter=frontal_views,
+            ),
+            _findings(
+                "padchest",
+                "padchest",
+                PADCHEST_FINDINGS,
+                "PadChest, the 12 most frequent radiographic findings (yes/no; physician-labelled frontal)",
+                sample_filter=physician_frontal,
+            ),
+            _findings(
+                "padchest-which",
+                "padchest",
+                PADCHEST_FINDINGS,
+                "PadChest, which of the 12 frequent findings (physician-labelled frontal images)",
+                which=True,
+                sample_filter=physician_frontal,
+            ),
+            _findings(
+                "chestxray14",
+                "chestxray14",
+                NIH_FINDINGS,
+                "NIH ChestX-ray14, the 14 findings (yes/no each; official test list)",
+            ),
+            _findings(
+                "chestxray14-which",
+                "chestxray14",
+                NIH_FINDINGS,
+                "NIH ChestX-ray14, which of the 14 findings (one question per image)",
+                which=True,
             ),
         )
     }

@@ -63,6 +63,7 @@ class EvalItem:
     prompt: str
     images: tuple[ImageRef, ...]
     system: str | None = None
+    logprob_words: tuple[str, ...] = ()  # words whose first-token log-probability the engine reports
 
     @property
     def task_type(self) -> TaskType:
@@ -93,6 +94,8 @@ class EvalItem:
 # A derivation turns one dataset sample into zero or more evaluated samples (e.g. SLAKE organ boxes →
 # one grounding question per organ); it must be deterministic.
 Derive = Callable[[Sample], list[Sample]]
+# A filter keeps a dataset sample (None) or says why the task leaves it out (e.g. a lateral view).
+SampleFilter = Callable[[Sample], str | None]
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class TaskDef:
     derive: Derive | None = None
     # Sample task types the derivation applies to (None: every sample).
     source_task_types: frozenset[TaskType] | None = None
+    sample_filter: SampleFilter | None = None  # applied to dataset samples before the derivation
+    findings: tuple[str, ...] = ()  # classification tasks: the finding set, in report order
+    logprob_words: tuple[str, ...] = ()  # asked of the engine with every request (e.g. ("yes", "no"))
 
     def template(self, task_type: TaskType | str) -> str:
         key = str(task_type)
@@ -144,12 +150,23 @@ class TaskDef:
             return "no gold answer"
         if self.kind == "grounding" and not sample.gold.boxes:
             return "no gold boxes"
+        if self.kind == "classification":
+            if sample.task is TaskType.CLASSIFICATION and not sample.gold.labels:
+                return "no known label"
+            if sample.task is not TaskType.CLASSIFICATION and not (sample.gold.answer or "").strip():
+                return "unknown label"
         return None
 
     def items(self, samples: Iterator[Sample], skipped: dict[str, int] | None = None) -> Iterator[EvalItem]:
         """The evaluated items, in dataset order; ``skipped`` counts the samples left out, by reason."""
         seen: set[str] = set()  # derived samples repeat (e.g. once per question about an image)
         for sample in samples:
+            if self.sample_filter is not None:
+                left_out = self.sample_filter(sample)
+                if left_out is not None:
+                    if skipped is not None:
+                        skipped[left_out] = skipped.get(left_out, 0) + 1
+                    continue
             if self.derive is not None and (
                 self.source_task_types is None or sample.task in self.source_task_types
             ):
@@ -169,6 +186,7 @@ class TaskDef:
                     prompt=self.prompt_for(s),
                     images=tuple(s.images),
                     system=self.system_prompt,
+                    logprob_words=self.logprob_words,
                 )
 
     def config(self) -> dict[str, Any]:
@@ -183,7 +201,14 @@ class TaskDef:
             "scorer": self.scorer,
             "system_prompt": self.system_prompt,
             "prompts": dict(self.prompts),
+            **({"findings": list(self.findings)} if self.findings else {}),
+            **({"logprob_words": list(self.logprob_words)} if self.logprob_words else {}),
+            **({"sample_filter": _first_line(self.sample_filter.__doc__)} if self.sample_filter else {}),
         }
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
 
 def gold_of(sample: Sample) -> Any:
