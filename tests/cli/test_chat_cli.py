@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from emma.cli import app
@@ -179,3 +181,30 @@ def test_openai_model_boxes_are_drawn(peer_url: str, png: Path, tmp_path: Path) 
     changed = np.nonzero(np.abs(pixels - grey).sum(axis=2))
     # qwen2.5-vl sees the 96x64 image resized to 84x56 (multiples of 28): 28/84*96 = 32, 14/56*64 = 16
     assert abs(changed[1].min() - 32) <= 2 and abs(changed[0].max() - 48) <= 2
+
+
+def two_series_folder(folder: Path) -> Path:
+    """The real CT_small slice as two series in one folder: series 1 with 2 slices, series 2 with 4."""
+    folder.mkdir(parents=True)
+    base = pydicom.dcmread(CT)
+    for number, n in ((1, 2), (2, 4)):
+        series_uid = generate_uid()
+        for k in range(n):
+            ds = base.copy()
+            ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [-50.0, -50.0, 5.0 * k]
+            ds.save_as(folder / f"s{number}_{k}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_series_chooses_one_series_of_a_folder(peer_url: str, tmp_path: Path) -> None:
+    folder = two_series_folder(tmp_path / "mixed")
+    refused = run("--model", f"openai:{peer_url}#m", "--image", folder, "q")
+    assert refused.exit_code == 2 and "2 series found" in refused.stderr and "--series N" in refused.stderr
+    result = run("--model", f"openai:{peer_url}#m", "--image", folder, "--series", "2", "--json", "q")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["images"]) == 4  # the 4 slices of series 2
+    file_only = run("--model", f"openai:{peer_url}#m", "--image", CT, "--series", "1", "q")
+    assert file_only.exit_code == 2 and "no folder" in file_only.stderr

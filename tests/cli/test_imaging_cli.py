@@ -153,3 +153,40 @@ def test_info_reports_pixel_data_and_refuses_a_file_cut_inside_them(tmp_path: Pa
     cut.write_bytes(data[: len(data) - 1000])  # inside PixelData, the last element
     result = run("info", cut)
     assert result.exit_code == 2 and "truncated" in result.output, result.output
+
+
+def make_two_series(folder: Path) -> None:
+    """Two real CT_small series in one folder: series number 7 with 3 slices, 4 with 5 slices."""
+    for prefix, n, number in (("a", 3, 7), ("b", 5, 4)):
+        for path in make_series(folder, n=n, prefix=prefix):
+            ds = pydicom.dcmread(path)
+            ds.SeriesNumber = number
+            ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_folder_of_several_series_is_listed_by_index_and_chosen_with_series(tmp_path: Path) -> None:
+    make_two_series(tmp_path / "mixed")
+    uids = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID)
+        for p in (tmp_path / "mixed").iterdir()
+    }
+    info = run("info", tmp_path / "mixed", "--json")
+    assert info.exit_code == 0, info.output
+    listed = json.loads(info.output)["series"]
+    assert [(s["index"], s["series_number"], s["files"]) for s in listed] == [(1, 4, 5), (2, 7, 3)]
+    assert listed[0]["description"] == "CT series 4, axial, 5 files of 128x128"
+
+    refused = run("convert", tmp_path / "mixed", "-o", tmp_path / "o")
+    assert refused.exit_code == 2
+    assert "1: CT series 4, axial, 5 files" in refused.output and "--series N" in refused.output
+    for text in (info.output, refused.output):
+        assert not any(uid[-8:] in text for uid in uids)  # no UID, nor the tail of one
+
+    chosen = run("convert", tmp_path / "mixed", "-o", tmp_path / "o", "--series", "2", "--slices", "8")
+    assert chosen.exit_code == 0, chosen.output
+    assert len(list((tmp_path / "o").glob("*.png"))) == 3  # series 2 has 3 slices
+    one = json.loads(run("info", tmp_path / "mixed", "--series", "1", "--json").output)
+    assert [s["index"] for s in one["series"]] == [1]
+    assert run("convert", tmp_path / "mixed", "-o", tmp_path / "p", "--series", "3").exit_code == 2
+    not_a_folder = run("info", get_testdata_file("CT_small.dcm"), "--series", "1")
+    assert not_a_folder.exit_code == 2 and "--series" in not_a_folder.output

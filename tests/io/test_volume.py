@@ -315,13 +315,28 @@ def test_two_series_raise_mixed_and_can_be_chosen(tmp_path: Path) -> None:
     with pytest.raises(MixedSeriesError) as info:
         load_series(tmp_path)
     message = str(info.value)
-    assert "2 series" in message and "..." + uid_a[-8:] in message and "..." + uid_b[-8:] in message
-    assert uid_a not in message
+    # listed by index and description, never by UID or a fragment of one (identifiers under PS3.15)
+    assert "2 series" in message and "--series" in message
+    assert (
+        "1: CT series, axial, 3 files of 3x3" in message and "2: CT series, axial, 2 files of 4x4" in message
+    )
+    for uid in (uid_a, uid_b):
+        assert uid[-6:] not in message
     assert "Doe" not in message and "SECRET" not in message
-    assert load_series(tmp_path, series_uid=uid_b).data.shape == (4, 4, 2)
-    assert load_series(tmp_path, series_uid="200002").data.shape == (4, 4, 2)  # unique suffix
-    with pytest.raises(SeriesError, match="not found"):
-        load_series(tmp_path, series_uid="1.2.3.4")
+    assert load_series(tmp_path, series=2).data.shape == (4, 4, 2)
+    assert load_series(tmp_path, series=1).data.shape == (3, 3, 3)
+    assert load_series(tmp_path, series_uid=uid_b).data.shape == (4, 4, 2)  # the full UID, for libraries
+    with pytest.raises(SeriesError, match="no series 3; it holds 2 series") as missing:
+        load_series(tmp_path, series=3)
+    assert uid_a[-6:] not in str(missing.value)
+    with pytest.raises(SeriesError, match="not among") as unknown:
+        load_series(tmp_path, series_uid="200002")  # a suffix is not a UID
+    assert "200002" not in str(unknown.value)
+    # the indices are those of series_summary (emma info), which shows no UID either
+    summary = series_summary(tmp_path)
+    assert [(s["index"], s["files"]) for s in summary] == [(1, 3), (2, 2)]
+    assert all(uid[-6:] not in json.dumps(summary) for uid in (uid_a, uid_b))
+    assert [s["index"] for s in series_summary(tmp_path, series=2)] == [2]
 
     files = find_dicom_files(tmp_path)
     assert len(files) == 6

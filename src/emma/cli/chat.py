@@ -13,6 +13,7 @@ from rich.markdown import Markdown
 
 from emma.cli import app
 from emma.cli.common import atomic_path, err_console, handle_errors
+from emma.cli.imaging import SERIES_HELP, check_series_option
 from emma.errors import EmmaError, InputError
 from emma.infer.chat import ChatSession, ChatTurnResult, render_boxes
 from emma.infer.modes import MODES
@@ -159,6 +160,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=8192, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=2.0, help="0 = greedy."),
     slices: int = typer.Option(8, "--slices", min=1, max=64, help="Volumes: number of slices to show."),
+    series: int | None = typer.Option(None, "--series", min=1, help=SERIES_HELP),
     family: str | None = typer.Option(
         None, "--family", help="openai: models: the model family, for box conventions."
     ),
@@ -181,7 +183,8 @@ def chat(
         raise InputError("--family applies to openai: models only (in-process models know their family)")
     if boxes is not None and question is not None and not image:
         raise InputError("--boxes needs at least one --image")
-    sampling = VolumeSampling(n=slices)
+    check_series_option(series, image)
+    sampling = VolumeSampling(n=slices, series=series)
     preloaded = _load_files(image, window, sampling)  # bad images fail before the model loads
 
     from emma.infer.factory import load_engine

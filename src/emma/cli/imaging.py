@@ -12,11 +12,20 @@ from rich.table import Table
 
 from emma.cli import app
 from emma.cli.common import atomic_path, handle_errors
+from emma.errors import InputError
 from emma.io.image import ModelImage
 from emma.io.load import VolumeSampling, describe, load_images
 from emma.io.windows import parse_window
 
 console = Console(highlight=False)
+
+SERIES_HELP = "DICOM folder of several series: the one to use, by the index `emma info FOLDER` lists."
+
+
+def check_series_option(series: int | None, paths: list[Path]) -> None:
+    """``--series`` needs a DICOM folder among ``paths``: refuse it on files alone, before any loading."""
+    if series is not None and not any(p.is_dir() for p in paths):
+        raise InputError("--series chooses a series of a DICOM folder; no folder was given")
 
 
 def _flat_rows(info: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -38,12 +47,15 @@ def _flat_rows(info: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 def info(
     path: Path = typer.Argument(..., help="DICOM file, DICOM series folder, NIfTI, PNG/JPEG/TIFF."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    series: int | None = typer.Option(None, "--series", min=1, help=SERIES_HELP),
 ) -> None:
     """Header summary: modality, size, frames, spacing, window, transfer syntax, series geometry.
 
-    PHI-bearing fields are listed by name only, never their values.
+    A folder lists its series by index and description (never by UID). PHI-bearing fields are listed by
+    name only, never their values.
     """
-    summary = describe(path)
+    check_series_option(series, [path])
+    summary = describe(path, series=series)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -70,6 +82,7 @@ def convert(
     slices: int = typer.Option(8, "--slices", min=1, max=256, help="Volumes: number of images to sample."),
     mode: str = typer.Option("slice", "--mode", help="Volumes: slice, slab (mean) or mip."),
     slab_mm: float = typer.Option(10.0, "--slab-mm", min=0.1, help="Volumes: slab thickness for slab/mip."),
+    series: int | None = typer.Option(None, "--series", min=1, help=SERIES_HELP),
 ) -> None:
     """Convert to model-ready PNG(s) plus a JSON sidecar with the provenance of every transform."""
     if plane not in ("axial", "coronal", "sagittal"):
@@ -78,7 +91,8 @@ def convert(
         raise ValueError(f"--mode must be slice, slab or mip, not {mode!r}")
     if window:
         parse_window(window)  # a bad window is reported before any decoding
-    sampling = VolumeSampling(plane=plane, n=slices, mode=mode, slab_mm=slab_mm)  # type: ignore[arg-type]
+    check_series_option(series, [path])
+    sampling = VolumeSampling(plane=plane, n=slices, mode=mode, slab_mm=slab_mm, series=series)  # type: ignore[arg-type]
     images = load_images(path, window=window, sampling=sampling)
     # Everything is decoded before anything is written: a bad input leaves no partial output.
     if out.suffix.lower() == ".png":

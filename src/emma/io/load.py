@@ -94,12 +94,14 @@ def detect_format(path: RasterSource) -> SourceFormat:
 
 @dataclass(frozen=True)
 class VolumeSampling:
-    """How a 3D volume becomes 2D images for a VLM."""
+    """How a 3D volume becomes 2D images for a VLM. ``series``: which series of a DICOM folder holding
+    several (the 1-based index ``emma info`` lists; ignored for other inputs)."""
 
     plane: Plane = "axial"
     n: int = 8
     mode: SliceMode = "slice"
     slab_mm: float = 10.0
+    series: int | None = None
 
 
 def load_images(
@@ -155,7 +157,7 @@ def _load(
     if fmt is SourceFormat.NIFTI:
         vol = nifti.load_nifti(path, limits=limits)
     elif fmt is SourceFormat.DICOM_SERIES:
-        vol = volume.load_series(path, limits=limits)
+        vol = volume.load_series(path, series=sampling.series, limits=limits)
     else:
         ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
         if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType", [])]:
@@ -171,8 +173,11 @@ def _load(
     )
 
 
-def describe(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """Header-level summary for ``emma info``: no pixel decoding, PHI fields by name only."""
+def describe(
+    path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, series: int | None = None
+) -> dict[str, Any]:
+    """Header-level summary for ``emma info``: no pixel decoding, PHI fields by name only. A DICOM folder
+    lists its series by index (``series``: that one only)."""
     from emma.io import deid, dicom, nifti, raster, volume
 
     fmt = detect_format(path)
@@ -190,9 +195,9 @@ def describe(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> d
             }
         )
     elif fmt is SourceFormat.DICOM_SERIES:
-        series = volume.series_summary(path, limits)
-        info["series_count"] = len(series)
-        info["series"] = series
+        entries = volume.series_summary(path, limits, series=series)
+        info["series_count"] = len(entries)  # 1 with ``series``
+        info["series"] = entries
     else:
         # pixel data stay in the file (deferred) but are known to be there, and complete
         ds = dicom.read_dataset(path, limits, defer_size=dicom.HEADER_DEFER_BYTES)

@@ -39,7 +39,6 @@ SliceMode = Literal["slice", "slab", "mip"]
 PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}  # slicing axis in RAS order
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-UID_SUFFIX_CHARS = 8  # how much of a SeriesInstanceUID messages and summaries show
 DUPLICATE_TOL_MM = 0.01  # positions closer than this along the normal are the same slice
 SPACING_RTOL = 0.05  # a slice spacing this far (relative) from the median is reported as a gap
 SPACING_ATOL_MM = 0.01
@@ -117,11 +116,6 @@ def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     """Lengths of the first three affine columns (nibabel's voxel sizes)."""
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (float(norms[0]), float(norms[1]), float(norms[2]))
-
-
-def short_uid(uid: str) -> str:
-    """Last characters of a UID, enough to tell series apart in messages."""
-    return uid[-UID_SUFFIX_CHARS:] if uid else "(none)"
 
 
 class SeriesGroups(dict[str, list[Path]]):
@@ -225,29 +219,86 @@ def _resolve_files(
     return files, source
 
 
+# Series are shown to people by an index and a technical description, never by their UIDs (identifiers
+# under PS3.15) nor by free text typed at the scanner (SeriesDescription, ProtocolName: possible PHI).
+MAX_LISTED_SERIES = 10
+
+
+def _series_number(ds: Dataset) -> int | None:
+    value = ds.get("SeriesNumber")
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def ordered_series(groups: dict[str, list[tuple[Path, Dataset]]]) -> list[str]:
+    """The series UIDs of ``groups`` in the order their 1-based indices follow: by SeriesNumber (absent
+    last), then modality, then UID (only to make ties stable; never shown)."""
+
+    def key(uid: str) -> tuple[bool, int, str, str]:
+        ds = groups[uid][0][1]
+        number = _series_number(ds)
+        return (number is None, number or 0, str(ds.get("Modality") or ""), uid)
+
+    return sorted(groups, key=key)
+
+
+def describe_series(headers: list[tuple[Path, Dataset]]) -> str:
+    """``"MR series 5, axial, 2 files of 384x384 (mosaic)"``, from header fields that identify no one."""
+    ds = headers[0][1]
+    parts = [f"{_modality(ds) or 'unknown modality'} series"]
+    number = _series_number(ds)
+    if number is not None:
+        parts.append(str(number))
+    text = " ".join(parts)
+    iop = _vec(ds.get("ImageOrientationPatient"), 6)
+    if iop is not None and np.linalg.norm(np.cross(iop[:3], iop[3:])) > 0.5:
+        text += f", {_orientation_label(np.cross(iop[:3], iop[3:]))}"
+    n = len(headers)
+    size = f"{_int(ds.get('Columns'), 0)}x{_int(ds.get('Rows'), 0)}"
+    text += f", {n} file{'s' if n != 1 else ''} of {size}"
+    if mosaic.is_mosaic(ds):
+        text += " (mosaic)"
+    return text
+
+
+def _series_list(groups: dict[str, list[tuple[Path, Dataset]]], order: list[str]) -> str:
+    listed = "; ".join(
+        f"{i}: {describe_series(groups[u])}" for i, u in enumerate(order[:MAX_LISTED_SERIES], 1)
+    )
+    more = f"; and {len(order) - MAX_LISTED_SERIES} more" if len(order) > MAX_LISTED_SERIES else ""
+    return listed + more
+
+
 def _select_series(
-    groups: dict[str, list[tuple[Path, Dataset]]], series_uid: str | None, source: str, notes: list[str]
-) -> tuple[str, list[tuple[Path, Dataset]]]:
+    groups: dict[str, list[tuple[Path, Dataset]]],
+    series: int | None,
+    series_uid: str | None,
+    source: str,
+    notes: list[str],
+) -> tuple[int, list[tuple[Path, Dataset]]]:
+    """The chosen series' 1-based index and headers: by ``series`` (index), else ``series_uid`` (the full
+    UID, for library callers), else the only one."""
     if not groups:
         extra = f" ({'; '.join(notes)})" if notes else ""
         raise SeriesError(f"{source}: no DICOM images found{extra}")
-    uids = sorted(groups)
-    if series_uid is None:
-        if len(uids) > 1:
-            listed = ", ".join("..." + short_uid(u) for u in uids[:10])
-            more = f" and {len(uids) - 10} more" if len(uids) > 10 else ""
-            raise MixedSeriesError(
-                f"{source}: {len(uids)} series found ({listed}{more}); choose one with series_uid"
+    order = ordered_series(groups)
+    if series is not None:
+        if not 1 <= series <= len(order):
+            raise SeriesError(
+                f"{source}: no series {series}; it holds {len(order)} series ({_series_list(groups, order)})"
             )
-        return uids[0], groups[uids[0]]
-    if series_uid in groups:
-        return series_uid, groups[series_uid]
-    matches = [u for u in uids if series_uid and u.endswith(series_uid)]
-    if len(matches) == 1:
-        return matches[0], groups[matches[0]]
-    if len(matches) > 1:
-        raise MixedSeriesError(f"{source}: series suffix {series_uid!r} matches {len(matches)} series")
-    raise SeriesError(f"{source}: series ...{short_uid(series_uid)} not found among {len(uids)} series")
+        return series, groups[order[series - 1]]
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise SeriesError(f"{source}: the given SeriesInstanceUID is not among its {len(order)} series")
+        return order.index(series_uid) + 1, groups[series_uid]
+    if len(order) > 1:
+        raise MixedSeriesError(
+            f"{source}: {len(order)} series found ({_series_list(groups, order)}); choose one with --series N"
+        )
+    return 1, groups[order[0]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,15 +609,18 @@ def _analyse(refs: list[_SliceRef], first_ds: Dataset, what: str) -> _Stack:
 
 def _series_headers(
     folder_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    series: int | None,
     series_uid: str | None,
     limits: Limits,
 ) -> tuple[str, str, list[tuple[Path, Dataset]], list[str]]:
+    """The source label, a name for messages (``"<source> series N"``), the series' headers, notes."""
     files, source = _resolve_files(folder_or_files, limits)
     groups, skipped = _read_headers(files, limits)
     notes = SeriesGroups({}, skipped).notes
-    uid, headers = _select_series(groups, series_uid, source, notes)
-    limits.check_slices(len(headers), what=f"series ...{short_uid(uid)}")
-    return source, uid, headers, notes
+    index, headers = _select_series(groups, series, series_uid, source, notes)
+    what = f"{source} series {index}"
+    limits.check_slices(len(headers), what=what)
+    return source, what, headers, notes
 
 
 def _modality(ds: Dataset) -> str | None:
@@ -598,13 +652,12 @@ def _decoded_values(
 
 def _load_mosaic(
     source: str,
-    uid: str,
+    what: str,
     headers: list[tuple[Path, Dataset]],
     notes: list[str],
     time_index: int,
     limits: Limits,
 ) -> Volume:
-    what = f"series ...{short_uid(uid)}"
     # Each file is one time point: order by acquisition, then instance number.
     timeline = sorted(
         headers,
@@ -655,19 +708,21 @@ def _load_mosaic(
 def load_series(
     folder_or_files: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     *,
+    series: int | None = None,
     series_uid: str | None = None,
     time_index: int = 0,
     limits: Limits = DEFAULT_LIMITS,
 ) -> Volume:
     """Read one DICOM series (a folder, or a list of files / folders) into a :class:`Volume`.
 
-    Several series and no ``series_uid`` (full UID or a unique suffix) raise MixedSeriesError. Slices
-    are sorted along the slice normal; Siemens mosaics give the volume at ``time_index``.
+    Several series need a choice: ``series``, the 1-based index that :func:`series_summary` (``emma
+    info``) lists, or ``series_uid``, the full SeriesInstanceUID; else MixedSeriesError, whose message
+    lists them by index and description. Slices are sorted along the slice normal; Siemens mosaics give
+    the volume at ``time_index``.
     """
-    source, uid, headers, notes = _series_headers(folder_or_files, series_uid, limits)
-    what = f"series ...{short_uid(uid)}"
+    source, what, headers, notes = _series_headers(folder_or_files, series, series_uid, limits)
     if mosaic.is_mosaic(headers[0][1]):
-        return _load_mosaic(source, uid, headers, notes, time_index, limits)
+        return _load_mosaic(source, what, headers, notes, time_index, limits)
 
     refs = [ref for path, ds in headers for ref in _slice_refs(path, ds)]
     limits.check_slices(len(refs), what=what)
@@ -702,24 +757,35 @@ def load_series(
     )
 
 
-def series_summary(folder: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
-    """Header-only summary of every series under ``folder`` for ``emma info`` (no PHI, no decoding)."""
+def series_summary(
+    folder: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS, *, series: int | None = None
+) -> list[dict[str, Any]]:
+    """Header-only summary of every series under ``folder`` for ``emma info`` (no PHI, no UIDs, no
+    decoding), each with the 1-based ``index`` that ``series=`` / ``--series`` chooses; with ``series``,
+    that one only."""
     files, source = _resolve_files(folder, limits)
     groups, skipped = _read_headers(files, limits)
     notes = SeriesGroups({}, skipped).notes
+    order = ordered_series(groups)
+    if series is not None:
+        _select_series(groups, series, None, source, notes)  # the same out-of-range error as loading
     out: list[dict[str, Any]] = []
-    for uid in sorted(groups):
+    for index, uid in enumerate(order, 1):
+        if series is not None and index != series:
+            continue
         headers = groups[uid]
         ds = headers[0][1]
         entry: dict[str, Any] = {
-            "series": "..." + short_uid(uid),
+            "index": index,
+            "description": describe_series(headers),
+            "series_number": _series_number(ds),
             "modality": _modality(ds),
             "files": len(headers),
             "rows": _int(ds.get("Rows"), 0),
             "columns": _int(ds.get("Columns"), 0),
             "mosaic": mosaic.is_mosaic(ds),
         }
-        what = f"series ...{short_uid(uid)}"
+        what = f"{source} series {index}"
         try:
             if entry["mosaic"]:
                 geom = mosaic.mosaic_geometry(ds)
