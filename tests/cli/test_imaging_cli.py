@@ -190,3 +190,12 @@ def test_a_folder_of_several_series_is_listed_by_index_and_chosen_with_series(tm
     assert run("convert", tmp_path / "mixed", "-o", tmp_path / "p", "--series", "3").exit_code == 2
     not_a_folder = run("info", get_testdata_file("CT_small.dcm"), "--series", "1")
     assert not_a_folder.exit_code == 2 and "--series" in not_a_folder.output
+
+
+def test_a_symbolic_link_loop_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for args in (("info", tmp_path / "a"), ("convert", tmp_path / "a", "-o", tmp_path / "x.png")):
+        result = run(*args)
+        assert result.exit_code == 2
+        assert "symbolic link loop" in result.output and "no such file" not in result.output

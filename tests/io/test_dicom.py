@@ -315,6 +315,34 @@ def test_slope_intercept(dicom_file):
     assert np.array_equal(gray(image), to_uint8_reference(linear_window(stored * 2.0 - 1000.0, 40, 400)))
 
 
+def _patch_ds_value(path: Path, tag: bytes, value: bytes) -> Path:
+    """Overwrite an explicit-VR DS element's value in the file, keeping its length (pydicom refuses to
+    write such values)."""
+    raw = path.read_bytes()
+    at = raw.index(tag + b"DS")
+    length = int.from_bytes(raw[at + 6 : at + 8], "little")
+    path.write_bytes(raw[: at + 8] + value.ljust(length) + raw[at + 8 + length :])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tag", "keyword"), [(b"\x28\x00\x53\x10", "RescaleSlope"), (b"\x28\x00\x52\x10", "RescaleIntercept")]
+)
+def test_a_rescale_that_is_not_a_number_is_an_error_not_identity(dicom_file, tag, keyword):
+    path = _patch_ds_value(dicom_file(np.zeros((4, 4), np.int16), rescale=(2.5, -1000.0)), tag, b"JA")
+    with pytest.raises(CorruptFileError, match=f"invalid {keyword} element") as info:
+        dicom_images(path)
+    assert "JA" not in str(info.value)  # element values are never quoted
+    with pytest.raises(CorruptFileError, match=keyword):
+        dicom_summary(read_dataset(path))
+    # a number, even a zero slope (which files carry to mean "no rescale"), is read as before
+    zero = _patch_ds_value(dicom_file(np.zeros((4, 4), np.int16), rescale=(2.5, -1000.0)), tag, b"0")
+    (image,) = dicom_images(zero)
+    assert step(image, "modality_lut") == {"slope": 1.0 if keyword == "RescaleSlope" else 2.5,
+                                           "intercept": -1000.0 if keyword == "RescaleSlope" else 0.0,
+                                           "source": "rescale"}  # fmt: skip
+
+
 def test_signed_pixels_with_unused_high_bits(dicom_file):
     values = np.array([[-2048, -1000, -5, 0], [5, 300, 1200, 2047]], dtype=np.int16)
     packed = (values.astype(np.int32) & 0x0FFF).astype(np.int16)  # 12 bits stored, high bits zero
@@ -581,7 +609,9 @@ def test_header_read_knows_the_pixel_data_without_loading_them(testdata, name):
     assert dicom_summary(read_dataset(testdata(name), stop_before_pixels=True))["has_pixel_data"] is False
 
 
-@pytest.mark.parametrize(("name", "fraction"), [("RG1_UNCI.dcm", 0.5), ("CT_small.dcm", 0.6), ("RG1_J2KI.dcm", 0.5)])
+@pytest.mark.parametrize(
+    ("name", "fraction"), [("RG1_UNCI.dcm", 0.5), ("CT_small.dcm", 0.6), ("RG1_J2KI.dcm", 0.5)]
+)
 def test_header_read_of_a_file_cut_inside_the_pixel_data_is_corrupt(testdata, tmp_path, name, fraction):
     data = Path(testdata(name)).read_bytes()
     cut = tmp_path / "cut.dcm"

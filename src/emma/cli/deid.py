@@ -21,6 +21,7 @@ from emma.cli import app
 from emma.cli.common import err_console, fail, handle_errors
 from emma.errors import InputError
 from emma.io.deid import MIN_KEY_BYTES, DeidConfig, DeidReport, Layout, deidentify_path
+from emma.io.paths import check_path
 
 KEY_ENV = "EMMA_DEID_KEY"
 EXIT_PARTIAL = 1  # the run finished but some files failed
@@ -113,8 +114,7 @@ def deid_command(
     """
     if layout not in ("uid", "mirror"):
         raise InputError(f"--layout must be 'uid' or 'mirror', not {layout!r}")
-    if not src.exists():
-        raise InputError(f"{src}: no such file or folder")
+    check_path(src)
     key, origin = load_or_create_key(key_file, out)
     config = DeidConfig(
         key=key,

@@ -89,6 +89,7 @@ from emma.errors import CorruptFileError, EmmaError, InputError, OutputError, Se
 from emma.io import mosaic
 from emma.io.dicom import quiet_pydicom, read_dataset
 from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.io.paths import check_path
 
 logger = logging.getLogger(__name__)
 
@@ -1064,9 +1065,7 @@ def deidentify_path(
     Instance UID counted as a duplicate. A lone ``src`` file that fails raises its error
     (CorruptFileError, ImageTooLargeError, InputError). Same input and key → byte-identical outputs.
     """
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise InputError(f"{src}: no such file or folder")
+    src, dst = check_path(src), Path(dst)
     report = DeidReport(src=src, dst=dst)
     totals: Counter[str] = Counter()
     if src.is_file():

@@ -232,6 +232,22 @@ def _float(ds: Dataset, keyword: str) -> float | None:
     return out if np.isfinite(out) else None
 
 
+def _number(ds: Dataset, keyword: str, what: str) -> float | None:
+    """First value of a numeric element that the pixel values depend on (rescale slope / intercept):
+    None when absent or empty, CorruptFileError when it is not a finite number. Unlike a window, which
+    has a standard fallback, a wrong rescale would silently change every value (Hounsfield units)."""
+    value = _first(_get(ds, keyword))
+    if value is None or value == "":
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if not np.isfinite(out):
+        raise CorruptFileError(f"{what}: invalid {keyword} element (not a number)")
+    return out
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     value = _first(_get(ds, keyword))
     if value is None or value == "":
@@ -497,15 +513,15 @@ def _modality(ds: Dataset) -> _Modality:
         return _Modality(
             _read_lut(ds, sequence[0], what, "ModalityLUTSequence"), [1.0], [0.0], "lut_sequence"
         )
-    slope, intercept = _float(ds, "RescaleSlope"), _float(ds, "RescaleIntercept")
+    slope, intercept = _number(ds, "RescaleSlope", what), _number(ds, "RescaleIntercept", what)
     if slope is not None or intercept is not None:
         return _Modality(None, [_valid_slope(slope)], [intercept or 0.0], "rescale")
     if _get(ds, "PerFrameFunctionalGroupsSequence") or _get(ds, "SharedFunctionalGroupsSequence"):
         slopes, intercepts, found = [], [], False
         for frame in range(_n_frames(ds)):
             item = _functional_item(ds, "PixelValueTransformationSequence", frame)
-            s = _float(item, "RescaleSlope") if item is not None else None
-            b = _float(item, "RescaleIntercept") if item is not None else None
+            s = _number(item, "RescaleSlope", what) if item is not None else None
+            b = _number(item, "RescaleIntercept", what) if item is not None else None
             found = found or s is not None or b is not None
             slopes.append(_valid_slope(s))
             intercepts.append(b or 0.0)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from emma.errors import InputError
 from emma.io.image import ImageFit, ModelImage, fit_image
 from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.io.paths import check_path
 from emma.io.windows import Window
 
 if TYPE_CHECKING:
@@ -65,9 +66,7 @@ def detect_format(path: RasterSource) -> SourceFormat:
         return _detect_head(bytes(memoryview(path)[:352]))
     if not isinstance(path, str | os.PathLike):
         return _detect_head(_head(path))
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+    p = check_path(path)
     if p.is_dir():
         return SourceFormat.DICOM_SERIES
     name = p.name.lower()

@@ -30,6 +30,7 @@ from emma.errors import CorruptFileError, ImageTooLargeError, InputError, MixedS
 from emma.io import dicom, mosaic
 from emma.io.image import ModelImage
 from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.io.paths import check_path
 from emma.io.provenance import Provenance, Step
 from emma.io.windows import Window, gray_to_rgb, to_uint8
 
@@ -209,12 +210,13 @@ def _resolve_files(
         source = str(items[0].parent) if len(items) > 1 else (str(items[0]) if items else "")
     files: list[Path] = []
     for item in items:
+        check_path(item)
         if item.is_dir():
             files.extend(find_dicom_files(item, limits))
         elif item.is_file():
             files.append(item)
         else:
-            raise InputError(f"{item}: no such file or folder")
+            raise InputError(f"{item}: not a file or folder")
         limits.check_slices(len(files), what=source)
     return files, source
 
