@@ -26,7 +26,7 @@ def _main(
 
 def _register() -> None:
     # Imported here so each module can `from emma.cli import app` without a cycle.
-    from emma.cli import annotate, chat, data, deid, demo, eval, export, imaging, serve, synth, train  # noqa: F401
+    from emma.cli import annotate, chat, data, deid, demo, eval, export, imaging, serve, suite, synth, train  # noqa: F401
 
 
 _register()

@@ -24,6 +24,8 @@ Metrics (present only where defined):
   engines; from a server's top alternatives for OpenAI-compatible engines, where a word none of whose
   tokens is listed is taken as probability 0 (its true value is below every listed alternative; counted
   as ``auroc_one_sided``), and a pair where neither word is listed has no score (``auroc_no_score``);
+- ``macro_f1`` and (per-finding form) ``macro_auroc`` are always reported, ``null`` when undefined
+  (no positive pair; no score or a single class), never a made-up 0;
 - ``unparseable``: share of questions whose answer could not be parsed or is missing;
 - ``exact_match`` (which-findings form): images whose every known finding is right.
 
@@ -249,7 +251,10 @@ class FindingsAdapter(Adapter):
 
     def metrics(self, scored: Sequence[Scored]) -> dict[str, float | None]:
         pairs, questions = self._tables(scored)
-        out: dict[str, float | None] = {**pairs.metrics(), **questions.metrics()}
+        out: dict[str, float | None] = {"macro_f1": None}  # None: no finding has a positive pair
+        if not self.multi:
+            out["macro_auroc"] = None  # None: no scores (no log-probabilities) or one class only
+        out.update({**pairs.metrics(), **questions.metrics()})
         return dict(sorted(out.items(), key=lambda kv: (_order(kv[0]), kv[0])))
 
     def cis(self, scored: Sequence[Scored], n_resamples: int, seed: int) -> dict[str, list[float]]:

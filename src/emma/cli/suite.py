@@ -1,0 +1,105 @@
+"""``emma eval suite``: the tasks of a named suite with one model, skipping what is not downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from emma.cli.common import fail, handle_errors
+from emma.cli.eval import eval_app
+
+EXIT_TASK_FAILED = 1  # a task of the suite failed (the others ran; suite.json says which and why)
+
+
+def _data_overrides(values: list[str] | None) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for value in values or []:
+        task, sep, folder = value.partition("=")
+        if not sep or not task.strip() or not folder.strip():
+            raise fail(f"--data takes TASK=DIR, got {value!r}")
+        out[task.strip()] = Path(folder.strip())
+    return out
+
+
+@eval_app.command("suite")
+@handle_errors
+def suite_command(
+    name: str = typer.Argument("emma-table", help="Suite name (emma-table, chest-xray)."),
+    model: str = typer.Option(
+        ..., "--model", help="Model spec: emma-tiny, a folder, a hub id, openai:URL#MODEL."
+    ),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="Folder holding one dataset folder per task (<task> or <importer> name)."
+    ),
+    data: list[str] | None = typer.Option(None, "--data", help="TASK=DIR for a task's folder (repeatable)."),
+    out: Path = typer.Option(Path("runs/suite"), "--out", help="Suite folder: one run folder per task."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N items of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests per engine call."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and sampling."),
+    n_resamples: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples for CIs."),
+    as_json: bool = typer.Option(False, "--json", help="Print suite.json instead of a table."),
+) -> None:
+    """Run every task of a suite with one model (loaded once); tasks without data are skipped. Writes
+    <out>/<task>/ run folders and <out>/suite.json + suite.md; exit 1 if a task failed."""
+    from emma.eval.suite import run_suite
+
+    err = Console(stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    bars: dict[str, int] = {}
+
+    def report(task: str, done: int, total: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        if task not in bars:
+            bars[task] = progress.add_task(f"evaluating {task}", total=total)
+        progress.update(bars[task], completed=done, total=total)
+
+    try:
+        suite = run_suite(
+            name,
+            out=out,
+            data_root=data_root,
+            data=_data_overrides(data),
+            model=model,
+            limit=limit,
+            batch_size=batch_size,
+            n_resamples=n_resamples,
+            seed=seed,
+            progress=report,
+        )
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+    if as_json:
+        typer.echo(json.dumps(suite.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        table = Table(title=f"suite {suite.name}: {suite.model}")
+        for col in ("task", "status", "n", "metric", "value", "95% CI", "run / reason"):
+            table.add_column(col, overflow="fold")
+        for t in suite.tasks:
+            table.add_row(
+                t.task,
+                t.status,
+                str(t.n) if t.n is not None else "-",
+                t.headline or "-",
+                f"{t.value:.4f}" if t.value is not None else "-",
+                f"[{t.ci95[0]:.4f}, {t.ci95[1]:.4f}]" if t.ci95 else "-",
+                t.out if t.status == "done" else (t.reason or ""),
+            )
+        Console(highlight=False, soft_wrap=False).print(table)
+        Console(highlight=False).print(f"summary: {out / 'suite.json'}  {out / 'suite.md'}", markup=False)
+    if suite.failed:
+        raise typer.Exit(EXIT_TASK_FAILED)
