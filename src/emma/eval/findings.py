@@ -255,7 +255,8 @@ class FindingsAdapter(Adapter):
         if not self.multi:
             out["macro_auroc"] = None  # None: no scores (no log-probabilities) or one class only
         out.update({**pairs.metrics(), **questions.metrics()})
-        return dict(sorted(out.items(), key=lambda kv: (_order(kv[0]), kv[0])))
+        rank = {f: i for i, f in enumerate(pairs.findings)}
+        return dict(sorted(out.items(), key=lambda kv: _order(kv[0], rank)))
 
     def cis(self, scored: Sequence[Scored], n_resamples: int, seed: int) -> dict[str, list[float]]:
         from emma.eval.stats import cluster_bootstrap_cis
@@ -297,8 +298,10 @@ class FindingsAdapter(Adapter):
         }
 
 
-def _order(name: str) -> int:
+def _order(name: str, rank: Mapping[str, int]) -> tuple[int, int]:
+    """Report order: the macro and question-level metrics, then F1 and AUROC per finding in set order."""
     head = ("macro_f1", "macro_auroc", "accuracy", "exact_match", "unparseable")
     if name in head:
-        return head.index(name)
-    return len(head) + (0 if name.startswith("f1.") else 1)
+        return head.index(name), 0
+    kind, _, finding = name.partition(".")
+    return len(head) + (0 if kind == "f1" else 1), rank.get(finding, len(rank))
