@@ -415,7 +415,7 @@ def test_samples_with_many_images_are_bounded() -> None:
 def test_steps_pickle_for_ray_workers() -> None:
     import pickle
 
-    from emma.annotate.synth import synth_steps
+    from emma.annotate.synth_steps import synth_steps
 
     steps = synth_steps("text_qa,mc_subimage", n_options=5, max_rewrites=2)
     assert [s.name for s in steps] == ["synth", "refine", "verify"]

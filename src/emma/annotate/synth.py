@@ -75,7 +75,7 @@ from pydantic import BaseModel, Field, ValidationError
 from emma.annotate import distractors
 from emma.annotate.distractors import VOCABULARIES, make_options
 from emma.annotate.labeler import NO_FINDING, POSITIVE, SUPPORT_DEVICES, label_report
-from emma.annotate.runner import Ask, Item, Step, prompt_hash, provenance, record_provenance, seeded_rng
+from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, seeded_rng
 from emma.annotate.teacher import TeacherError
 from emma.data.formats import format_boxes
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Sample, TaskType, Turn
@@ -957,31 +957,3 @@ def _image_ref(image: Image.Image) -> ImageRef:
     """The ref of a new image as the dataset writer will store it (PNG, named by its SHA-256)."""
     sha = hashlib.sha256(encode_png(image)).hexdigest()
     return ImageRef(sha256=sha, width=image.width, height=image.height)
-
-
-def synth_steps(
-    tasks: str | Sequence[str] | None = None,
-    *,
-    n_options: int = 4,
-    max_rewrites: int = 1,
-    open_f1: float = 0.5,
-    box_iou: float = 0.5,
-    panel_size: int = 384,
-    max_panels: int = 4,
-    max_images: int = 8,
-) -> list[Step]:
-    """The steps of ``emma synth``: generate (:class:`Synthesize`), refine, verify, in that order."""
-    from emma.annotate.refine import Refine
-    from emma.annotate.verify import Verify
-
-    return [
-        Synthesize(
-            tasks=parse_tasks(tasks),
-            n_options=n_options,
-            panel_size=panel_size,
-            max_panels=max_panels,
-            max_images=max_images,
-        ),
-        Refine(max_rewrites=max_rewrites, box_iou=box_iou),
-        Verify(open_f1=open_f1, box_iou=box_iou),
-    ]

@@ -72,7 +72,7 @@ def synth_command(
     Rerun the same command to resume after an interruption.
     """
     from emma.annotate.runner import REJECTED_SPLIT, run_pipeline
-    from emma.annotate.synth import synth_steps
+    from emma.annotate.synth_steps import synth_steps
     from emma.data.store import open_dataset
 
     config = opts.teacher_config(teacher, timeout=timeout, family=family, backend=backend, fsync=fsync)
