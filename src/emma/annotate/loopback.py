@@ -26,7 +26,6 @@ import hashlib
 import json
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -383,19 +382,6 @@ class LoopbackTeacher:
             handler.send_header("Content-Length", str(len(body)))
             handler.end_headers()
             handler.wfile.write(body)
-
-
-def wait_until_ready(teacher: LoopbackTeacher, timeout_s: float = 5.0) -> None:
-    """Block until the server answers ``/health`` (it normally does as soon as ``start`` returns)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", teacher.port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 EXIT_INPUT = 2  # bad input: the user can fix it
-EXIT_INTERNAL = 1
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 

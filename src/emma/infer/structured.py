@@ -261,12 +261,6 @@ def _strip_trailing_comma(out: list[str]) -> None:
         del out[j]
 
 
-def _next_nonspace(text: str, i: int) -> str:
-    while i < len(text) and text[i].isspace():
-        i += 1
-    return text[i] if i < len(text) else ""
-
-
 def _close_truncated(text: str, stack: list[str]) -> str:
     """Make a value cut off mid-way complete: drop a dangling comma or key, close open brackets."""
     while True:

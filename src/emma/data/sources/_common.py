@@ -66,10 +66,6 @@ class ImportReport(BaseModel):
         """Samples in the output after this run (written + resumed)."""
         return self.written + self.resumed
 
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
 
 # --------------------------------------------------------------------------------------------------
 # Image checks
