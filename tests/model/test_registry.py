@@ -42,6 +42,24 @@ def test_parse_emma_tiny(text: str) -> None:
     assert parse_spec(text).name == "emma-tiny"
 
 
+def test_parse_tiny_and_init_specs() -> None:
+    assert parse_spec("tiny:llava") == ModelSpec(kind="tiny", family="llava")
+    assert parse_spec("tiny:llava").name == "tiny-llava"
+    assert parse_spec("emma-tiny:init") == ModelSpec(kind="emma-tiny-init")
+    with pytest.raises(ModelSpecError, match="unknown tiny family 'nope'"):
+        parse_spec("tiny:nope")
+
+
+def test_load_model_accepts_tiny_spec() -> None:
+    """Every command takes the same specs: tiny:<family> loads through load_model as through a recipe."""
+    from emma.train.run import resolve_base_model
+
+    loaded = load_model("tiny:llava", device="cpu")
+    assert loaded.name == "tiny-llava" and loaded.family == "llava"
+    assert loaded.path == resolve_base_model("tiny:llava")
+    assert not loaded.model.training
+
+
 def test_parse_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = _model_folder(tmp_path)
     spec = parse_spec(str(folder))

@@ -54,12 +54,17 @@ class CheckpointError(ModelLoadError):
 
 
 @dataclass
-class LocalModel:
-    model: Any
-    processor: Any
-    family: str
-    device: Any
-    dtype: Any
+class LoadedModel:
+    """A model in memory, ready for ``generate``: eval mode, processor padding on the left."""
+
+    model: Any  # a transformers PreTrainedModel (AutoModelForImageTextToText)
+    processor: Any  # its transformers processor (chat template, image processor, tokenizer)
+    family: str  # emma.model.families key: "qwen2_5_vl", "idefics3", ...
+    name: str
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the floating-point weights (compute dtype when quantized)
+    quantization: str | None = None
+    path: Path | None = None  # the local folder the weights were read from
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -165,8 +170,10 @@ def load_local(
     dtype: str = "auto",
     quantization: str | None = None,
     trust_remote_code: bool = False,
-) -> LocalModel:
-    """Load a checkpoint folder (model in eval mode + processor); typed InputErrors on failure."""
+) -> LoadedModel:
+    """Load a checkpoint folder (model in eval mode + processor); typed InputErrors on failure.
+
+    ``name`` is the folder's name; :func:`emma.model.registry.load_model` names it by its spec."""
     from transformers import AutoModelForImageTextToText
 
     from emma.model.processors import load_processor
@@ -198,4 +205,13 @@ def load_local(
     if torch_device.type != "cuda":
         model = model.to(torch_device)
     model.eval()
-    return LocalModel(model=model, processor=processor, family=family, device=torch_device, dtype=torch_dtype)
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        family=family,
+        name=path.name,
+        device=torch_device,
+        dtype=torch_dtype,
+        quantization=quantization,
+        path=path,
+    )

@@ -14,17 +14,19 @@ Spec forms (see :func:`parse_spec`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from emma.errors import InputError
 from emma.model.loading import (
     CheckpointError,
     DeviceError,
+    LoadedModel,
     ModelLoadError,
     UnsupportedModelError,
     load_local,
@@ -44,12 +46,15 @@ __all__ = [
     "emma_tiny_dir",
     "load_model",
     "parse_spec",
+    "resolve_folder",
     "resolve_hub",
 ]
 
-SpecKind = Literal["emma-tiny", "local", "hub", "openai"]
+SpecKind = Literal["emma-tiny", "emma-tiny-init", "tiny", "local", "hub", "openai"]
 
 EMMA_TINY = "emma-tiny"
+EMMA_TINY_INIT = "emma-tiny:init"  # emma-tiny's untrained start (the recipe's base), built on first use
+TINY_PREFIX = "tiny:"  # tiny:<family>: a tiny random model of a family (tests, smoke recipes)
 OPENAI_PREFIX = "openai:"
 _MAX_SPEC_CHARS = 1024
 # Hub ids as the hub accepts them: "org/name", each part 1-96 of [A-Za-z0-9._-], not starting with
@@ -78,6 +83,7 @@ class ModelSpec:
     revision: str | None = None  # hub
     base_url: str | None = None  # openai
     model: str | None = None  # openai
+    family: str | None = None  # tiny
 
     @property
     def name(self) -> str:
@@ -88,21 +94,11 @@ class ModelSpec:
             return self.repo_id
         if self.kind == "openai" and self.model:
             return self.model
+        if self.kind == "tiny" and self.family:
+            return f"tiny-{self.family}"
+        if self.kind == "emma-tiny-init":
+            return EMMA_TINY_INIT
         return EMMA_TINY
-
-
-@dataclass
-class LoadedModel:
-    """A model in memory, ready for ``generate``: eval mode, processor padding on the left."""
-
-    model: Any  # a transformers PreTrainedModel (AutoModelForImageTextToText)
-    processor: Any  # its transformers processor (chat template, image processor, tokenizer)
-    family: str  # emma.model.families key: "qwen2_5_vl", "idefics3", ...
-    name: str
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype of the floating-point weights (compute dtype when quantized)
-    quantization: str | None = None
-    path: Path | None = None  # the local folder the weights were read from
 
 
 def _one_line(text: str, limit: int = 80) -> str:
@@ -114,7 +110,7 @@ def _one_line(text: str, limit: int = 80) -> str:
 def parse_spec(spec: str) -> ModelSpec:
     """Parse a model spec string; :class:`ModelSpecError` (an InputError) with a one-line reason if bad.
 
-    Resolution order: ``emma-tiny``; ``openai:``; an existing path (must be a folder with
+    Resolution order: ``emma-tiny``, ``emma-tiny:init``, ``tiny:<family>``; ``openai:``; an existing path (must be a folder with
     ``config.json``); something path-like that does not exist (error); a hub id.
     """
     if not isinstance(spec, str):
@@ -128,6 +124,17 @@ def parse_spec(spec: str) -> ModelSpec:
         raise ModelSpecError(f"model spec too long ({len(text)} characters, at most {_MAX_SPEC_CHARS})")
     if text.lower() == EMMA_TINY:
         return ModelSpec(kind="emma-tiny")
+    if text.lower() == EMMA_TINY_INIT:
+        return ModelSpec(kind="emma-tiny-init")
+    if text.lower().startswith(TINY_PREFIX):
+        from emma.model.tiny import TINY_FAMILIES
+
+        family = text[len(TINY_PREFIX) :]
+        if family not in TINY_FAMILIES:
+            raise ModelSpecError(
+                f"unknown tiny family {_one_line(family)!r} (known: {', '.join(TINY_FAMILIES)})"
+            )
+        return ModelSpec(kind="tiny", family=family)
     if text.lower().startswith(OPENAI_PREFIX):
         return _parse_openai(text[len(OPENAI_PREFIX) :])
     path = Path(text).expanduser()
@@ -237,6 +244,26 @@ def resolve_hub(spec: ModelSpec, *, allow_download: bool = True, trust_remote_co
     return Path(folder)
 
 
+def resolve_folder(spec: ModelSpec, *, allow_download: bool = True, trust_remote_code: bool = False) -> Path:
+    """The local folder of any spec but ``openai:`` (built, materialized or downloaded as needed)."""
+    if spec.kind == "emma-tiny":
+        return emma_tiny_dir()
+    if spec.kind == "emma-tiny-init":
+        from emma.model.emma_tiny import init_dir
+
+        return init_dir()
+    if spec.kind == "tiny":
+        assert spec.family is not None
+        from emma.model.tiny import build_tiny
+
+        return build_tiny(spec.family)
+    if spec.kind == "hub":
+        return resolve_hub(spec, allow_download=allow_download, trust_remote_code=trust_remote_code)
+    if spec.kind == "local" and spec.path is not None:
+        return spec.path
+    raise ModelSpecError("openai: specs name a remote server, not local weights")
+
+
 def load_model(
     spec: str | ModelSpec,
     *,
@@ -258,24 +285,9 @@ def load_model(
         raise ModelSpecError(
             "openai: specs name a remote server; use emma.infer.factory.load_engine for them"
         )
-    if parsed.kind == "emma-tiny":
-        folder, name = emma_tiny_dir(), EMMA_TINY
-    elif parsed.kind == "hub":
-        folder = resolve_hub(parsed, allow_download=allow_download, trust_remote_code=trust_remote_code)
-        name = parsed.name
-    else:
-        assert parsed.path is not None
-        folder, name = parsed.path, parsed.name
+    folder = resolve_folder(parsed, allow_download=allow_download, trust_remote_code=trust_remote_code)
+    name = parsed.name
     local = load_local(
         folder, device=device, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code
     )
-    return LoadedModel(
-        model=local.model,
-        processor=local.processor,
-        family=local.family,
-        name=name,
-        device=local.device,
-        dtype=local.dtype,
-        quantization=quantization,
-        path=folder,
-    )
+    return dataclasses.replace(local, name=name)

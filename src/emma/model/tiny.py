@@ -25,15 +25,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from emma.errors import InputError
 from emma.model.emma_tiny import CHAT_TEMPLATE as FAST_VLM_TEMPLATE  # emma-tiny's format, the product's
+from emma.model.loading import LoadedModel, load_local
 from emma.model.smollm2 import cache_root, file_lock, padded_vocab, publish
 from emma.model.smollm2 import tokenizer_with as _tokenizer
-
-if TYPE_CHECKING:
-    from emma.model.registry import LoadedModel
 
 TINY_VERSION = "2"
 TINY_FAMILIES: tuple[str, ...] = (
@@ -623,7 +621,5 @@ def load_tiny(family: str, seed: int = 0, *, dtype: str = "auto") -> LoadedModel
     """Build (cached) and load a tiny model of ``family`` on CPU (fp32 unless ``dtype`` says otherwise)."""
     import dataclasses
 
-    from emma.model.registry import load_model
-
-    loaded = load_model(str(build_tiny(family, seed=seed)), device="cpu", dtype=dtype)
+    loaded = load_local(build_tiny(family, seed=seed), device="cpu", dtype=dtype)
     return dataclasses.replace(loaded, name=f"tiny-{family}")

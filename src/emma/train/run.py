@@ -55,31 +55,16 @@ class RecipeResult:
 
 
 def resolve_base_model(spec: str) -> Path:
-    """The local folder of the recipe's base model: ``tiny:<family>`` (built, cached), ``emma-tiny``, a
-    folder, or a hub id (downloaded through the hub cache)."""
-    from emma.model.registry import emma_tiny_dir, parse_spec, resolve_hub
+    """The local folder of the recipe's base model: any model spec but ``openai:`` (``tiny:<family>``,
+    ``emma-tiny:init``, ``emma-tiny``, a folder, or a hub id downloaded through the hub cache)."""
+    from emma.model.registry import ModelSpecError, parse_spec, resolve_folder
 
-    if spec == "emma-tiny:init":
-        from emma.model.emma_tiny import init_dir
-
-        return init_dir()
-    if spec.startswith("tiny:"):
-        from emma.model.tiny import TINY_FAMILIES, build_tiny
-
-        family = spec[len("tiny:") :]
-        if family not in TINY_FAMILIES:
-            raise RecipeError(f"unknown tiny family {family!r} (known: {', '.join(TINY_FAMILIES)})")
-        return build_tiny(family)
-    parsed = parse_spec(spec)
-    if parsed.kind == "emma-tiny":
-        return emma_tiny_dir()
-    if parsed.kind == "hub":
-        return resolve_hub(parsed)
-    if parsed.kind == "local" and parsed.path is not None:
-        return parsed.path
-    raise RecipeError(
-        f"base_model must name local weights (a folder, hub id, emma-tiny or tiny:<family>): {spec}"
-    )
+    try:
+        return resolve_folder(parse_spec(spec))
+    except ModelSpecError as exc:
+        raise RecipeError(
+            f"base_model must name local weights (a folder, hub id, emma-tiny or tiny:<family>): {exc}"
+        ) from None
 
 
 def is_done(stage_dir: Path) -> bool:
