@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from emma.cli import app
-from emma.cli.common import atomic_path, err_console, handle_errors
+from emma.cli.common import err_console, handle_errors
 from emma.cli.imaging import SERIES_HELP, check_series_option
 from emma.errors import EmmaError, InputError
 from emma.infer.chat import ChatSession, ChatTurnResult, render_boxes
 from emma.infer.modes import MODES
 from emma.infer.types import SamplingParams
+from emma.io.atomic import atomic_path
 from emma.io.image import ModelImage
 from emma.io.load import VolumeSampling, load_images
 from emma.io.windows import parse_window

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 import typer
@@ -44,22 +40,3 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
             raise fail(f"{type(exc).__name__}: {exc}") from None
 
     return wrapper
-
-
-@contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
-
-    No partially written output file is ever left behind.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()

@@ -190,8 +190,8 @@ def compare_command(
 ) -> None:
     """Paired comparison of two runs on their shared samples: delta = B - A per metric, paired bootstrap CI,
     bootstrap and permutation p-values."""
-    from emma.cli.common import atomic_path
     from emma.eval.runner import compare_runs
+    from emma.io.atomic import atomic_path
 
     result = compare_runs(run_a, run_b, n_resamples=n_resamples, seed=seed)
     text = json.dumps(result, indent=2, ensure_ascii=False)

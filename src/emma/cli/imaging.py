@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from emma.cli import app
-from emma.cli.common import atomic_path, handle_errors
+from emma.cli.common import handle_errors
 from emma.errors import InputError
+from emma.io.atomic import atomic_path
 from emma.io.image import ModelImage
 from emma.io.load import VolumeSampling, describe, load_images
 from emma.io.windows import parse_window

@@ -11,7 +11,7 @@ The write protocol of EMMA's resumable jobs (docs/annotation.md, "Exactly once u
   descriptor (:func:`append_lines`). A kill can only leave the *last* line torn (no newline at the
   end); :func:`cut_torn_tail` removes it before anything is appended again, and readers ignore it. A
   key found twice keeps its first record.
-- **Whole files are replaced atomically.** :func:`atomic_write` writes a temporary file in the same
+- **Whole files are replaced atomically** (:mod:`emma.io.atomic`, re-exported here). :func:`atomic_write` writes a temporary file in the same
   folder, fsyncs it and ``os.replace``-s it over the target (then fsyncs the folder): a reader sees the
   old file or the new one, never a mix; a kill leaves at most a ``.<name>.*.tmp`` file, which nothing
   reads and :func:`remove_stale_temporaries` deletes.
@@ -23,12 +23,12 @@ import errno
 import fcntl
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from emma.errors import InputError
+from emma.io.atomic import atomic_write, fsync_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -44,54 +44,10 @@ __all__ = [
 ]
 
 LOCK_FILE = ".emma.lock"
-_TMP_SUFFIX = ".tmp"
 
 
 class FolderBusyError(InputError):
     """Another live process is writing the folder (it holds the folder's lock)."""
-
-
-def fsync_dir(folder: Path) -> None:
-    """Fsync a folder so that renames and creations in it survive a machine crash (best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` atomically: temporary file, (fsync,) ``os.replace``, (fsync folder)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    blob = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(target.parent)
-
-
-def remove_stale_temporaries(folder: Path, name: str) -> int:
-    """Delete the temporary files :func:`atomic_write` left for ``folder/name`` (a killed writer's)."""
-    n = 0
-    for tmp in folder.glob(f".{name}.*{_TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-        n += 1
-    return n
 
 
 def cut_torn_tail(path: str | os.PathLike[str]) -> int:

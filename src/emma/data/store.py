@@ -154,11 +154,6 @@ def _describe(exc: ValidationError) -> str:
     return f"{loc + ': ' if loc else ''}{msg}{more}".replace("\n", " ")
 
 
-def _atomic_write(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    atomic_write(path, data, fsync=fsync)
-
-
 def encode_png(image: Image.Image) -> bytes:
     """Encode a PIL image as PNG bytes (the form in which PIL images are stored)."""
     buf = io.BytesIO()
@@ -368,7 +363,7 @@ class _JsonlSink:
         return None
 
     def put_image(self, sha: str, info: _StoredImage, data: bytes) -> None:
-        _atomic_write(self.images_dir / sha[:2] / f"{sha}.{info.ext}", data)
+        atomic_write(self.images_dir / sha[:2] / f"{sha}.{info.ext}", data)
         self._known[sha] = info
 
     def append(self, split: str, sample: Sample) -> None:
@@ -831,7 +826,7 @@ class DatasetWriter:
             counts={s: self._counts[s] for s in sorted(self._counts, key=_split_key)},
             extra=self.extra,
         )
-        _atomic_write(
+        atomic_write(
             self.root / MANIFEST, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n", fsync=True
         )
         (self.root / _RESUME_MANIFEST).unlink(missing_ok=True)

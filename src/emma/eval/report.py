@@ -16,11 +16,11 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from emma.io.atomic import atomic_write
 
 MD_FILE = "report.md"
 HTML_FILE = "report.html"
@@ -56,17 +56,6 @@ def _short(text: Any, limit: int = _MAX_TEXT) -> str:
 
 def _md_cell(text: Any) -> str:
     return _short(text).replace("|", "\\|")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------------------------------- plots
@@ -464,8 +453,8 @@ def write_reports(out_dir: Path, results: Mapping[str, Any], rows: Sequence[Mapp
     plots = make_plots(results)
     written = []
     for name, png in plots.items():
-        _atomic_write(out_dir / name, png)
+        atomic_write(out_dir / name, png, fsync=False)
         written.append(out_dir / name)
-    _atomic_write(out_dir / MD_FILE, render_markdown(results, rows, plots).encode("utf-8"))
-    _atomic_write(out_dir / HTML_FILE, render_html(results, rows, plots).encode("utf-8"))
+    atomic_write(out_dir / MD_FILE, render_markdown(results, rows, plots), fsync=False)
+    atomic_write(out_dir / HTML_FILE, render_html(results, rows, plots), fsync=False)
     return written + [out_dir / MD_FILE, out_dir / HTML_FILE]

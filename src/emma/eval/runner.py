@@ -168,10 +168,6 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -755,8 +751,8 @@ def _score_and_write(
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(out / PER_SAMPLE_FILE, "".join(dumps(r, None) + "\n" for r in rows))
-    _atomic_write_text(out / RESULTS_FILE, dumps(results) + "\n")
+    atomic_write(out / PER_SAMPLE_FILE, "".join(dumps(r, None) + "\n" for r in rows))
+    atomic_write(out / RESULTS_FILE, dumps(results) + "\n")
     if options.write_report:
         from emma.eval.report import write_reports
 

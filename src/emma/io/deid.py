@@ -65,7 +65,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +86,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from emma.errors import CorruptFileError, EmmaError, InputError, OutputError, SeriesError
 from emma.io import mosaic
+from emma.io.atomic import atomic_path
 from emma.io.dicom import quiet_pydicom, read_dataset
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.paths import check_path
@@ -972,23 +972,12 @@ def _atomic_save(ds: Dataset, target: Path) -> None:
         return OutputError(f"{target}: cannot write the output ({type(exc).__name__}: {exc.strerror})")
 
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".deid-", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        raise unwritable(exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        with quiet_pydicom():
-            ds.save_as(tmp_path, enforce_file_format=True)
-        os.replace(tmp_path, target)
+        with atomic_path(target) as tmp, quiet_pydicom():
+            ds.save_as(tmp, enforce_file_format=True)
     except OSError as exc:
         raise unwritable(exc) from None
     except (AttributeError, TypeError, ValueError, KeyError, struct.error) as exc:
         raise CorruptFileError(f"{target.name}: cannot be encoded as DICOM ({type(exc).__name__})") from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def _output_rel(ds: Dataset, rel: Path, layout: Layout) -> Path:
