@@ -27,7 +27,6 @@ from emma.annotate.pipeline import (
     annotate,
     box_text,
     build_steps,
-    extract_json_object,
     parse_coarse,
     report_summary,
     sample_text,
@@ -127,14 +126,6 @@ def test_sample_text_by_kind() -> None:
 
 
 # ----------------------------------------------------------------------------------------- parsing
-
-
-def test_extract_json_object_from_fences_prose_and_broken_json() -> None:
-    assert extract_json_object('```json\n{"a": 1}\n```') == ({"a": 1}, False)
-    assert extract_json_object('Here it is: {"a": [1, 2]} hope it helps') == ({"a": [1, 2]}, False)
-    assert extract_json_object("{'a': True, 'b': [1, 2,],}") == ({"a": True, "b": [1, 2]}, True)
-    assert extract_json_object("no json here") == (None, False)
-    assert extract_json_object("[1, 2]")[0] is None
 
 
 def test_parse_coarse_maps_synonyms_and_rejects_bad_values() -> None:

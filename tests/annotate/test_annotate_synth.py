@@ -30,7 +30,6 @@ from emma.annotate.synth import (
     TASKS,
     Synthesize,
     compound_figure,
-    parse_json_object,
     parse_tasks,
     record_of,
     source_text,
@@ -38,8 +37,8 @@ from emma.annotate.synth import (
 from emma.annotate.teacher import TeacherError
 from emma.data.schema import Box, Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import encode_png
-from emma.eval.extract import normalize_answer
 from emma.infer.types import ImagePart, Message
+from emma.text.normalize import normalize_answer
 
 Answer = str | Callable[[list[Message]], str] | Exception
 
@@ -337,13 +336,6 @@ def test_source_text_is_bounded_and_complete() -> None:
         gold=Gold(answer="no"),
     )
     assert source_text(vqa) == "question: Is there a fracture?\nanswer: no"
-
-
-def test_parse_json_object() -> None:
-    assert parse_json_object('noise ```json\n{"a": 1}\n``` more') == {"a": 1}
-    assert parse_json_object("Here: {'a': 'x', 'b': [1, 2,],}") == {"a": "x", "b": [1, 2]}
-    assert parse_json_object('{"a": "cut') == {"a": "cut"}
-    assert parse_json_object("[1, 2]") is None and parse_json_object("no json") is None
 
 
 def test_prompt_hash_follows_parameters() -> None:

@@ -532,6 +532,19 @@ def test_duplicate_ids_are_skipped_and_counted(tmp_path: Path) -> None:
     assert by_id(tmp_path / "out")["same"].question == "q0?"
 
 
+def test_generic_task_follows_the_scorers_yes_no_rule(tmp_path: Path) -> None:
+    # One yes/no rule (emma.text.normalize.is_yes_no) for importers and scorers: what the scorer reads
+    # as a yes/no gold is imported as closed, in English and Chinese.
+    make_image(tmp_path / "src" / "a.png", 1, (16, 16))
+    answers = {"y": "Yes.", "n": "NO!", "zh": "是", "zh-no": "没有", "open": "yes, small", "normal": "normal"}
+    rows = [{"id": k, "image": "a.png", "question": "q?", "answer": a} for k, a in answers.items()]
+    (tmp_path / "src" / "ann.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    import_generic(tmp_path / "src", tmp_path / "out")
+    tasks = {k: s.task for k, s in by_id(tmp_path / "out").items()}
+    closed, open_ = TaskType.CLOSED_VQA, TaskType.OPEN_VQA
+    assert tasks == {"y": closed, "n": closed, "zh": closed, "zh-no": closed, "open": open_, "normal": open_}
+
+
 def test_generic_bad_layout(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="no .csv, .json or .jsonl"):
         import_generic(tmp_path, tmp_path / "out")

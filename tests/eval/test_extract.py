@@ -10,8 +10,6 @@ from emma.eval.extract import (
     extract_closed,
     extract_yes_no,
     locate_answer,
-    normalize_answer,
-    tokens,
 )
 
 # ------------------------------------------------------------------------------------ locate_answer
@@ -55,20 +53,6 @@ from emma.eval.extract import (
 )
 def test_locate_answer(text: str | None, expected: str) -> None:
     assert locate_answer(text) == expected
-
-
-# ---------------------------------------------------------------------------------- normalisation
-
-
-def test_normalize_and_tokens() -> None:
-    assert normalize_answer("The  Left-Lung!") == "left lung"
-    assert normalize_answer("An X-ray, a CT.") == "x ray ct"
-    assert normalize_answer("ＹＥＳ") == "yes"  # NFKC full-width
-    assert normalize_answer("theory") == "theory"  # articles only as whole words
-    assert tokens("Is it the right one?") == ["is", "it", "right", "one"]
-    assert tokens("肺部有结节, the X-ray") == ["肺", "部", "有", "结", "节", "x", "ray"]
-    assert tokens("") == []
-    assert tokens("!!! ...") == []
 
 
 # ------------------------------------------------------------------------------------------ yes/no

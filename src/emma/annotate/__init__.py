@@ -10,8 +10,8 @@
 - :mod:`~emma.annotate.synth`, :mod:`~emma.annotate.refine`, :mod:`~emma.annotate.verify`,
   :mod:`~emma.annotate.distractors`: ``emma synth`` — six task types and diagnostic dialogues, leak
   refinement and generator–verifier checks.
-- :mod:`~emma.annotate.labeler`: report → findings (CheXpert's 14 plus emergency-critical findings, with
-  negation and uncertainty), shared with the evaluation harness.
+- The report labeler (report → findings, with negation and uncertainty) is shared with the evaluation
+  harness and so lives below both, in :mod:`emma.text.labeler`.
 - :mod:`~emma.annotate.loopback`: a scripted OpenAI-compatible teacher on loopback for tests, dry runs
   and ``benchmarks/bench_annotate.py``.
 

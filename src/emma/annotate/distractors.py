@@ -5,11 +5,11 @@ Shared by the synthetic-data steps: :mod:`emma.annotate.synth` builds options wi
 and its context (:func:`searchable_forms`).
 
 **Vocabularies** (:data:`VOCABULARIES`): a category (``finding``, ``modality``, ``organ``,
-``body_part``) → canonical terms. Findings are the labeler's (:mod:`emma.annotate.labeler`) plus
+``body_part``) → canonical terms. Findings are the labeler's (:mod:`emma.text.labeler`) plus
 common emergency diagnoses.
 
 **Synonyms** (:data:`SYNONYMS`): a concept (its canonical term) → surface forms, all compared after
-:func:`emma.eval.extract.normalize_answer` (lowercase, punctuation → space, articles dropped), so
+:func:`emma.text.normalize.normalize_answer` (lowercase, punctuation → space, articles dropped), so
 ``"X-ray"``, ``"x ray"`` and ``"the X-Ray"`` are one form. :data:`ABBREVIATIONS` are forms that only
 count when they are the *whole* term (``"us"`` is ultrasound as an answer or option, but the word
 *us* in a sentence is not), so they are never searched for inside text. A form may belong to several
@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from emma.annotate.labeler import CHEXPERT_FINDINGS as _CHEXPERT
-from emma.annotate.labeler import CRITICAL_FINDINGS, NO_FINDING, SUPPORT_DEVICES
 from emma.annotate.runner import seeded_rng
-from emma.eval.extract import contains_phrase, normalize_answer, tokens
+from emma.text.labeler import CHEXPERT_FINDINGS as _CHEXPERT
+from emma.text.labeler import CRITICAL_FINDINGS, NO_FINDING, SUPPORT_DEVICES
+from emma.text.normalize import contains_phrase, normalize_answer, tokens
 
 MAX_OPTION_CHARS = 120
 DEFAULT_OPTIONS = 4

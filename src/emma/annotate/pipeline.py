@@ -10,11 +10,11 @@ reason code and a one-line detail (no PHI: finding names from the labeler's voca
 of VQA and multiple-choice samples, and clinical notes in ``meta.extra`` (``chief_complaint``,
 ``triage_note``, ``history``, ``indication``, ``clinical_context``) condition the teacher, bounded to
 :data:`~emma.annotate.prompts.MAX_SAMPLE_TEXT_CHARS`. Report and caption text is also the *reference*
-the labeler (:mod:`emma.annotate.labeler`) reads for the agreement gate and the fine-caption merge.
+the labeler (:mod:`emma.text.labeler`) reads for the agreement gate and the fine-caption merge.
 
 **Stage 1, coarse caption** (:class:`CoarseCaption`, step ``coarse``). The teacher answers one JSON
 object: modality, body part, view, a short description, the abnormal findings it sees and a confidence.
-The JSON is found in a code fence or in prose and repaired (:func:`emma.infer.structured.repair_json`);
+The JSON is found in a code fence or in prose and repaired (:func:`emma.text.model_json.find_json_object`);
 no object → ``invalid_json``; a modality or body part outside the vocabularies of
 :mod:`emma.annotate.prompts` (synonyms such as "radiograph", "CT scan", "lung" are mapped) →
 ``invalid_value``. The findings and description, read by the labeler, must agree with the report
@@ -67,7 +67,6 @@ mean of the fraction of regions cited and the caption/report agreement (whicheve
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -79,7 +78,6 @@ from typing import Any
 from PIL import Image
 
 from emma.annotate import prompts as P
-from emma.annotate.labeler import NEGATIVE, NO_FINDING, POSITIVE, SUPPORT_DEVICES, UNCERTAIN, label_report
 from emma.annotate.quality import (
     DEFAULT_AGREEMENT_THRESHOLD,
     DEFAULT_BOX_LIMITS,
@@ -115,9 +113,10 @@ from emma.data.sources._common import normalize_modality
 from emma.data.store import Dataset, open_dataset
 from emma.errors import InputError
 from emma.infer.grounding import parse_model_boxes
-from emma.infer.structured import repair_json
 from emma.infer.types import ImagePart, Message, SamplingParams, TextPart
 from emma.model.families import BoxConvention, FamilySpec, from_canonical, model_image_size, resolve_family
+from emma.text.labeler import NEGATIVE, NO_FINDING, POSITIVE, SUPPORT_DEVICES, UNCERTAIN, label_report
+from emma.text.model_json import find_json_object
 
 STAGES: tuple[str, ...] = ("coarse", "roi", "fine")
 
@@ -203,39 +202,6 @@ def report_labels(text: SampleText) -> dict[str, int] | None:
     if text.reference is None:
         return None
     return label_report(text.reference) or None
-
-
-# ------------------------------------------------------------------------------------------ parsing
-
-_FENCE_RE = re.compile(r"```[ \t]*[A-Za-z0-9]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-_DECODER = json.JSONDecoder()
-
-
-def extract_json_object(text: str) -> tuple[dict[str, Any] | None, bool]:
-    """The first JSON object in a teacher answer (code fence or prose), repaired when needed.
-
-    Returns ``(object or None, repaired)``. Never raises.
-    """
-    text = text[:MAX_ANSWER_CHARS]
-    candidate: str | None = None
-    for match in _FENCE_RE.finditer(text):
-        if "{" in match.group(1):
-            body = match.group(1)
-            candidate = body[body.index("{") :]
-            break
-    if candidate is None:
-        start = text.find("{")
-        if start < 0:
-            return None, False
-        candidate = text[start:]
-    for repaired, attempt in ((False, candidate), (True, None)):
-        try:
-            source = attempt if attempt is not None else repair_json(candidate)
-            value, _ = _DECODER.raw_decode(source)
-        except (json.JSONDecodeError, RecursionError):
-            continue
-        return (value, repaired) if isinstance(value, dict) else (None, repaired)
-    return None, True
 
 
 _BODY_PART_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -337,7 +303,8 @@ class CoarseCaptionAnswer:
 
 def parse_coarse(text: str) -> CoarseCaptionAnswer | tuple[str, str]:
     """The stage-1 answer, or ``(reason, detail)`` when it is unusable."""
-    value, repaired = extract_json_object(text)
+    found = find_json_object(text, max_chars=MAX_ANSWER_CHARS)
+    value, repaired = found.value, found.repaired
     if value is None:
         return INVALID_JSON, "no JSON object in the answer"
     findings_raw = value.get("findings", [])

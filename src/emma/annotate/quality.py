@@ -15,7 +15,7 @@ detail that names findings from the labeler's vocabulary, numbers and sample ids
 - an image index the sample does not have → ``box_out_of_range``.
 
 **Agreement** (:func:`agreement`). The teacher's findings and the report are both read with the one
-rule-based labeler (:func:`emma.annotate.labeler.label_report`), so the comparison is in one vocabulary.
+rule-based labeler (:func:`emma.text.labeler.label_report`), so the comparison is in one vocabulary.
 Findings the report marks uncertain are left out on both sides; "No Finding" and "Support Devices" are
 not scored; CheXpert's hierarchy is applied (a positive Edema, Consolidation, Pneumonia, Atelectasis or
 Lung Lesion makes Lung Opacity positive, Cardiomegaly makes Enlarged Cardiomediastinum positive), so a
@@ -47,7 +47,10 @@ from typing import Any
 
 from PIL import Image
 
-from emma.annotate.labeler import (
+from emma.annotate.runner import Ask, Item, prompt_hash, reject
+from emma.data.schema import Box, CoordSpace, Sample
+from emma.errors import EmmaError
+from emma.text.labeler import (
     FINDINGS,
     NO_FINDING,
     POSITIVE,
@@ -55,9 +58,6 @@ from emma.annotate.labeler import (
     UNCERTAIN,
     label_report,
 )
-from emma.annotate.runner import Ask, Item, prompt_hash, reject
-from emma.data.schema import Box, CoordSpace, Sample
-from emma.errors import EmmaError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 step that asks the teacher to rewrite a leaking item (up to ``max_rewrites`` times, each rewrite checked
 again) and rejects it (``leak``) when it still leaks.
 
-**What counts as a leak** (texts compared after :func:`emma.eval.extract.normalize_answer`, as whole
+**What counts as a leak** (texts compared after :func:`emma.text.normalize.normalize_answer`, as whole
 words, never substrings):
 
 - ``answer_in_context`` / ``answer_in_question``: the answer, or a searchable synonym of it
@@ -12,7 +12,7 @@ words, never substrings):
   closed question an answer the question offers as an alternative ("left or right", an ``or`` within
   two words of it) is no leak. A multiple-choice question is checked without its options.
 - ``finding_in_context`` / ``finding_in_question``: the answer is a finding the report labeler knows
-  (:mod:`emma.annotate.labeler`) and the text mentions that finding as present or uncertain, in words
+  (:mod:`emma.text.labeler`) and the text mentions that finding as present or uncertain, in words
   the synonym table may not have ("hydropneumothorax" for "pneumothorax").
 - ``answer_stated`` (yes/no answers): the context states the asked-about thing as present or absent:
   a finding the question names is mentioned in the context with a definite value (labeler: positive or
@@ -47,9 +47,9 @@ from typing import Any
 from PIL import Image
 
 from emma.annotate.distractors import YES_NO_SYNONYMS, searchable_forms
-from emma.annotate.labeler import NEGATIVE, NO_FINDING, POSITIVE, SUPPORT_DEVICES, UNCERTAIN, explain
 from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.synth import (
+    MAX_ANSWER_JSON_CHARS,
     MAX_CONTEXT_CHARS,
     MAX_DIALOGUE_FIELD_CHARS,
     MAX_QUESTION_CHARS,
@@ -58,14 +58,15 @@ from emma.annotate.synth import (
     SYSTEM_PROMPT,
     SynthRecord,
     SynthReject,
-    parse_json_object,
     record_of,
     render,
     text_field,
 )
-from emma.eval.extract import contains_phrase, is_yes_no, tokens
 from emma.eval.scorers import iou
 from emma.infer.types import Message
+from emma.text.labeler import NEGATIVE, NO_FINDING, POSITIVE, SUPPORT_DEVICES, UNCERTAIN, explain
+from emma.text.model_json import find_json_object
+from emma.text.normalize import contains_phrase, is_yes_no, tokens
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ class Refine:
         while leaks and record.rewrites - start < self.max_rewrites:
             attempt = record.rewrites - start + 1
             answer = ask(_rewrite_messages(record, leaks), call=f"rewrite{attempt}", sampling=SAMPLING)
-            obj = parse_json_object(answer)
+            obj = find_json_object(answer, max_chars=MAX_ANSWER_JSON_CHARS).value
             try:
                 if obj is None:
                     raise SynthReject("invalid_json", "the rewrite holds no JSON object")

@@ -62,7 +62,6 @@ generators seeded with the sample id (:func:`emma.annotate.runner.seeded_rng`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -74,16 +73,17 @@ from pydantic import BaseModel, Field, ValidationError
 
 from emma.annotate import distractors
 from emma.annotate.distractors import VOCABULARIES, make_options
-from emma.annotate.labeler import NO_FINDING, POSITIVE, SUPPORT_DEVICES, label_report
 from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, seeded_rng
 from emma.annotate.teacher import TeacherError
 from emma.data.formats import format_boxes
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Sample, TaskType, Turn
 from emma.data.store import encode_png
-from emma.eval.extract import OPTION_LETTERS, is_yes_no, tokens
+from emma.eval.extract import OPTION_LETTERS
 from emma.infer.grounding import render_overlay
-from emma.infer.structured import repair_json
 from emma.infer.types import ImagePart, Message, SamplingParams, TextPart
+from emma.text.labeler import NO_FINDING, POSITIVE, SUPPORT_DEVICES, label_report
+from emma.text.model_json import find_json_object
+from emma.text.normalize import is_yes_no, tokens
 
 log = logging.getLogger(__name__)
 
@@ -247,30 +247,6 @@ class SynthRecord(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-_FENCE_RE = re.compile(r"```[ \t]*[A-Za-z0-9]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-
-
-def parse_json_object(text: str) -> dict[str, Any] | None:
-    """The JSON object in a teacher answer (fenced or in prose, common defects repaired), else ``None``."""
-    if not isinstance(text, str):
-        return None
-    text = text[:MAX_ANSWER_JSON_CHARS]
-    candidates = [m.group(1) for m in _FENCE_RE.finditer(text)] + [text]
-    for candidate in candidates:
-        start = candidate.find("{")
-        if start < 0:
-            continue
-        body = candidate[start:]
-        for attempt in (body, repair_json(body)):
-            try:
-                value, _ = json.JSONDecoder().raw_decode(attempt)
-            except (json.JSONDecodeError, ValueError, RecursionError):
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
 
 
 def text_field(obj: dict[str, Any], key: str, *, limit: int, required: bool = True) -> str:
@@ -561,7 +537,7 @@ class _Context:
         answer = self.ask(
             _messages(images, f"{self.source_block}\n\n{instructions}"), call=task, sampling=SAMPLING
         )
-        obj = parse_json_object(answer)
+        obj = find_json_object(answer, max_chars=MAX_ANSWER_JSON_CHARS).value
         if obj is None:
             raise SynthReject("invalid_json", "the teacher's answer holds no JSON object")
         return obj

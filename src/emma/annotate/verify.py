@@ -39,10 +39,11 @@ from emma.annotate.distractors import same_concept
 from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.synth import REGION, SynthRecord, SynthReject, panel_letter, record_of, user_text
 from emma.data.schema import Gold
-from emma.eval.extract import is_yes_no, locate_answer
+from emma.eval.extract import locate_answer
 from emma.eval.scorers import iou, score_choice, score_closed, score_open
 from emma.infer.grounding import boxes_prompt_text, family_or_generic, parse_model_boxes
 from emma.infer.types import ImagePart, Message, SamplingParams, TextPart
+from emma.text.normalize import is_yes_no
 
 log = logging.getLogger(__name__)
 

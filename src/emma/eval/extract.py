@@ -19,10 +19,11 @@ so every rule here is deliberate, documented and tested (``tests/eval/test_extra
 
 Surrounding whitespace, markdown emphasis (``*``, backticks) and quotes are stripped.
 
-**Normalisation** (:func:`normalize_answer`): Unicode NFKC, lowercase, every character that is not a
-letter, digit or whitespace becomes a space, the articles *a / an / the* are removed, whitespace is
-collapsed. :func:`tokens` splits the normalised text on whitespace, with each CJK ideograph / kana
-its own token (Chinese has no spaces). Numbers are not spelled out (``"4"`` ≠ ``"four"``).
+**Normalisation** (:func:`emma.text.normalize.normalize_answer`, defined there for every package):
+Unicode NFKC, lowercase, every character that is not a letter, digit or whitespace becomes a space, the
+articles *a / an / the* are removed, whitespace is collapsed. :func:`~emma.text.normalize.tokens` splits
+the normalised text on whitespace, with each CJK ideograph / kana its own token (Chinese has no
+spaces). Numbers are not spelled out (``"4"`` ≠ ``"four"``).
 
 **Statuses**: ``"empty"`` when the located answer has no visible character (empty prediction, empty
 ``<answer></answer>``); ``"unparseable"`` when there is text but no answer of the required kind in it;
@@ -54,9 +55,9 @@ before 存在). A *clause* starts at the beginning of the answer or after punctu
 正常 / 异常 / 不正常 are not yes/no words (as English normal/abnormal), so 异常 is unparseable; 无明显异常
 is "no" (无 leads, like "no abnormality"). ``"是的，有骨折"`` → yes; ``"是的，没有骨折"`` → yes (the
 leading expression). The value is always the polarity ``"yes"`` / ``"no"``. A gold is yes/no
-(:func:`yes_no_value`) when, normalised, it is ``yes``/``no`` or one of the Chinese expressions above
-(是, 是的, 对, 对的, 有, 存在 → yes; 否, 不, 不是, 不对, 没有, 无, 不存在, 未见, 未发现 → no); the
-scorer compares polarities, so gold 是 and answer 有 agree, gold 有 and answer 没有 do not.
+(:func:`emma.text.normalize.yes_no_value`) when, normalised, it is ``yes``/``no`` or one of the Chinese
+expressions above (是, 是的, 对, 对的, 有, 存在 → yes; 否, 不, 不是, 不对, 没有, 无, 不存在, 未见, 未发现 →
+no); the scorer compares polarities, so gold 是 and answer 有 agree, gold 有 and answer 没有 do not.
 
 **Closed, gold not yes/no** (:func:`extract_closed`): correct when the normalised located answer equals
 the normalised gold, or the gold's tokens occur as a contiguous whole-word run in it. The value is then
@@ -99,14 +100,24 @@ from __future__ import annotations
 
 import re
 import string
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from emma.text.normalize import (
+    CJK,
+    TOKEN_RE,
+    YES_NO_WORDS,
+    ZH_YES_NO_RULES,
+    contains_phrase,
+    has_cjk,
+    normalize_answer,
+    tokens,
+    yes_no_value,
+)
+
 ExtractStatus = Literal["ok", "unparseable", "empty"]
 OPTION_LETTERS = string.ascii_uppercase
-YES_NO_WORDS = frozenset({"yes", "no"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,40 +132,6 @@ class Extraction:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-# ------------------------------------------------------------------------------------- normalisation
-
-_NON_WORD_RE = re.compile(r"[^\w\s]|_")
-_ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
-_CJK_RE = re.compile(rf"[{_CJK}]")
-
-
-def normalize_answer(text: str) -> str:
-    """NFKC, lowercase, punctuation/symbols → spaces, articles removed, whitespace collapsed."""
-    t = unicodedata.normalize("NFKC", text).lower()
-    t = _NON_WORD_RE.sub(" ", t)
-    t = _ARTICLES_RE.sub(" ", t)
-    return " ".join(t.split())
-
-
-def tokens(text: str) -> list[str]:
-    """Tokens of the normalised text: whitespace-separated words, each CJK character on its own."""
-    return _TOKEN_RE.findall(normalize_answer(text))
-
-
-def has_cjk(text: str) -> bool:
-    """Whether ``text`` contains a CJK ideograph or kana (the ``lang=None`` auto-detection)."""
-    return _CJK_RE.search(text) is not None
-
-
-def contains_phrase(haystack: Sequence[str], needle: Sequence[str]) -> bool:
-    """Whether ``needle`` occurs as a contiguous run of whole tokens in ``haystack`` (empty → False)."""
-    if not needle:
-        return False
-    return f" {' '.join(needle)} " in f" {' '.join(haystack)} "
 
 
 # ---------------------------------------------------------------------------------- answer location
@@ -238,27 +215,15 @@ def _empty(located: str) -> bool:
 
 Lang = Literal["en", "zh"]
 
-# Chinese yes/no expressions (see the module docstring). Positions: "any" anywhere, "start" at a
-# clause start, "clause" as a whole clause; polarity None = never yes/no (skipped as a unit).
-_ZH_RULES: tuple[tuple[str, str, str | None], ...] = (
-    ("不是", "any", "no"), ("没有", "any", "no"), ("无", "any", "no"), ("不存在", "any", "no"),
-    ("未见", "any", "no"), ("未发现", "any", "no"),
-    ("否", "start", "no"), ("不", "clause", "no"), ("不对", "clause", "no"),
-    ("是的", "start", "yes"), ("是", "start", "yes"), ("对的", "start", "yes"), ("有", "start", "yes"),
-    ("存在", "start", "yes"), ("对", "clause", "yes"),
-    ("是否", "any", None), ("是不是", "any", None), ("有没有", "any", None), ("有无", "any", None),
-    ("能否", "any", None), ("可否", "any", None), ("与否", "any", None), ("否则", "any", None),
-    ("否认", "any", None), ("无法", "any", None), ("无论", "any", None), ("无关", "any", None),
-    ("无从", "any", None), ("无名", "any", None), ("有可能", "any", None), ("有些", "any", None),
-    ("有点", "any", None), ("有时", "any", None),
-)  # fmt: skip
-_ZH_POLARITY: dict[str, str | None] = {w: p for w, _, p in _ZH_RULES} | {"yes": "yes", "no": "no"}
-_ZH_GOLD: dict[str, str] = {w: p for w, _, p in _ZH_RULES if p is not None}
+_ZH_POLARITY: dict[str, str | None] = {w: p for w, _, p in ZH_YES_NO_RULES} | {"yes": "yes", "no": "no"}
 _POSITION_RE = {"any": "{}", "start": r"(?<!\S){}", "clause": r"(?<!\S){}(?!\S)"}
 _ZH_YES_NO_RE = re.compile(
     "|".join(
-        [_POSITION_RE[pos].format(re.escape(w)) for w, pos, _ in sorted(_ZH_RULES, key=lambda r: -len(r[0]))]
-        + [rf"(?<![^\s{_CJK}])(?:yes|no)(?![^\s{_CJK}])"]
+        [
+            _POSITION_RE[pos].format(re.escape(w))
+            for w, pos, _ in sorted(ZH_YES_NO_RULES, key=lambda r: -len(r[0]))
+        ]
+        + [rf"(?<![^\s{CJK}])(?:yes|no)(?![^\s{CJK}])"]
     )
 )
 _ZH_NEGATED_RE = re.compile(r"[不没无非未](?:是在|位于|属于|[是在为于有见])?$")
@@ -298,22 +263,10 @@ def extract_yes_no(text: str | None, lang: Lang | None = None) -> Extraction:
     return Extraction(None, "unparseable", located)
 
 
-def yes_no_value(gold: str) -> str | None:
-    """The polarity (``"yes"`` / ``"no"``) of a yes/no gold (English or Chinese), else ``None``."""
-    g = normalize_answer(gold)
-    if g in YES_NO_WORDS:
-        return g
-    return _ZH_GOLD.get(g.replace(" ", ""))
-
-
-def is_yes_no(gold: str) -> bool:
-    return yes_no_value(gold) is not None
-
-
 def _zh_gold_found(located: str, gold_toks: list[str]) -> bool:
     """Whether the gold tokens occur in the located answer at least once not directly negated."""
     n = normalize_answer(located)
-    spans = [m.span() for m in _TOKEN_RE.finditer(n)]
+    spans = [m.span() for m in TOKEN_RE.finditer(n)]
     hay = [n[a:b] for a, b in spans]
     return any(not _ZH_NEGATED_RE.search(n[: spans[i][0]]) for i, _ in _occurrences(hay, gold_toks))
 

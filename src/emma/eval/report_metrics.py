@@ -8,7 +8,7 @@
   ``[a-z0-9]`` words, so it is for English reports), averaged over samples; 0-1.
 - ``clinical_f1_micro`` / ``clinical_f1_macro`` (+ ``clinical_precision_micro``,
   ``clinical_recall_micro``): prediction and reference are labelled with
-  :func:`emma.annotate.labeler.label_report` over CheXpert's 14 observations (No Finding included). A
+  :func:`emma.text.labeler.label_report` over CheXpert's 14 observations (No Finding included). A
   finding is *positive* when its label is 1. **Uncertain (-1) counts as negative** by default
   (``uncertain="negative"``; ``"positive"`` is the other common convention): "possible pneumonia" in
   a generated report earns no credit for, and is not penalised against, a reference that says
@@ -35,8 +35,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-from emma.annotate.labeler import CHEXPERT_FINDINGS, POSITIVE, UNCERTAIN, label_report
 from emma.errors import EmmaError
+from emma.text.labeler import CHEXPERT_FINDINGS, POSITIVE, UNCERTAIN, label_report
 
 UncertainPolicy = Literal["negative", "positive"]
 
@@ -263,7 +263,7 @@ def metrics_config(uncertain: UncertainPolicy = "negative") -> dict[str, str]:
         "bleu4": f"sacrebleu {_bleu().get_signature()} (corpus BLEU, 0-100)",
         "rouge_l": f"rouge-score {version('rouge-score')} rougeL F-measure, Porter stemmer, mean over samples",
         "clinical_f1": (
-            "emma.annotate.labeler (rule-based, CheXpert 14 incl. No Finding); positive = label 1; "
+            "emma.text.labeler (rule-based, CheXpert 14 incl. No Finding); positive = label 1; "
             f"uncertain counted as {uncertain}; macro over findings with a positive"
         ),
     }

@@ -62,16 +62,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from emma.data.schema import Box, CoordSpace, Gold, TaskType
-from emma.eval.extract import (
-    ExtractStatus,
-    extract_choice,
-    extract_closed,
-    locate_answer,
-    normalize_answer,
-    tokens,
-    yes_no_value,
-)
+from emma.eval.extract import ExtractStatus, extract_choice, extract_closed, locate_answer
 from emma.eval.stats import bootstrap_cis
+from emma.text.normalize import normalize_answer, tokens, yes_no_value
 
 VqaKind = Literal["closed", "open", "choice"]
 

@@ -1,11 +1,12 @@
 """Structured diagnostic output: a pydantic schema, the prompt that asks for it, and a tolerant parser.
 
 The model answers one JSON object (:class:`DiagnosticOutput`). :func:`parse_structured` finds it in
-the answer (a ```json fence, or the first ``{`` with prose around it), repairs common defects with a
-small built-in routine (:func:`repair_json`; no extra dependency): trailing commas, single quotes,
-Python ``True``/``False``/``None``, unquoted keys, comments, raw newlines in strings, and output cut
-off before its closing brackets. Then it validates. It never raises: it returns the output or the
-reasons there is none.
+the answer and repairs common defects with the text floor's one extractor
+(:func:`emma.text.model_json.find_json_object`: a ```json fence, or the first ``{`` with prose around
+it; trailing commas, single quotes, Python ``True``/``False``/``None``, unquoted keys, comments, raw
+newlines in strings, output cut off before its closing brackets). Then it validates; when validation
+fails on a cut-off answer, it tries once more without the last, incomplete item. It never raises: it
+returns the output or the reasons there is none.
 
 Boxes inside findings are written by the model in its family's convention
 (``emma.model.families``); :func:`canonicalize_boxes` converts them to canonical pixels of the
@@ -17,7 +18,6 @@ empty findings and differential, or an answer that is exactly the phrase "cannot
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -45,6 +45,7 @@ from emma.infer.prompts import (
     join_blocks,
     question_text,
 )
+from emma.text.model_json import NO_JSON_OBJECT, decode_json, find_json_object, repair_json_dropping_last
 
 MAX_STRUCTURED_CHARS = 100_000
 MAX_FINDINGS = 32
@@ -246,147 +247,6 @@ def structured_prompt(
     return join_blocks(format_context(context), question_block, rules)
 
 
-# ----------------------------------------------------------------------------------------- repair
-
-_CLOSER = {"{": "}", "[": "]"}
-_LITERALS = {"True": "true", "False": "false", "None": "null", "NaN": "null", "Infinity": "null"}
-_KEY_TAIL_RE = re.compile(r'(?P<sep>[{,])\s*"(?:[^"\\]|\\.)*"\s*$')
-
-
-def _strip_trailing_comma(out: list[str]) -> None:
-    j = len(out) - 1
-    while j >= 0 and out[j].isspace():
-        j -= 1
-    if j >= 0 and out[j] == ",":
-        del out[j]
-
-
-def _close_truncated(text: str, stack: list[str]) -> str:
-    """Make a value cut off mid-way complete: drop a dangling comma or key, close open brackets."""
-    while True:
-        text = text.rstrip()
-        if text.endswith(","):
-            text = text[:-1]
-        elif text.endswith(":"):
-            text += " null"
-        elif text and text[-1] in ".-+eE" and re.search(r"[\d.][.\-+eE]+$", text):
-            text = re.sub(r"[.\-+eE]+$", "", text)
-        elif stack and stack[-1] == "}" and (key := _KEY_TAIL_RE.search(text)) is not None:
-            text = text[: key.start()] + ("{" if key.group("sep") == "{" else "")
-        else:
-            break
-    for closer in reversed(stack):
-        text = text.rstrip().removesuffix(",") + closer
-    return text
-
-
-def repair_json(text: str) -> str:
-    """The first JSON object or array in ``text`` with common LLM defects fixed (best effort).
-
-    Fixes: single-quoted strings, Python literals (True/False/None; NaN/Infinity → null), unquoted
-    keys and single-word values, numbers written ``.5``, ``//`` and ``/* */`` comments, trailing
-    commas, raw newlines and tabs inside strings, mismatched closers, and truncation (open strings and
-    brackets are closed, a dangling key or comma dropped). Text after the value is dropped. The result
-    may still be invalid JSON.
-    """
-    return _repair(text)[0]
-
-
-def _repair(text: str) -> tuple[str, str | None]:
-    """:func:`repair_json`, and for truncated input a second repair that also drops the last,
-    incomplete element of the innermost open list or object (None when the input was complete)."""
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
-        return text, None
-    i, n = min(starts), len(text)
-    out: list[str] = []
-    stack: list[str] = []
-    last_comma: tuple[int, tuple[str, ...]] | None = None  # (len(out), stack) at the last comma
-    quote = ""
-    escape = False
-    while i < n:
-        c = text[i]
-        if quote:
-            if escape:
-                out.append(c)
-                escape = False
-            elif c == "\\":
-                if quote == "'" and text[i + 1 : i + 2] == "'":
-                    out.append("'")
-                    i += 1
-                else:
-                    out.append(c)
-                    escape = True
-            elif c == quote:
-                out.append('"')
-                quote = ""
-            elif c == '"':
-                out.append('\\"')
-            elif c == "\n":
-                out.append("\\n")
-            elif c == "\t":
-                out.append("\\t")
-            else:
-                out.append(c)
-            i += 1
-            continue
-        if c in "\"'":
-            quote = c
-            out.append('"')
-        elif c in "{[":
-            stack.append(_CLOSER[c])
-            out.append(c)
-        elif c in "}]":
-            if c in stack:
-                while stack:
-                    closer = stack.pop()
-                    _strip_trailing_comma(out)
-                    out.append(closer)
-                    if closer == c:
-                        break
-                if not stack:
-                    return "".join(out), None
-        elif c == ",":
-            last_comma = (len(out), tuple(stack))
-            out.append(c)
-        elif c == "/" and text[i + 1 : i + 2] in ("/", "*"):
-            end = text.find("\n", i) if text[i + 1] == "/" else text.find("*/", i + 2)
-            i = n if end < 0 else end + (0 if text[i + 1] == "/" else 2)
-            continue
-        elif c == "." and text[i + 1 : i + 2].isdigit() and not (out and out[-1].isdigit()):
-            out.append("0.")
-        elif c.isalpha() or c == "_":
-            j = i
-            while j < n and (text[j].isalnum() or text[j] == "_"):
-                j += 1
-            word = text[i:j]
-            if out and (out[-1][-1:].isdigit() or out[-1] == "."):
-                out.append(word)  # the exponent of a number (1e5)
-            elif word in ("true", "false", "null"):
-                out.append(word)
-            elif word in _LITERALS:
-                out.append(_LITERALS[word])
-            elif j == n and any(lit.startswith(word.lower()) for lit in ("true", "false", "null", "none")):
-                lit = next(lit for lit in ("true", "false", "null", "none") if lit.startswith(word.lower()))
-                out.append("null" if lit == "none" else lit)  # a literal cut off at the end
-            else:
-                out.append(json.dumps(word))
-            i = j
-            continue
-        else:
-            out.append(c)
-        i += 1
-    if quote:
-        if escape:
-            out.pop()
-        out.append('"')
-    dropped = None
-    if last_comma is not None:
-        length, snapshot = last_comma
-        dropped = _close_truncated("".join(out[:length]), list(snapshot))
-    return _close_truncated("".join(out), stack), dropped
-
-
 # ------------------------------------------------------------------------------------------ parse
 
 
@@ -401,17 +261,7 @@ class StructuredResult:
         return self.output is not None
 
 
-_FENCE_RE = re.compile(r"```[ \t]*[A-Za-z0-9]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 _CANNOT_RE = re.compile(r"[\W_]+")
-
-
-def _extract_json(text: str) -> str | None:
-    for match in _FENCE_RE.finditer(text):
-        body = match.group(1)
-        if "{" in body:
-            return body[body.index("{") :]
-    start = text.find("{")
-    return text[start:] if start >= 0 else None
 
 
 def _is_cannot_determine(text: str) -> bool:
@@ -477,20 +327,17 @@ def parse_structured(text: str) -> StructuredResult:
         text = text[:MAX_STRUCTURED_CHARS]
     if _is_cannot_determine(text):
         return StructuredResult(DiagnosticOutput(abstain=True, abstain_reason=CANNOT_DETERMINE), errors)
-    candidate = _extract_json(text)
-    if candidate is None:
-        return StructuredResult(None, [*errors, "no JSON object in the answer"])
-    try:
-        value, _ = _DECODER.raw_decode(candidate)
-    except json.JSONDecodeError:
-        pass
-    except RecursionError:
-        return StructuredResult(None, [*errors, "JSON nested too deeply"])
+    found = find_json_object(text, max_chars=MAX_STRUCTURED_CHARS)
+    if found.source is None:
+        return StructuredResult(None, [*errors, NO_JSON_OBJECT])
+    if found.value is not None:
+        result = _validate(found.value, errors, repaired=found.repaired)
     else:
-        return _validate(value, errors, repaired=False)
-    fixed, dropped = _repair(candidate)
-    result = _decode_and_validate(fixed, errors)
-    if not result.ok and dropped is not None:
+        result = StructuredResult(None, [*errors, found.error or NO_JSON_OBJECT], found.repaired)
+    if result.ok or not found.repaired:
+        return result
+    dropped = repair_json_dropping_last(found.source)
+    if dropped is not None:
         retry = _decode_and_validate(dropped, errors)
         if retry.ok:
             retry.errors.append("the answer was cut off; its last, incomplete item was dropped")
@@ -498,16 +345,10 @@ def parse_structured(text: str) -> StructuredResult:
     return result
 
 
-_DECODER = json.JSONDecoder()
-
-
 def _decode_and_validate(text: str, errors: list[str]) -> StructuredResult:
-    try:
-        value, _ = _DECODER.raw_decode(text)
-    except json.JSONDecodeError as exc:
-        return StructuredResult(None, [*errors, f"invalid JSON (line {exc.lineno} column {exc.colno})"], True)
-    except RecursionError:
-        return StructuredResult(None, [*errors, "JSON nested too deeply"], True)
+    value, error = decode_json(text)
+    if error is not None:
+        return StructuredResult(None, [*errors, error], True)
     return _validate(value, errors, repaired=True)
 
 

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emma.data.schema import Gold, TaskType
-from emma.eval.extract import OPTION_LETTERS, normalize_answer
+from emma.eval.extract import OPTION_LETTERS
 from emma.eval.scorers import score_choice, score_closed, score_grounding, score_open
 from emma.infer.grounding import parse_model_boxes
 from emma.infer.structured import parse_structured
+from emma.text.normalize import normalize_answer
 
 log = logging.getLogger(__name__)
 

@@ -188,13 +188,6 @@ def clean_text(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-_YES_NO = frozenset({"yes", "no"})
-
-
-def is_yes_no(answer: str) -> bool:
-    return answer.strip().strip(".").lower() in _YES_NO
-
-
 def closed_or_open(answer_type: Any) -> TaskType | None:
     """``CLOSED`` / ``OPEN`` (any case, stray spaces) → the task; anything else → ``None``."""
     label = clean_text(answer_type).upper()

@@ -23,7 +23,8 @@ body_part     no        e.g. ``chest`` (lower-cased)
 id            no        sample id (default ``"{file stem}-{n}"``, ``n`` the 0-based record)
 task          no        ``closed_vqa`` / ``open_vqa`` / ``multiple_choice`` / ``caption`` /
                         ``report``; default: ``multiple_choice`` with options, else
-                        ``closed_vqa`` for yes/no answers, else ``open_vqa``
+                        ``closed_vqa`` for yes/no answers (``emma.text.normalize.is_yes_no``),
+                        else ``open_vqa``
 ============  ========  ====================================================================
 
 License: whatever the data's owner states; pass ``license=`` (``--license``) to record it.
@@ -49,7 +50,6 @@ from emma.data.sources._common import (
     ProgressFn,
     clean_text,
     format_choices,
-    is_yes_no,
     normalize_modality,
     normalize_split,
     read_csv,
@@ -60,6 +60,7 @@ from emma.data.sources._common import (
 from emma.data.store import DatasetFormat
 from emma.errors import DataFormatError
 from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.text.normalize import is_yes_no
 
 NAME = "generic"
 SUFFIXES = (".csv", ".json", ".jsonl")

@@ -51,7 +51,6 @@ from emma.data.sources._common import (
     ImportRun,
     ProgressFn,
     clean_text,
-    is_yes_no,
     read_csv,
     read_json_list,
     read_jsonl,
@@ -60,6 +59,7 @@ from emma.data.sources._common import (
 from emma.data.store import DatasetFormat
 from emma.errors import DataFormatError
 from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.text.normalize import is_yes_no
 
 NAME = "pathvqa"
 CITATION = "PathVQA (He et al., 2020)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from emma.annotate.labeler import (
+from emma.text.labeler import (
     CHEXPERT_FINDINGS,
     CRITICAL_FINDINGS,
     FINDINGS,
