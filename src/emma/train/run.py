@@ -18,7 +18,6 @@ folders, each pending stage's data (splits, task filters, non-empty) and the bas
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -34,7 +33,6 @@ STAGE_DONE = "stage_done.json"
 FINAL = "final"
 RECIPE_SNAPSHOT = "recipe.json"
 
-StageFn = Callable[..., Any]
 
 
 @dataclass
@@ -71,48 +69,55 @@ def is_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_DONE).is_file()
 
 
-def _stage_fn(stage: StageConfig) -> StageFn:
-    if stage.kind == "grpo":
-        from emma.train.grpo import run_grpo_stage
-
-        return run_grpo_stage
-    if stage.kind == "vision":
-        from emma.train.vision_pretrain import run_vision_stage
-
-        return run_vision_stage
-    from emma.train.sft import run_sft_stage
-
-    return run_sft_stage
-
-
 def _drop_tqdm(trainer: Any) -> None:
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
 
 
-def _call_stage(
-    fn: StageFn,
+def _run_stage(
     recipe: Recipe,
     stage: StageConfig,
     model_dir: Path,
     stage_dir: Path,
     data: StageData,
     resume: bool,
-    feature_cache: Any = None,
+    feature_cache: Any,
 ) -> Any:
-    """Call an SFT stage (samples + one image loader, progress callback) or a GRPO stage (StageData)."""
-    accepted = inspect.signature(fn).parameters
-    optional: dict[str, Any] = {"report_to": default_report_to(recipe.report_to)}
+    """Run one stage: the one place that knows each stage kind's entry point and what it is given.
+
+    Every kind gets ``(stage, model_dir, stage_dir, <its data>, resume=, seed=)``; SFT and vision stages
+    take the samples with one image loader, GRPO the :class:`StageData` (it pairs each sample with its
+    dataset's loader). SFT stages also get the rich progress bar and the run's tower-feature cache.
+    """
+    report_to = default_report_to(recipe.report_to)
     if stage.kind == "grpo":
-        args: tuple[Any, ...] = (stage, model_dir, stage_dir, data)
-    else:
-        args = (stage, model_dir, stage_dir, data.samples, data.ref_loader())
-        optional["callbacks"] = [RichProgressCallback(stage=stage.name)]
-        optional["on_trainer"] = _drop_tqdm  # the rich bar replaces transformers' tqdm bar
-        optional["feature_cache"] = feature_cache  # a frozen tower's features, computed once per run
-    kwargs = {k: v for k, v in optional.items() if k in accepted}
-    return fn(*args, resume=resume, seed=recipe.seed, **kwargs)
+        from emma.train.grpo import run_grpo_stage
+
+        return run_grpo_stage(
+            stage, model_dir, stage_dir, data, resume=resume, seed=recipe.seed, report_to=report_to
+        )
+    if stage.kind == "vision":
+        from emma.train.vision_pretrain import run_vision_stage
+
+        return run_vision_stage(
+            stage, model_dir, stage_dir, data.samples, data.ref_loader(), resume=resume, seed=recipe.seed
+        )
+    from emma.train.sft import run_sft_stage
+
+    return run_sft_stage(
+        stage,
+        model_dir,
+        stage_dir,
+        data.samples,
+        data.ref_loader(),
+        resume=resume,
+        seed=recipe.seed,
+        callbacks=[RichProgressCallback(stage=stage.name)],  # the rich bar replaces transformers' tqdm
+        on_trainer=_drop_tqdm,
+        report_to=report_to,
+        feature_cache=feature_cache,  # a frozen tower's features, computed once per run
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -169,7 +174,6 @@ def run_recipe(
                 )
     # Validate each pending stage's data and the base model before any training starts.
     data: dict[int, StageData] = {i: stage_data(recipe, recipe.stages[i], stage_index=i) for i in pending}
-    fns: dict[int, StageFn] = {i: _stage_fn(recipe.stages[i]) for i in pending}
     base = resolve_base_model(recipe.base_model)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +196,7 @@ def run_recipe(
         say(f"{head}: {count} samples, from {model_dir}")
         stage_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        outcome = _call_stage(fns[i], recipe, stage, model_dir, stage_dir, data[i], resume, feature_cache)
+        outcome = _run_stage(recipe, stage, model_dir, stage_dir, data[i], resume, feature_cache)
         seconds = time.perf_counter() - start
         if not (final / "config.json").is_file():
             raise RecipeError(f"stage {stage.name!r} finished without a model in {final}")
