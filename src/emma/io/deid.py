@@ -66,12 +66,10 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from enum import StrEnum
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Literal
 
 import pydicom
@@ -87,6 +85,23 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from emma.errors import CorruptFileError, EmmaError, InputError, OutputError, SeriesError
 from emma.io import mosaic
 from emma.io.atomic import atomic_path
+from emma.io.deid_tables import (
+    BASIC_PROFILE,
+    BURNED_IN_RISK_MODALITIES,
+    CLASS_UID_KEYWORDS,
+    CODE_BASIC,
+    CODE_MODIFIED_DATES,
+    CODE_PATIENT_CHARACTERISTICS,
+    CODE_SAFE_PRIVATE,
+    DESCRIPTOR_KEYWORDS,
+    DICOMDIR_SOP_CLASS,
+    FILE_META_REMOVE,
+    PATIENT_CHARACTERISTIC_KEYWORDS,
+    PIXEL_TAGS,
+    SAFE_PRIVATE,
+    SECONDARY_CAPTURE_PREFIX,
+    Action,
+)
 from emma.io.dicom import quiet_pydicom, read_dataset
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.paths import check_path
@@ -96,189 +111,6 @@ logger = logging.getLogger(__name__)
 METHOD_VERSION = "EMMA deid 1"
 MIN_KEY_BYTES = 16
 
-
-class Action(StrEnum):
-    """Annex E action codes."""
-
-    DUMMY = "D"  # replace with a non-empty dummy value (here: a keyed pseudonym)
-    ZERO = "Z"  # replace with a zero-length value
-    REMOVE = "X"  # remove the element
-    KEEP = "K"  # keep as is (sequences are still cleaned inside)
-    UID = "U"  # replace a UID by a consistent keyed one
-
-
-# Descriptive free text: removed by default, kept with ``keep_descriptions`` (it may still hold PHI typed
-# by a person: review before release).
-DESCRIPTOR_KEYWORDS: frozenset[str] = frozenset(
-    {
-        "StudyDescription",
-        "SeriesDescription",
-        "ProtocolName",
-        "RequestedProcedureDescription",
-        "PerformedProcedureStepDescription",
-        "ScheduledProcedureStepDescription",
-        "DerivationDescription",
-        "AcquisitionDeviceProcessingDescription",
-        "ContrastBolusAgent",
-    }
-)
-
-# Annex E "Retain Patient Characteristics Option": kept with ``keep_patient_characteristics``.
-PATIENT_CHARACTERISTIC_KEYWORDS: frozenset[str] = frozenset(
-    {
-        "PatientSex",
-        "PatientAge",
-        "PatientSize",
-        "PatientWeight",
-        "EthnicGroup",
-        "SmokingStatus",
-        "PregnancyStatus",
-        "PatientSexNeutered",
-    }
-)
-
-# The Annex E table (PS3.15 Table E.1-1, Basic Profile column), by action. Dates and times that Annex E
-# marks Z/X/D are shifted instead (Retain Longitudinal Temporal Information with Modified Dates option).
-_DUMMY_KEYWORDS = ("PatientName", "PatientID")  # keyed pseudonyms (see module doc)
-
-_ZERO_KEYWORDS = (
-    "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "ContrastBolusAgent",
-    "ReferringPhysicianName",
-)  # fmt: skip
-
-_REMOVE_KEYWORDS = (
-    # patient identity and demographics
-    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID", "PatientBirthTime",
-    "PatientBirthName", "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
-    "PatientAlternativeCalendar", "PatientAge", "PatientSize", "PatientWeight", "PatientSexNeutered",
-    "EthnicGroup", "SmokingStatus", "PregnancyStatus", "LastMenstrualDate", "OtherPatientIDs",
-    "OtherPatientNames", "OtherPatientIDsSequence", "PatientAddress", "PatientMotherBirthName",
-    "PatientTelephoneNumbers", "PatientTelecomInformation", "MilitaryRank", "BranchOfService",
-    "MedicalRecordLocator", "MedicalAlerts", "Allergies", "CountryOfResidence", "RegionOfResidence",
-    "Occupation", "AdditionalPatientHistory", "PatientComments", "PatientReligiousPreference",
-    "PatientState", "SpecialNeeds", "PatientInsurancePlanCodeSequence",
-    "PatientPrimaryLanguageCodeSequence", "ResponsiblePerson", "ResponsiblePersonRole",
-    "ResponsibleOrganization", "ReferencedPatientSequence", "ReferencedPatientAliasSequence",
-    "ReferencedPatientPhotoSequence", "PatientInstitutionResidence", "CurrentPatientLocation",
-    "ConfidentialityConstraintOnPatientDataDescription",
-    # visit, admission, order, request, procedure step
-    "AdmissionID", "IssuerOfAdmissionIDSequence", "AdmittingDiagnosesDescription",
-    "AdmittingDiagnosesCodeSequence", "AdmittingDate", "AdmittingTime", "RouteOfAdmissions",
-    "ServiceEpisodeID", "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence", "VisitComments",
-    "IssuerOfAccessionNumberSequence", "StudyComments", "RequestedProcedureID", "RequestedProcedureComments",
-    "ReasonForTheRequestedProcedure", "ReasonForStudy", "RequestingService", "RequestedContrastAgent",
-    "RequestAttributesSequence", "PlacerOrderNumberImagingServiceRequest",
-    "FillerOrderNumberImagingServiceRequest", "OrderEnteredBy", "OrderEntererLocation",
-    "OrderCallbackPhoneNumber", "OrderCallbackTelecomInformation", "ImagingServiceRequestComments",
-    "ReferencedStudySequence", "ReferencedPerformedProcedureStepSequence", "PerformedProcedureStepID",
-    "PerformedStationName", "PerformedLocation", "PerformedStationAETitle",
-    "CommentsOnThePerformedProcedureStep", "ScheduledStationName", "ScheduledStationAETitle",
-    "ScheduledProcedureStepLocation", "ScheduledProcedureStepID",
-    # descriptions (kept with keep_descriptions) and free-text comments (always removed)
-    "StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription", "ScheduledProcedureStepDescription", "DerivationDescription",
-    "AcquisitionDeviceProcessingDescription", "AcquisitionComments", "ImageComments", "FrameComments",
-    "IdentifyingComments", "TextValue",
-    # people other than the patient
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "PerformingPhysicianName",
-    "PerformingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence", "RequestingPhysician",
-    "RequestingPhysicianIdentificationSequence", "ScheduledPerformingPhysicianName",
-    "ScheduledPerformingPhysicianIdentificationSequence", "NamesOfIntendedRecipientsOfResults",
-    "IntendedRecipientsOfResultsIdentificationSequence", "OperatorsName", "OperatorIdentificationSequence",
-    "ReviewerName", "HumanPerformerName", "HumanPerformerOrganization", "PersonAddress",
-    "PersonTelephoneNumbers", "PersonTelecomInformation", "PersonIdentificationCodeSequence",
-    "VerifyingOrganization", "AuthorObserverSequence", "ParticipantSequence",
-    "CustodialOrganizationSequence",
-    # institution and equipment
-    "InstitutionName", "InstitutionAddress", "InstitutionCodeSequence", "InstitutionalDepartmentName",
-    "InstitutionalDepartmentTypeCodeSequence", "StationName", "DeviceSerialNumber", "DeviceID",
-    "DetectorID", "GantryID", "GeneratorID", "CassetteID", "PlateID", "UniqueDeviceIdentifier",
-    "UDISequence", "StationAETitle", "RetrieveAETitle", "TimezoneOffsetFromUTC",
-    # containers that can carry anything
-    "OriginalAttributesSequence", "ModifiedAttributesSequence", "DigitalSignaturesSequence",
-    "MACParametersSequence", "EncryptedAttributesSequence", "IconImageSequence", "DataSetTrailingPadding",
-)  # fmt: skip
-
-# Instance UIDs that Annex E names; every other UI value outside the DICOM registry is remapped too.
-_UID_KEYWORDS = (
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-    "ReferencedSOPInstanceUID", "ReferencedFrameOfReferenceUID", "SynchronizationFrameOfReferenceUID",
-    "InstanceCreatorUID", "DeviceUID", "IrradiationEventUID", "DimensionOrganizationUID",
-    "ConcatenationUID", "StorageMediaFileSetUID", "TransactionUID", "FailedSOPInstanceUIDList", "UID",
-)  # fmt: skip
-
-# Rewritten at the end by the de-identification itself.
-_KEEP_KEYWORDS = (
-    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "LongitudinalTemporalInformationModified",
-)  # fmt: skip
-
-BASIC_PROFILE: Mapping[str, Action] = MappingProxyType(
-    {
-        keyword: action
-        for keywords, action in (
-            (_DUMMY_KEYWORDS, Action.DUMMY),
-            (_ZERO_KEYWORDS, Action.ZERO),
-            (_REMOVE_KEYWORDS, Action.REMOVE),
-            (_UID_KEYWORDS, Action.UID),
-            (_KEEP_KEYWORDS, Action.KEEP),
-        )
-        for keyword in keywords
-    }
-)
-"""Annex E actions by keyword (basic profile, before the ``keep_*`` options)."""
-
-# UI elements that name a class, syntax or scheme rather than an instance: never remapped.
-CLASS_UID_KEYWORDS: frozenset[str] = frozenset(
-    {
-        "SOPClassUID",
-        "MediaStorageSOPClassUID",
-        "ReferencedSOPClassUID",
-        "ReferencedSOPClassUIDInFile",
-        "ReferencedRelatedGeneralSOPClassUIDInFile",
-        "RelatedGeneralSOPClassUID",
-        "OriginalSpecializedSOPClassUID",
-        "AffectedSOPClassUID",
-        "RequestedSOPClassUID",
-        "SOPClassesInStudy",
-        "TransferSyntaxUID",
-        "ReferencedTransferSyntaxUIDInFile",
-        "ImplementationClassUID",
-        "CodingSchemeUID",
-        "ContextUID",
-        "MappingResourceUID",
-        "ContextGroupExtensionCreatorUID",
-        "TemplateExtensionOrganizationUID",
-        "TemplateExtensionCreatorUID",
-        "PrivateRecordUID",
-    }
-)
-
-# Modalities whose pixels often carry burned-in text (PS3.15 E.1.1 guidance).
-BURNED_IN_RISK_MODALITIES: frozenset[str] = frozenset({"US", "SC", "OT", "XC", "ES"})
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float/DoubleFloat/PixelData
-
-# Retain Safe Private Option: (group, private creator) -> element offsets kept (see the module doc).
-SAFE_PRIVATE: Mapping[tuple[int, str], frozenset[int]] = MappingProxyType(
-    {
-        # Siemens CSA image header type and info (NumberOfImagesInMosaic, SliceNormalVector, ...)
-        (0x0029, "SIEMENS CSA HEADER"): frozenset({0x08, 0x10}),
-    }
-)
-_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-
-# File meta elements that identify the sending site or carry private information.
-_FILE_META_REMOVE: tuple[int, ...] = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
-
-_CODE_BASIC = ("113100", "Basic Application Confidentiality Profile")
-_CODE_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
-_CODE_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
-_CODE_SAFE_PRIVATE = ("113111", "Retain Safe Private Option")
 
 Layout = Literal["uid", "mirror"]
 
@@ -723,17 +555,17 @@ def _code_item(code: tuple[str, str]) -> Dataset:
 
 def _mark(ds: Dataset, config: DeidConfig) -> None:
     method = [METHOD_VERSION, "PS3.15 E.1 Basic Profile", "Dates shifted per patient", "UIDs remapped"]
-    codes = [_CODE_BASIC, _CODE_MODIFIED_DATES]
+    codes = [CODE_BASIC, CODE_MODIFIED_DATES]
     if config.shift_times:
         method.append("Times shifted per patient")
     if config.keep_descriptions:
         method.append("Descriptions kept")
     if config.keep_patient_characteristics:
         method.append("Patient characteristics kept")
-        codes.append(_CODE_PATIENT_CHARACTERISTICS)
+        codes.append(CODE_PATIENT_CHARACTERISTICS)
     if config.retain_safe_private:
         method.append("Safe private kept: Siemens CSA image header")
-        codes.append(_CODE_SAFE_PRIVATE)
+        codes.append(CODE_SAFE_PRIVATE)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = method
     ds.DeidentificationMethodCodeSequence = Sequence([_code_item(c) for c in codes])
@@ -769,7 +601,7 @@ def _mosaic_loads(ds: Dataset) -> bool:
 def _burned_in_warnings(ds: Dataset) -> list[str]:
     burned = _text(ds.get("BurnedInAnnotation")).upper()
     modality = _text(ds.get("Modality")).upper()
-    if not modality and _text(ds.get("SOPClassUID")).startswith(_SECONDARY_CAPTURE_PREFIX):
+    if not modality and _text(ds.get("SOPClassUID")).startswith(SECONDARY_CAPTURE_PREFIX):
         modality = "SC"
     if burned == "YES":
         return ["BurnedInAnnotation is YES: pixels may show identifying text, which was not removed"]
@@ -785,7 +617,7 @@ def _clean_file_meta(ds: Dataset, cleaner: _Cleaner) -> None:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return
-    for tag in _FILE_META_REMOVE:
+    for tag in FILE_META_REMOVE:
         if tag in meta:
             del meta[tag]
             cleaner.counts["removed"] += 1
@@ -870,7 +702,7 @@ def _walk(ds: Dataset) -> Iterator[DataElement]:
     """Every element at any depth (private sequences not opened), except pixel data: never a PHI field,
     and a header-level read leaves them in the file (reading them here would load them whole)."""
     for tag in list(ds.keys()):
-        if tag in _PIXEL_TAGS:
+        if tag in PIXEL_TAGS:
             continue
         try:
             elem = ds[tag]
@@ -990,7 +822,7 @@ def _output_rel(ds: Dataset, rel: Path, layout: Layout) -> Path:
 
 
 def _is_dicomdir(ds: Dataset) -> bool:
-    return _text(ds.file_meta.get("MediaStorageSOPClassUID")) == _DICOMDIR_SOP_CLASS
+    return _text(ds.file_meta.get("MediaStorageSOPClassUID")) == DICOMDIR_SOP_CLASS
 
 
 _Skip = Literal["dicomdir", "duplicate"]
