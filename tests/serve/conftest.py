@@ -47,6 +47,8 @@ class InstrumentedEngine:
         self.processor = inner.processor
         self.checks_prompt_tokens = checks_prompts and inner.checks_prompt_tokens
         self.counted = 0
+        self.prepared = 0
+        self.threads: dict[str, set[str]] = {}  # engine call → names of the threads it ran on
         self.entered = threading.Event()
         self.release = threading.Event()
         if not gated:
@@ -75,11 +77,21 @@ class InstrumentedEngine:
     def family(self) -> str | None:
         return self.inner.family
 
+    def _on(self, call: str) -> None:
+        self.threads.setdefault(call, set()).add(threading.current_thread().name)
+
     def count_tokens(self, request: GenerationRequest) -> int:
+        self._on("count_tokens")
         self.counted += 1
         return self.inner.count_tokens(request)
 
+    def prepare(self, request: GenerationRequest) -> None:
+        self._on("prepare")
+        self.prepared += 1
+        self.inner.prepare(request)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
+        self._on("generate")
         self.batches.append(len(requests))
         self.requests.extend(requests)
         self.entered.set()
@@ -90,6 +102,7 @@ class InstrumentedEngine:
         return out
 
     def stream_many(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, StreamChunk]]:
+        self._on("stream_many")
         self.stream_batches.append(len(requests))
         self.requests.extend(requests)
         self.entered.set()
@@ -99,6 +112,7 @@ class InstrumentedEngine:
             yield i, chunk
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        self._on("stream")
         self.stream_batches.append(1)
         self.requests.append(request)
         self.entered.set()

@@ -135,10 +135,13 @@ def test_prompt_bound_is_checked_once_by_the_engine(
         long = {"messages": [system, *_user(_text("word " * 300))]}
         err = _error(c.post(CHAT, json=long), 400, "context_length_exceeded")
         assert "limit of 200" in err["message"] and "word" not in err["message"]
-        assert engine.finals[-1].finish_reason == "error" and engine.finals[-1].completion_tokens == 0
         _error(c.post(CHAT, json={**long, "stream": True}), 400, "context_length_exceeded")
-        assert len(engine.finals) == 2  # the refused stream never generated
+        assert len(engine.finals) == 1  # the refused requests were never queued, let alone generated
     assert engine.counted == 0  # no separate count: the processor ran once per request
+    assert engine.prepared == 3
+    # prompts are built on the preparation thread, never on the engine thread that generates
+    assert engine.threads["prepare"] and all(t.startswith("emma-prepare") for t in engine.threads["prepare"])
+    assert all(t.startswith("emma-engine") for t in engine.threads["generate"])
 
 
 def test_developer_role_and_string_image_url_accepted(client: TestClient, png_url: str) -> None:
@@ -298,10 +301,10 @@ def test_batcher_prompt_bound_with_or_without_the_engine_check(
         assert response.finish_reason in ("stop", "length") and response.prompt_tokens == bound - 2
         assert info.value.limit == bound and info.value.n_tokens is not None and info.value.n_tokens > bound
         assert "limit of" in str(info.value) and "word" not in str(info.value)
-        if checks_prompts:
-            assert engine.counted == 0 and engine.batches == [2]  # one batch; the engine refused one row
-        else:
-            assert engine.counted == 2 and engine.batches == [1]  # counted first; only one generated
+        # refused while its prompt was built, before it was queued: only the good one generated
+        assert engine.prepared == 2 and engine.batches == [1]
+        assert engine.counted == (0 if checks_prompts else 2)  # an engine that does not check is counted
+        assert all(t.startswith("emma-prepare") for t in engine.threads["prepare"])
 
     asyncio.run(scenario())
 
@@ -388,7 +391,7 @@ def test_batcher_batches_concurrent_streams(tiny_engine: Any, instrument: Any) -
             streams = [asyncio.create_task(collect(batcher, _request(t, 6))) for t in texts]
             refused = asyncio.create_task(collect(batcher, _request("many words " * 30, 6)))
             other = asyncio.create_task(collect(batcher, _request("other sampling", 3)))
-            while batcher.depth < 5:
+            while batcher.depth < 4:  # the over-long one is refused while its prompt is built, unqueued
                 await asyncio.sleep(0.01)
             engine.release.set()
             await busy
@@ -399,8 +402,9 @@ def test_batcher_batches_concurrent_streams(tiny_engine: Any, instrument: Any) -
             other_text, other_final = await other
         finally:
             await batcher.stop()
-        # one batch of four streams (one refused by its prompt bound), then the other sampling alone
-        assert engine.stream_batches == [4, 1] and batcher.largest_batch == 4
+        # one batch of the three streams (the fourth was refused by its prompt bound before it was
+        # queued), then the other sampling alone
+        assert engine.stream_batches == [3, 1] and batcher.largest_batch == 3
         for text, (streamed, final) in zip(texts, results, strict=True):
             assert final is not None and final.finish_reason == "length" and final.completion_tokens == 6
             assert streamed == final.text == tiny_engine.generate([_request(text, 6)])[0].text
@@ -466,6 +470,9 @@ class _FailingEngine:
 
     def count_tokens(self, request: GenerationRequest) -> int:
         return self.inner.count_tokens(request)
+
+    def prepare(self, request: GenerationRequest) -> None:
+        self.inner.prepare(request)
 
     def generate(self, requests: Any) -> Any:
         raise RuntimeError("backend lost SECRET-DETAIL")

@@ -234,7 +234,12 @@ def test_upload_png_and_dicom_and_chat_with_tiny_model(
     sizes = page.locator("#gallery .frame img").evaluate_all(
         "els => els.map(e => [e.naturalWidth, e.naturalHeight])"
     )
-    assert sizes[0][0] > 0 and sizes[1] == [128, 128]  # the CT preview is the model-ready 128x128 slice
+    # the CT preview is the model-ready slice: the 128x128 CT downscaled to what the tiny Qwen2-VL uses
+    from emma.model.families import image_fit
+    from emma.model.tiny import load_tiny
+
+    fit = image_fit("qwen2_vl", load_tiny("qwen2_vl").processor)
+    assert fit is not None and sizes[0][0] > 0 and sizes[1] == list(fit.size_for(128, 128)) != [128, 128]
 
     page.fill("#chief-complaint", "shortness of breath")
     page.fill("#vitals", "SpO2 88%")

@@ -27,6 +27,11 @@ class EngineCapabilities:
     that bound itself while building a prompt (an over-long request fails with ``error_kind
     "prompt_too_long"``), so callers need no separate count. ``processor``: the transformers processor,
     whose resize tells which image size the model saw (box conventions); None when unknown.
+    ``prepares_prompts``: the engine has ``prepare(request) -> None``, which builds the request's prompt
+    (chat template, tokenization, image processing) on the calling thread and keeps it on the request
+    (``GenerationRequest.prepared``), raising its input errors (an over-long prompt included) there; a
+    later ``generate`` / ``stream`` / ``stream_many`` then only batches and generates, so a server can
+    tokenize on another thread than the one the model runs on.
     """
 
     in_process: bool = False
@@ -35,6 +40,7 @@ class EngineCapabilities:
     max_prompt_tokens: int | None = None
     checks_prompt_tokens: bool = False
     processor: Any = None
+    prepares_prompts: bool = False
 
 
 @runtime_checkable

@@ -1,7 +1,9 @@
 """The in-process Engine: a transformers image-text-to-text model, batched generation and token streaming.
 
 Prompts are built by the processor's own chat template (``{"type": "image"}`` / ``{"type": "text"}``
-content parts), with the images handed to the processor and left padding so that a batch generates
+content parts), one request at a time (:meth:`TransformersEngine.prepare` can do that on another
+thread than the one generating), then batched: token tensors left-padded and image tensors
+concatenated (zero-padded to a common shape, as the processors pad a batch), so that a batch generates
 exactly as each prompt would alone. Control tokens written in message text (``<image>``,
 ``<|im_start|>``, ...) are defanged with a zero-width space after their first character, so a message
 cannot forge image placeholders or turns. (transformers' ``sanitize_control_tokens`` does this only
@@ -159,6 +161,70 @@ class _Encoded:
     @property
     def prompt_len(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
+
+
+# Processor outputs laid out (1, prompt length), left-padded in a batch; every other tensor is per image
+# (or per image patch) and is concatenated along its first dimension.
+_SEQUENCE_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """One request's prompt as its processor made it alone (a batch of one, on the CPU)."""
+
+    engine_id: int
+    inputs: dict[str, Any]
+    prompt_tokens: int
+
+    @property
+    def layout(self) -> tuple[str, ...]:
+        """The processor outputs it has: requests with the same layout can be batched."""
+        return tuple(sorted(self.inputs))
+
+
+def _left_pad(tensors: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    length = max(int(t.shape[1]) for t in tensors)
+    rows = [
+        torch.nn.functional.pad(t, (length - int(t.shape[1]), 0), value=value) if t.shape[1] < length else t
+        for t in tensors
+    ]
+    return torch.cat(rows, dim=0)
+
+
+def _stack_images(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image tensors of several requests along their first dimension, every other dimension
+    zero-padded at its end to the largest (as processors pad images, tiles or patch lists in a batch)."""
+    if len({t.dim() for t in tensors}) != 1:
+        raise ValueError("image tensors of different ranks cannot be batched")
+    dims = tensors[0].dim()
+    if dims == 0:
+        return torch.stack(list(tensors))
+    top = [max(int(t.shape[d]) for t in tensors) for d in range(1, dims)]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in range(dims - 1, 0, -1):  # F.pad lists the last dimension first
+            pad += [0, top[d - 1] - int(t.shape[d])]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)
+
+
+def _collate(prepared: Sequence[_Prepared], pad_id: int | None) -> dict[str, Any]:
+    """The batch the processor would have made of these requests (they share one layout)."""
+    if len(prepared) == 1:
+        return dict(prepared[0].inputs)
+    if len({p.layout for p in prepared}) != 1:
+        raise ValueError("requests with different processor outputs cannot be batched")
+    out: dict[str, Any] = {}
+    for key in prepared[0].inputs:
+        values = [p.inputs[key] for p in prepared]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise ValueError(f"processor output {key!r} is not a tensor")
+        if key in _SEQUENCE_KEYS:
+            out[key] = _left_pad(values, (pad_id or 0) if key == "input_ids" else 0)
+        else:
+            out[key] = _stack_images(values)
+    return out
 
 
 class TransformersEngine:
@@ -331,36 +397,56 @@ class TransformersEngine:
         if self._max_images is not None and n > self._max_images:
             raise InputError(f"{n} images in one request, over the model's limit of {self._max_images}")
 
-    def _encode(self, requests: Sequence[GenerationRequest]) -> _Encoded:
-        for request in requests:
-            self._check_images(request)
-        conversations = [self.conversation(r.messages) for r in requests]
+    def _prepare(self, request: GenerationRequest) -> _Prepared:
+        """Build one request's prompt: chat template, tokenization and image processing, bounded."""
+        self._check_images(request)
+        conversation = self.conversation(request.messages)
         try:
             inputs = self.processor.apply_chat_template(
-                conversations,
+                [conversation],
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=True,
-                processor_kwargs={"padding": True, "padding_side": "left", "return_tensors": "pt"},
+                processor_kwargs={"return_tensors": "pt"},
             )
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise InputError(f"cannot build the prompt: {error_line(exc)}") from None
-        mask = inputs["attention_mask"]
-        prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
-        for request, n in zip(requests, prompt_tokens, strict=True):
-            limit = _prompt_limit(self.max_prompt_tokens, request.max_prompt_tokens)
-            if limit is not None and n > limit:
-                raise PromptTooLongError(n, limit)
+        n = int(inputs["attention_mask"].sum())
+        limit = _prompt_limit(self.max_prompt_tokens, request.max_prompt_tokens)
+        if limit is not None and n > limit:
+            raise PromptTooLongError(n, limit)
+        return _Prepared(id(self), dict(inputs), n)
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Build ``request``'s prompt now, on the calling thread, and keep it on the request for a later
+        ``generate`` / ``stream`` / ``stream_many`` (which then only batch and generate). Raises
+        InputError for unusable input and :class:`PromptTooLongError` over the bound (the engine's, or
+        the request's ``max_prompt_tokens``)."""
+        request.prepared = self._prepare(request)
+
+    def _prepared(self, request: GenerationRequest) -> _Prepared:
+        """The request's prompt made by :meth:`prepare` for this engine, else built now (not kept)."""
+        ready = request.prepared
+        if isinstance(ready, _Prepared) and ready.engine_id == id(self):
+            return ready
+        return self._prepare(request)
+
+    def _encode(
+        self, requests: Sequence[GenerationRequest], prepared: Sequence[_Prepared] | None = None
+    ) -> _Encoded:
+        """The batch of ``requests`` (their prompts prepared, or built now), on the model's device."""
+        parts = list(prepared) if prepared is not None else [self._prepared(r) for r in requests]
+        inputs = _collate(parts, self._pad_id)
         device = getattr(self.model, "device", None)
         dtype = getattr(self.model, "dtype", None)
         moved: dict[str, Any] = {}
-        for key, value in dict(inputs).items():
+        for key, value in inputs.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(device) if device is not None else value
                 if value.is_floating_point() and dtype is not None:
                     value = value.to(dtype)
             moved[key] = value
-        return _Encoded(moved, prompt_tokens)
+        return _Encoded(moved, [p.prompt_tokens for p in parts])
 
     @property
     def capabilities(self) -> EngineCapabilities:
@@ -371,6 +457,7 @@ class TransformersEngine:
             max_prompt_tokens=self.max_prompt_tokens,
             checks_prompt_tokens=self.checks_prompt_tokens,
             processor=self.processor,
+            prepares_prompts=True,
         )
 
     def close(self) -> None:
@@ -378,7 +465,7 @@ class TransformersEngine:
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens of ``request``, image tokens included (raises InputError over the bound)."""
-        return self._encode([request]).prompt_tokens[0]
+        return self._prepared(request).prompt_tokens
 
     # --------------------------------------------------------------------------- generation
 
@@ -620,29 +707,23 @@ class TransformersEngine:
         if len(requests) > self.max_batch_size:
             raise ValueError(f"{len(requests)} requests, over max_batch_size {self.max_batch_size}")
         start = time.perf_counter()
-        live: list[int] = []
+        ready: dict[int, _Prepared] = {}
         for i, request in enumerate(requests):
             if request.cancel.is_set():
                 yield i, StreamChunk("", GenerationResponse(request.request_id, "", "cancelled"))
-            else:
-                live.append(i)
-        try:
-            encoded = self._encode([requests[i] for i in live]) if live else None
-        except InputError:
-            usable = []  # find the unusable requests one by one; the rest still run as one batch
-            for i in live:
-                try:
-                    self._encode([requests[i]])
-                except InputError as exc:
-                    yield i, StreamChunk("", self._error(requests[i], exc, start))
-                else:
-                    usable.append(i)
-            live = usable
-            encoded = self._encode([requests[i] for i in live]) if live else None
-        if encoded is None:
-            return
-        for row, chunk in self._stream_rows([requests[i] for i in live], encoded, start):
-            yield live[row], chunk
+                continue
+            try:
+                ready[i] = self._prepared(request)
+            except InputError as exc:  # fails its own request only
+                yield i, StreamChunk("", self._error(request, exc, start))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, part in ready.items():
+            groups.setdefault(part.layout, []).append(i)
+        # One batch per processor layout (e.g. requests with and without images): run one after another.
+        for live in groups.values():
+            encoded = self._encode([requests[i] for i in live], [ready[i] for i in live])
+            for row, chunk in self._stream_rows([requests[i] for i in live], encoded, start):
+                yield live[row], chunk
 
     def _stream_rows(
         self, requests: Sequence[GenerationRequest], encoded: _Encoded, start: float

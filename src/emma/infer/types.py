@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -68,6 +68,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancel: threading.Event = field(default_factory=threading.Event)  # set → stop generating
+    # The engine's encoded prompt, made by ``prepare`` off the engine thread (EngineCapabilities
+    # ``prepares_prompts``: a server tokenizes and processes images before queueing); None: the engine
+    # encodes the request when it generates.
+    prepared: Any = field(default=None, repr=False, compare=False)
     # An extra bound on this request's prompt tokens (images included), applied on top of the engine's
     # own by engines that check prompts themselves (``checks_prompt_tokens``); None: the engine's only.
     max_prompt_tokens: int | None = None

@@ -3,8 +3,14 @@
 One asyncio queue with a fixed capacity holds the admitted requests; a full queue refuses at once
 (:class:`QueueFullError`, the server's 503 with ``Retry-After``). One worker task takes requests off the
 queue and runs every engine call on one dedicated engine thread (a single-thread executor), so the
-event loop keeps answering (health checks, new requests, disconnects) while the model works, and the
-model and its tokenizer are only ever used from one thread.
+event loop keeps answering (health checks, new requests, disconnects) while the model works.
+
+Prompts are built before a request is queued, on a second dedicated thread (the preparation thread),
+never on the engine thread: an engine that ``prepares_prompts`` (the TransformersEngine) tokenizes and
+processes the request's images there (``engine.prepare``), so a long prompt being tokenized never
+holds up a batch that is generating, and the engine thread only batches and generates. Both threads
+use the tokenizer, each always in the same way (the preparation thread encodes without padding; the
+engine thread decodes).
 
 - Non-streaming requests are batched: the worker takes the first waiting request plus every request
   already queued, up to ``max_batch_size``, and waits up to ``batch_wait_ms`` for more only while other
@@ -18,12 +24,12 @@ model and its tokenizer are only ever used from one thread.
   Streams and non-streaming batches run in queue order; a stream that arrives while a batch runs
   waits for it (no continuous batching).
 - Prompt bound: unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
-  (:class:`PromptError`, the server's 400), before any token is generated. An engine that checks
-  prompts itself while building them (``checks_prompt_tokens``, e.g. the TransformersEngine) gets the
-  bound on each request (``GenerationRequest.max_prompt_tokens``) and reports its typed input errors,
-  so the prompt is built once. Any other engine has each prompt counted with ``engine.count_tokens``
-  on the engine thread first. (``count_prompts=False`` skips both, for remote engines whose server
-  enforces its own bounds and where counting costs a request.)
+  (:class:`PromptError`, the server's 400), before it is queued. An engine that checks prompts itself
+  while building them (``checks_prompt_tokens``, e.g. the TransformersEngine) gets the bound on each
+  request (``GenerationRequest.max_prompt_tokens``) and raises its typed input errors from
+  ``prepare``, so the prompt is built once. Any other engine has each prompt counted with
+  ``engine.count_tokens`` on the preparation thread. (``count_prompts=False`` skips both, for remote
+  engines whose server enforces its own bounds and where counting costs a request.)
 - Cancellation: a request whose ``cancel`` event is set is skipped if still queued and stopped by the
   engine at its next token if running. :meth:`Batcher.generate` and the iterator of
   :meth:`Batcher.open_stream` poll the caller's ``is_disconnected`` while they wait and set ``cancel``
@@ -154,6 +160,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._prep: ThreadPoolExecutor | None = None  # builds prompts, never on the engine thread
         self._active: list[_Job] = []
         self._arriving = 0
         self._wake: asyncio.Event | None = None  # set when a job is queued or an arrival closes
@@ -185,6 +192,7 @@ class Batcher:
         self._queue = asyncio.Queue(maxsize=self.capacity)
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emma-engine")
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emma-prepare")
         self._worker = asyncio.create_task(self._work(), name="emma-batcher")
 
     async def _ensure_started(self) -> None:
@@ -211,9 +219,12 @@ class Batcher:
         self._active = []
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._prep is not None:
+            self._prep.shutdown(wait=False, cancel_futures=True)
         self._worker = None
         self._queue = None
         self._executor = None
+        self._prep = None
 
     def arrival(self) -> Arrival:
         """Mark a request as on its way so the worker may wait briefly to batch it (call from the
@@ -236,24 +247,60 @@ class Batcher:
 
     # ------------------------------------------------------------------------------ submitting
 
-    def _enqueue(self, request: GenerationRequest, *, stream: bool) -> _Job:
+    def _check_open(self) -> asyncio.Queue[_Job]:
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
         if not self.running or self._queue is None:
             raise BatcherError("the batcher is not running (start() it on the server's event loop)")
+        if self._queue.full():
+            raise QueueFullError(self.capacity, self.retry_after_s)
+        return self._queue
+
+    async def _prepare(self, request: GenerationRequest, arrival: Arrival | None) -> None:
+        """Build (or count) the request's prompt on the preparation thread; PromptError when unusable
+        or over the bound. Refuses at once when the queue is already full (nothing is built then)."""
+        try:
+            self._check_open()
+            if self.engine_checks_prompts and self.max_prompt_tokens is not None:
+                own = request.max_prompt_tokens
+                request.max_prompt_tokens = (
+                    self.max_prompt_tokens if own is None else min(own, self.max_prompt_tokens)
+                )
+            if not self.count_prompts or self._prep is None:
+                return
+            await asyncio.get_running_loop().run_in_executor(self._prep, self._prepare_sync, request)
+        except BaseException:
+            if arrival is not None:
+                arrival.done()
+            raise
+
+    def _prepare_sync(self, request: GenerationRequest) -> None:
+        """On the preparation thread: ``engine.prepare`` (engines that prepare prompts), and a count
+        against the bound for engines that do not check prompts themselves."""
+        if self.engine.capabilities.prepares_prompts:
+            try:
+                self.engine.prepare(request)  # type: ignore[attr-defined]
+            except EmmaError as exc:
+                raise _prompt_error(exc) from None
+            except Exception as exc:  # noqa: BLE001 — a broken engine fails its request, not the server
+                raise EngineFailure(f"engine failed building the prompt ({type(exc).__name__})") from None
+        try:
+            self._check_prompt(request)
+        except PromptError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise EngineFailure(f"engine failed counting tokens ({type(exc).__name__})") from None
+
+    def _enqueue(self, request: GenerationRequest, *, stream: bool) -> _Job:
+        queue = self._check_open()
         loop = asyncio.get_running_loop()
         job = _Job(request=request, stream=stream)
         if stream:
             job.events = asyncio.Queue()
         else:
             job.future = loop.create_future()
-        if self.engine_checks_prompts and self.max_prompt_tokens is not None:
-            own = request.max_prompt_tokens
-            request.max_prompt_tokens = (
-                self.max_prompt_tokens if own is None else min(own, self.max_prompt_tokens)
-            )
         try:
-            self._queue.put_nowait(job)
+            queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFullError(self.capacity, self.retry_after_s) from None
         if self._wake is not None:
@@ -279,9 +326,10 @@ class Batcher:
         Raises :class:`QueueFullError` at once when the queue is full, :class:`PromptError` for unusable
         input, :class:`ClientGone` when ``is_disconnected`` reports the client left (its generation is
         cancelled), :class:`EngineFailure` when the engine raised. ``arrival`` (the request's own) is
-        closed once the request is queued.
+        closed once the request is queued. The prompt is built before it is queued (see the module).
         """
         await self._ensure_started()
+        await self._prepare(request, arrival)
         job = self._submit(request, stream=False, arrival=arrival)
         assert job.future is not None
         try:
@@ -309,6 +357,7 @@ class Batcher:
         response is sent. Leaving the returned iterator early (client gone) cancels the generation.
         """
         await self._ensure_started()
+        await self._prepare(request, arrival)
         job = self._submit(request, stream=True, arrival=arrival)
         try:
             first = await self._next_event(job, is_disconnected)
@@ -422,8 +471,8 @@ class Batcher:
                 _fail(job, EngineFailure(f"engine failed ({type(exc).__name__})"))
 
     def _check_prompt(self, request: GenerationRequest) -> int | None:
-        """Count the prompt on the engine thread; raise PromptError for unusable or over-long input.
-        (Nothing to do when the engine checks prompts itself, or counting is off.)"""
+        """Count the prompt (on the preparation thread); raise PromptError for unusable or over-long
+        input. (Nothing to do when the engine checks prompts itself, or counting is off.)"""
         if not self.count_prompts or self.engine_checks_prompts:
             return None
         try:
@@ -439,16 +488,9 @@ class Batcher:
         return n
 
     def _generate_sync(self, requests: list[GenerationRequest]) -> list[GenerationResponse | BaseException]:
+        """On the engine thread: one generate call (prompts were built or counted before queueing)."""
         out: list[GenerationResponse | BaseException | None] = [None] * len(requests)
-        live: list[int] = []
-        for i, request in enumerate(requests):
-            try:
-                self._check_prompt(request)
-                live.append(i)
-            except PromptError as exc:
-                out[i] = exc
-            except Exception as exc:  # noqa: BLE001 — a broken engine fails its requests, not the server
-                out[i] = EngineFailure(f"engine failed counting tokens ({type(exc).__name__})")
+        live = list(range(len(requests)))
         if live:
             try:
                 responses = self.engine.generate([requests[i] for i in live])
@@ -506,16 +548,11 @@ class Batcher:
                 _resolve(job, result)
 
     def _admit(self, job: _Job, channel: _Channel) -> bool:
-        """Before the engine: a cancelled stream just ends, one over the prompt bound fails. An engine
-        that checks prompts raises (or reports) its input errors before the first chunk, so the stream
-        counts as started (the client gets its 200) only once that chunk has come; else at once."""
+        """Before the engine: a cancelled stream just ends. An engine that checks prompts raises (or
+        reports) its input errors before the first chunk, so the stream counts as started (the client
+        gets its 200) only once that chunk has come; else at once."""
         if job.request.cancel.is_set():
             channel.end()
-            return False
-        try:
-            self._check_prompt(job.request)
-        except PromptError as exc:
-            channel.fail(exc)
             return False
         if not self.engine_checks_prompts:
             channel.start()
