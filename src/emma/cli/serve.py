@@ -39,7 +39,8 @@ def serve(
         "--api-key",
         envvar="EMMA_API_KEY",
         show_envvar=True,
-        help="Require 'Authorization: Bearer KEY' on /v1/*.",
+        help="Require 'Authorization: Bearer KEY' on /v1/*. Prefer setting EMMA_API_KEY: a value on the "
+        "command line is visible to every local user (ps, /proc/PID/cmdline).",
     ),
     insecure: bool = typer.Option(
         False,
@@ -60,6 +61,19 @@ def serve(
     max_images: int = typer.Option(16, "--max-images", min=1, help="Model-ready images per request."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", min=0.01, help="Largest request body, MiB."),
     max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Largest max_tokens a request may ask."),
+    memory_budget_mb: int = typer.Option(
+        2048,
+        "--memory-budget-mb",
+        min=16,
+        help="Memory for requests in flight (bodies, image decoding, model-ready images), reserved before "
+        "use: 413 for a request that can never fit, 503 + Retry-After while others hold it.",
+    ),
+    max_text_chars: int = typer.Option(
+        256 * 1024,
+        "--max-text-chars",
+        min=1,
+        help="Characters of text per request, checked before tokenizing.",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (in-process models)."),
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto, float32, bfloat16, float16 (in-process models)."
@@ -99,6 +113,8 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_tokens=max_tokens,
         default_max_tokens=min(512, max_tokens),
+        memory_budget_mb=memory_budget_mb,
+        max_text_chars=max_text_chars,
     )
     typer.echo(f"loading {model} ...", err=True)
     if model.strip().lower().startswith("openai:"):

@@ -48,15 +48,18 @@ class BoundedInflater(io.RawIOBase):
         return len(self._buf)
 
     def _fill(self, upto: int | None) -> None:
-        """Inflate until ``upto`` bytes are available (None: all of it), or the stream ends."""
+        """Inflate until ``upto`` bytes are available (None: all of it), or the stream ends; never more
+        than a chunk past ``upto``, never more than one byte past the limit."""
         while not self._done and (upto is None or len(self._buf) < upto):
             data = self._z.unconsumed_tail or self._raw.read(CHUNK_BYTES)
             if not data:
                 self._buf += self._z.flush()
                 self._done = True
             else:
+                want = CHUNK_BYTES if upto is None else max(upto - len(self._buf), CHUNK_BYTES)
+                room = self._limit - len(self._buf) + 1
                 try:
-                    self._buf += self._z.decompress(data, self._limit - len(self._buf) + 1)
+                    self._buf += self._z.decompress(data, min(want, room))
                 except zlib.error:
                     raise CorruptFileError(f"{self._what}: corrupt deflated data") from None
                 self._done = self._z.eof
@@ -70,6 +73,24 @@ class BoundedInflater(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all the rest when negative), inflating only as far as they reach: a
+        huge announced length is never allocated ahead of the data that fill it."""
+        if size is None or size < 0:
+            self._fill(None)
+            end = len(self._buf)
+        else:
+            self._fill(self._pos + size)
+            end = min(len(self._buf), self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = bytes(self._buf[self._pos : end])
+        self._pos = end
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")

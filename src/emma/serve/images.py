@@ -131,12 +131,44 @@ def held_bytes(images: Sequence[ModelImage]) -> int:
     return sum(im.width * im.height for im in images) * HELD_BYTES_PER_PIXEL
 
 
-class _Tally:
-    """One request's running totals: model images and source pixels so far."""
+class _Staged:
+    """One image of a request, fetched and planned from its header, not decoded yet: its bytes (a
+    raster, read from memory) or its private temporary file (DICOM, NIfTI). :meth:`close` frees both."""
 
-    def __init__(self) -> None:
-        self.images = 0
-        self.pixels = 0
+    def __init__(self, index: int, data: bytes, mime: str) -> None:
+        self.index = index
+        self.label = f"image {index}"
+        self.suffix = file_suffix(data, mime)
+        self.data: bytes | None = data
+        self.path: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.plan: ImagePlan | None = None
+
+    @property
+    def hide(self) -> tuple[str, ...]:
+        """Strings that must not reach a message (the temporary path)."""
+        if self.path is None:
+            return ()
+        return (str(self.path), str(self.path.parent), self.path.name)
+
+    def source(self) -> bytes | Path:
+        if self.suffix in _IN_MEMORY_SUFFIXES:
+            assert self.data is not None
+            return self.data
+        if self.path is None:
+            assert self.data is not None
+            self._tmp = tempfile.TemporaryDirectory(prefix="emma-serve-")
+            path = Path(self._tmp.name) / f"upload{self.suffix}"
+            with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
+                fh.write(self.data)
+            self.path, self.data = path, None
+        return self.path
+
+    def close(self) -> None:
+        self.data = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 class ImageResolver:
@@ -169,8 +201,9 @@ class ImageResolver:
     async def resolve(
         self, urls: Sequence[str], options: ImageOptions, ledger: Ledger | None = None
     ) -> list[list[ModelImage]]:
-        """The images of each URL, in order (a volume or multi-frame file gives several), each bounded
-        from its header before it is decoded; memory reserved in ``ledger`` when given."""
+        """The images of each URL, in order (a volume or multi-frame file gives several). Every image
+        is fetched and planned from its header first, and the request's totals checked, before any of
+        them is decoded; each decoding is reserved in ``ledger`` when given."""
         if len(urls) > self.max_images:
             raise APIError(
                 413,
@@ -179,19 +212,23 @@ class ImageResolver:
             )
         window = resolve_window(options.window)
         sampling = VolumeSampling(plane=options.plane, n=options.slices, mode=options.volume_mode)
-        out: list[list[ModelImage]] = []
-        tally = _Tally()
-        for index, url in enumerate(urls):
-            mime, data = await self.fetch(url, index)
-            images = await asyncio.to_thread(
-                self.decode, data, mime, index, window, sampling, tally=tally, ledger=ledger
-            )
-            del data
-            out.append(images)
-            if (
-                sum(len(group) for group in out) > self.max_images
-            ):  # a plan never undercounts; kept as a guard
-                raise self._too_many_images()
+        staged: list[_Staged] = []
+        try:
+            for index, url in enumerate(urls):
+                mime, data = await self.fetch(url, index)
+                staged.append(_Staged(index, data, mime))
+                del data
+                await asyncio.to_thread(self._plan, staged[-1], sampling)
+            self._check_totals([item.plan for item in staged if item.plan is not None])
+            out: list[list[ModelImage]] = []
+            for item in staged:
+                out.append(await asyncio.to_thread(self._decode, item, window, sampling, ledger))
+                item.close()
+        finally:
+            for item in staged:
+                await asyncio.to_thread(item.close)
+        if sum(len(group) for group in out) > self.max_images:  # plans never undercount: a guard
+            raise self._too_many_images()
         return out
 
     def _too_many_images(self) -> APIError:
@@ -202,28 +239,60 @@ class ImageResolver:
             code="too_many_images",
         )
 
-    def _admit(
-        self, plan: ImagePlan, index: int, tally: _Tally | None, ledger: Ledger | None
-    ) -> Reservation | None:
-        """Count ``plan`` against the request's bounds and reserve its decoding, before decoding."""
-        if tally is not None:
-            tally.images += plan.count
-            if tally.images > self.max_images:
-                raise self._too_many_images()
-            tally.pixels += plan.source_pixels
-            if self.max_request_pixels is not None and tally.pixels > self.max_request_pixels:
-                raise APIError(
-                    413,
-                    f"the request's images hold more than {self.max_request_pixels} pixels "
-                    "(frames x rows x columns, voxels of volumes), this server's limit per request",
-                    code="too_many_pixels",
-                )
-        if ledger is None:
-            return None
+    def _check_totals(self, plans: Sequence[ImagePlan]) -> None:
+        """The request's model images and decoded pixels, summed from the plans, against the bounds."""
+        if sum(p.count for p in plans) > self.max_images:
+            raise self._too_many_images()
+        pixels = sum(p.source_pixels for p in plans)
+        if self.max_request_pixels is not None and pixels > self.max_request_pixels:
+            raise APIError(
+                413,
+                f"the request's images hold {pixels} pixels (frames x rows x columns, voxels of volumes), "
+                f"over this server's limit of {self.max_request_pixels} per request",
+                code="too_many_pixels",
+            )
+
+    def _plan(self, item: _Staged, sampling: VolumeSampling) -> None:
+        """Read one staged image's header (no pixel data) into ``item.plan``."""
+        with self._lock:
+            source = item.source()
+            with _decode_errors(item.label, item.hide), quiet_pydicom():
+                item.plan = plan_images(source, sampling=sampling, limits=self.limits, source=item.label)
+
+    def _decode(
+        self, item: _Staged, window: Window | None, sampling: VolumeSampling, ledger: Ledger | None
+    ) -> list[ModelImage]:
+        """Decode one planned image, its decoding reserved first, the reservation then shrunk to what
+        the request keeps of it."""
+        reservation: Reservation | None = None
+        if ledger is not None and item.plan is not None:
+            try:
+                reservation = ledger.reserve(item.plan.decode_bytes, f"decoding {item.label}")
+            except OverBudget as exc:
+                raise over_budget_error(exc, self.retry_after_s, never_code="image_too_large") from None
         try:
-            return ledger.reserve(plan.decode_bytes, f"decoding image {index}")
-        except OverBudget as exc:
-            raise over_budget_error(exc, self.retry_after_s, never_code="image_too_large") from None
+            with self._lock:
+                source = item.source()
+                with _decode_errors(item.label, item.hide), quiet_pydicom():
+                    images = load_images(
+                        source,
+                        window=window,
+                        sampling=sampling,
+                        limits=self.limits,
+                        source=item.label if isinstance(source, bytes) else None,
+                        fit=self.fit,
+                    )
+        except BaseException:
+            if reservation is not None and ledger is not None:
+                ledger.shrink(reservation, 0)
+            raise
+        if reservation is not None and ledger is not None:
+            ledger.shrink(reservation, held_bytes(images))
+        for image in images:
+            image.provenance.source = f"upload:{item.index}"
+        if not images:
+            raise _bad_image(f"{item.label}: no image in the file")
+        return images
 
     async def fetch(self, url: str, index: int) -> tuple[str, bytes]:
         """``(media type, bytes)`` of one image URL; only data: URLs and allowed http(s) hosts."""
@@ -296,58 +365,18 @@ class ImageResolver:
             ) from None
 
     def decode(
-        self,
-        data: bytes,
-        mime: str,
-        index: int,
-        window: Window | None,
-        sampling: VolumeSampling,
-        *,
-        tally: _Tally | None = None,
-        ledger: Ledger | None = None,
+        self, data: bytes, mime: str, index: int, window: Window | None, sampling: VolumeSampling
     ) -> list[ModelImage]:
-        """Bytes → model-ready images: rasters from memory, DICOM and NIfTI via a private temporary
-        file deleted before returning. The header is planned and admitted (:meth:`_admit`) first."""
-        label = f"image {index}"
-        suffix = file_suffix(data, mime)
-        reservation: Reservation | None = None
+        """One image's bytes → model-ready images, planned (bounded from the header) then decoded, the
+        temporary file of a DICOM or NIfTI deleted before returning."""
+        item = _Staged(index, data, mime)
         try:
-            with self._lock:
-                if suffix in _IN_MEMORY_SUFFIXES:
-                    with _decode_errors(label, ()):
-                        plan = plan_images(data, sampling=sampling, limits=self.limits, source=label)
-                        reservation = self._admit(plan, index, tally, ledger)
-                        images = load_images(
-                            data,
-                            window=window,
-                            sampling=sampling,
-                            limits=self.limits,
-                            source=label,
-                            fit=self.fit,
-                        )
-                else:
-                    with tempfile.TemporaryDirectory(prefix="emma-serve-") as tmp:
-                        path = Path(tmp) / f"upload{suffix}"
-                        with open(path, "xb") as fh:  # TemporaryDirectory is 0700; the file never outlives it
-                            fh.write(data)
-                        hide = (str(path), str(path.parent), path.name)
-                        with _decode_errors(label, hide), quiet_pydicom():
-                            plan = plan_images(path, sampling=sampling, limits=self.limits)
-                            reservation = self._admit(plan, index, tally, ledger)
-                            images = load_images(
-                                path, window=window, sampling=sampling, limits=self.limits, fit=self.fit
-                            )
-        except BaseException:
-            if reservation is not None and ledger is not None:
-                ledger.shrink(reservation, 0)
-            raise
-        if reservation is not None and ledger is not None:
-            ledger.shrink(reservation, held_bytes(images))
-        for image in images:
-            image.provenance.source = f"upload:{index}"
-        if not images:
-            raise _bad_image(f"{label}: no image in the file")
-        return images
+            self._plan(item, sampling)
+            assert item.plan is not None
+            self._check_totals([item.plan])
+            return self._decode(item, window, sampling, None)
+        finally:
+            item.close()
 
 
 @contextlib.contextmanager
