@@ -43,7 +43,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from emma.annotate.runner import Item, prompt_hash, provenance, record_provenance, reject, run_pipeline
+from emma.annotate.runner import run_pipeline
+from emma.annotate.steps import Item, prompt_hash, provenance, record_provenance, reject
 from emma.data.schema import ImageRef, Sample, Turn
 from emma.data.store import DatasetWriter
 from emma.infer.types import ImagePart, Message, TextPart

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from emma.annotate.runner import Item, prompt_hash, provenance, record_provenance, reject, seeded_rng
+from emma.annotate.steps import Item, prompt_hash, provenance, record_provenance, reject, seeded_rng
 from emma.data.schema import ImageRef, Sample, Turn
 from emma.data.store import DatasetWriter
 from emma.infer.types import ImagePart, Message, TextPart

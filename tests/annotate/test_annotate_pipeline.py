@@ -32,7 +32,7 @@ from emma.annotate.pipeline import (
     sample_text,
 )
 from emma.annotate.quality import BOX_OUT_OF_RANGE, BOX_WHOLE_IMAGE, DISAGREEMENT
-from emma.annotate.runner import Item
+from emma.annotate.steps import Item
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
 from emma.errors import InputError

@@ -24,7 +24,7 @@ from emma.annotate.quality import (
     grounding_reason,
     sanitize_box,
 )
-from emma.annotate.runner import Item
+from emma.annotate.steps import Item
 from emma.data.schema import Box, CoordSpace, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
 from emma.infer.grounding import parse_model_boxes

@@ -10,7 +10,7 @@ import pytest
 from annotate_test_steps import ScriptedAsk
 
 from emma.annotate.refine import Refine, find_leaks
-from emma.annotate.runner import Item
+from emma.annotate.steps import Item
 from emma.annotate.synth import REGION, SynthRecord, record_of, render
 from emma.data.schema import Box, Meta, Sample, TaskType, Turn
 

@@ -17,15 +17,8 @@ from annotate_test_steps import Coarse, Synth, Verify, make_source, make_steps
 from PIL import Image
 
 from emma.annotate.loopback import LoopbackTeacher
-from emma.annotate.runner import (
-    REJECTED_SPLIT,
-    Item,
-    item_hash,
-    prompt_hash,
-    run_pipeline,
-    seeded_rng,
-    worker_threads,
-)
+from emma.annotate.runner import REJECTED_SPLIT, run_pipeline, worker_threads
+from emma.annotate.steps import Item, item_hash, prompt_hash, seeded_rng
 from emma.annotate.store import ResultStore, result_key
 from emma.annotate.teacher import CircuitPolicy, RetryPolicy, load_teacher
 from emma.data.store import open_dataset

@@ -24,7 +24,7 @@ from emma.annotate.distractors import (
     same_concept,
     searchable_forms,
 )
-from emma.annotate.runner import Item
+from emma.annotate.steps import Item
 from emma.annotate.synth import (
     REGION,
     TASKS,

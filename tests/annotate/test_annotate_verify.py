@@ -9,7 +9,7 @@ import pytest
 from annotate_test_steps import ScriptedAsk
 from PIL import Image
 
-from emma.annotate.runner import Item
+from emma.annotate.steps import Item
 from emma.annotate.synth import REGION, SynthRecord, render
 from emma.annotate.verify import Verify, judge, verify_prompt
 from emma.data.schema import Box, Meta, Sample, TaskType, Turn

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from emma.annotate.runner import seeded_rng
+from emma.annotate.steps import seeded_rng
 from emma.text.labeler import CHEXPERT_FINDINGS as _CHEXPERT
 from emma.text.labeler import CRITICAL_FINDINGS, NO_FINDING, SUPPORT_DEVICES
 from emma.text.normalize import contains_phrase, normalize_answer, tokens

@@ -93,19 +93,8 @@ from emma.annotate.quality import (
     sanitize_box,
     with_hierarchy,
 )
-from emma.annotate.runner import (
-    Ask,
-    Item,
-    RunStats,
-    Step,
-    TeacherConfig,
-    check_out_folder,
-    prompt_hash,
-    provenance,
-    record_provenance,
-    reject,
-    run_pipeline,
-)
+from emma.annotate.runner import RunStats, TeacherConfig, check_out_folder, run_pipeline
+from emma.annotate.steps import Ask, Item, Step, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.teacher import Teacher
 from emma.data.formats import format_boxes
 from emma.data.schema import Box, CoordSpace, Sample, TaskType, Turn

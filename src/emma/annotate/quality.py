@@ -47,7 +47,7 @@ from typing import Any
 
 from PIL import Image
 
-from emma.annotate.runner import Ask, Item, prompt_hash, reject
+from emma.annotate.steps import Ask, Item, prompt_hash, reject
 from emma.data.schema import Box, CoordSpace, Sample
 from emma.errors import EmmaError
 from emma.text.labeler import (

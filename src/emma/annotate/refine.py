@@ -47,7 +47,7 @@ from typing import Any
 from PIL import Image
 
 from emma.annotate.distractors import YES_NO_SYNONYMS, searchable_forms
-from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, reject
+from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.synth import (
     MAX_ANSWER_JSON_CHARS,
     MAX_CONTEXT_CHARS,

@@ -73,7 +73,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from emma.annotate import distractors
 from emma.annotate.distractors import VOCABULARIES, make_options
-from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, seeded_rng
+from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, seeded_rng
 from emma.annotate.teacher import TeacherError
 from emma.data.formats import format_boxes
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Sample, TaskType, Turn

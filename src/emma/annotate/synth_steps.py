@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from emma.annotate.refine import Refine
-from emma.annotate.runner import Step
+from emma.annotate.steps import Step
 from emma.annotate.synth import Synthesize, parse_tasks
 from emma.annotate.verify import Verify
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from emma.annotate.distractors import same_concept
-from emma.annotate.runner import Ask, Item, prompt_hash, provenance, record_provenance, reject
+from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.synth import REGION, SynthRecord, SynthReject, panel_letter, record_of, user_text
 from emma.data.schema import Gold
 from emma.eval.extract import locate_answer
