@@ -46,6 +46,9 @@ Usage::
         [--concurrency 1,4,16] [--out benchmarks/results/bench_serve.json]
     python benchmarks/bench_serve.py --gpu [--out benchmarks/results/bench_serve_gpu.json]
     python benchmarks/bench_serve.py --gpu-check-config   # parameter counts of the 3B config, no GPU
+
+Why one file (~1500 lines): a benchmark script a user runs alone (`python benchmarks/bench_serve.py`),
+with its server launcher, load generator and report together; nothing imports it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The annotation stages: coarse caption → ROI localisation → fine caption (``emma annotate``).
 
-Each stage is a :class:`~emma.annotate.runner.Step`: a pure function of the sample, its decoded images
+Each stage is a :class:`~emma.annotate.steps.Step`: a pure function of the sample, its decoded images
 and the teacher's answers (asked through the runner's ``ask``, which stores every answer durably and
 replays it on resume). A stage gets an accepted item and returns it annotated, or rejected with a
 reason code and a one-line detail (no PHI: finding names from the labeler's vocabulary, counts, ids).
@@ -63,6 +63,9 @@ teacher's self-reported confidence and the agreement score (whichever exist; 0.5
 per conflict with dataset metadata; roi — 1.0 for dataset boxes (times the fraction kept), else the
 fraction of the named findings that got a valid box (1.0 when there was nothing to localise); fine — the
 mean of the fraction of regions cited and the caption/report agreement (whichever apply; else 0.5).
+
+Why one file (~910 lines): the three stages hand each other one record (caption → boxes → fine
+caption) whose fields and checks must stay in step; prompts are in prompts.py.
 """
 
 from __future__ import annotations

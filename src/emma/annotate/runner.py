@@ -36,6 +36,9 @@ exactly one request. ``call`` tells apart several calls of one step on one item.
 - **Ray.** ``backend="ray"`` runs the same steps as Ray Data ``map_batches`` over actor workers (each
   with its own teacher, store segment and ``concurrency`` threads), reading the source files with Ray
   Data in order (``preserve_order``); this process writes the outputs in order as they stream back.
+
+Why one file (~950 lines): the local and Ray backends share the outcome, the ordered writer and the
+resume keys defined here; what a step needs is in steps.py, the durable store in store.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Synthetic instruction data: the generator step of ``emma synth``.
 
-:class:`Synthesize` is a runner step (:mod:`emma.annotate.runner`): from one source sample (its images
+:class:`Synthesize` is a runner step (:mod:`emma.annotate.steps`): from one source sample (its images
 plus whatever text it carries: report, caption, impression, triage note, question and answer) it asks
 the teacher for one item per requested task and returns them as canonical samples. The later steps
 check them: :class:`emma.annotate.refine.Refine` (the question and its context must not give the answer
@@ -57,6 +57,9 @@ figure is a new PNG image returned with the item (``Item.images``); its panel la
 Determinism: everything here is a function of the source sample, its images and the teacher's
 answers; the only randomness (which image, which box, which direction, option order) comes from
 generators seeded with the sample id (:func:`emma.annotate.runner.seeded_rng`).
+
+Why one file (~930 lines): six task types share one record, one set of limits and one prompt; each
+task is a short function beside the others so that their rules can be compared on one page.
 """
 
 from __future__ import annotations

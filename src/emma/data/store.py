@@ -32,6 +32,9 @@ a hard kill the rows of the open shard are gone and ``has`` says so.
 
 The writer keeps the set of sample ids (and, for Parquet, of image hashes) in memory; the reader streams
 (line by line, or Parquet batches of a few hundred rows).
+
+Why one file (~1000 lines): the writer, the reader and the resume logic share one on-disk protocol
+(manifest, shard names, staging and commit order); splitting them would split that protocol's one home.
 """
 
 from __future__ import annotations

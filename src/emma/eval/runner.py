@@ -23,6 +23,9 @@
 
 :func:`compare_runs` compares two run folders on the samples they share (paired bootstrap and
 permutation test per metric).
+
+Why one file (~850 lines): caching, resume and scoring follow one run's life (plan → predict → score →
+write) over the same cache keys; the scorers, tasks and report live in their own modules.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Conventions (those of nibabel / NIfTI):
 Slices are sorted by their position along the slice normal ``cross(row cosines, column cosines)``,
 never by InstanceNumber, and the third affine column is the actual step between slice positions, so
 gantry-tilted and oblique stacks get a correct (sheared / oblique) affine.
+
+Why one file (~960 lines): grouping, sorting, affine and geometry checks are one computation over a
+series (each step needs the previous one's invariants), and sampling reads the geometry it builds.
 """
 
 from __future__ import annotations

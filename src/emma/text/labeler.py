@@ -53,6 +53,9 @@ How a report is read (each rule is a plain, documented choice; the vocabulary is
 
 Limitations: no dependency parse (a long comma list after "no" is read as negated up to 12 words);
 vocabulary aimed at chest radiographs and emergency CT; English only.
+
+Why one file (~700 lines): most of it is the finding lexicon (data) next to the negation and
+uncertainty rules that read it.
 """
 
 from __future__ import annotations
