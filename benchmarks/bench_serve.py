@@ -925,13 +925,13 @@ def summarize(phases: Sequence[Phase]) -> tuple[list[dict[str, Any]], dict[str, 
             "definition": f"server p50 latency / in-process generate p50 latency - 1 at concurrency {c_lo}",
         }
     pairs = [
-        r.latency_s / l.latency_s - 1.0
+        right.latency_s / left.latency_s - 1.0
         for lp in phases
         if lp.paired and lp.target == IN_PROCESS and lp.mode == "generate"
         for rp in phases
         if rp.paired and rp.target == SERVER and rp.mode == "generate" and rp.run == lp.run
-        for l, r in zip(lp.samples, rp.samples, strict=False)
-        if l.error is None and r.error is None
+        for left, right in zip(lp.samples, rp.samples, strict=False)
+        if left.error is None and right.error is None
     ]
     if pairs:
         claims["overhead_c1_paired"] = {

@@ -43,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -185,11 +186,8 @@ def _measure(
         torch.cuda.reset_peak_memory_stats()
     callback, box = _timer(max_steps, stop_at_end)
     t = time.perf_counter()
-    with RssSampler() as rss:
-        try:
-            fn([callback])
-        except _Stop:
-            pass
+    with RssSampler() as rss, contextlib.suppress(_Stop):
+        fn([callback])
     wall = time.perf_counter() - t
     loop = box["t1"] - box["t0"]
     out = {

@@ -45,7 +45,8 @@ def iter_rows(name: str) -> Iterator[tuple[list[str], list[str]]]:
 def head(name: str, n: int) -> tuple[list[str], list[list[str]]]:
     rows: list[list[str]] = []
     header: list[str] = []
-    for header, row in iter_rows(name):
+    for columns, row in iter_rows(name):
+        header = columns
         rows.append(row)
         if len(rows) == n:
             break

@@ -376,7 +376,7 @@ def test_make_options_rules() -> None:
     assert options.from_teacher == 1 and options.from_vocabulary == 3
     lowered = [normalize_answer(o) for o in options.options]
     assert (
-        len(set(lowered)) == 5 and "ct scan" not in lowered and "mri" == lowered[options.options.index("MRI")]
+        len(set(lowered)) == 5 and "ct scan" not in lowered and lowered[options.options.index("MRI")] == "mri"
     )
     # the same sample id gives the same options; the position follows the id
     assert (

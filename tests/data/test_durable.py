@@ -70,9 +70,12 @@ def test_atomic_write_leaves_old_or_new_and_stale_temporaries_are_removed(tmp_pa
 
 def test_folder_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path: Path) -> None:
     folder = tmp_path / "out"
-    with exclusive_folder(folder), pytest.raises(FolderBusyError, match=f"pid {os.getpid()}"):
-        with exclusive_folder(folder):
-            pass
+    with (
+        exclusive_folder(folder),
+        pytest.raises(FolderBusyError, match=f"pid {os.getpid()}"),
+        exclusive_folder(folder),
+    ):
+        pass
     with exclusive_folder(folder):  # released on exit
         pass
     # a holder killed with SIGKILL never leaves a stale lock
@@ -86,9 +89,8 @@ def test_folder_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path: 
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None and child.stdout.readline().strip() == b"held"
-    with pytest.raises(FolderBusyError, match=f"pid {child.pid}"):
-        with exclusive_folder(folder):
-            pass
+    with pytest.raises(FolderBusyError, match=f"pid {child.pid}"), exclusive_folder(folder):
+        pass
     child.send_signal(signal.SIGKILL)
     child.wait()
     deadline = time.monotonic() + 5

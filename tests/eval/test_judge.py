@@ -58,7 +58,7 @@ def test_parse_verdict(reply: str, verdict: int | None) -> None:
 def test_prompt_is_fixed_and_hashed() -> None:
     import hashlib
 
-    assert JUDGE_PROMPT_HASH == hashlib.sha256(f"{JUDGE_SYSTEM}\x00{JUDGE_TEMPLATE}".encode()).hexdigest()[:16]
+    assert hashlib.sha256(f"{JUDGE_SYSTEM}\x00{JUDGE_TEMPLATE}".encode()).hexdigest()[:16] == JUDGE_PROMPT_HASH
     assert set(re.findall(r"{(\w+)}", JUDGE_TEMPLATE)) == {"question", "reference", "prediction"}
 
 

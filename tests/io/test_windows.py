@@ -3,7 +3,15 @@ import math
 import numpy as np
 import pytest
 
-from emma.io.windows import PRESETS, VOIFunction, Window, apply_window, parse_window, percentile_window, to_uint8
+from emma.io.windows import (
+    PRESETS,
+    VOIFunction,
+    Window,
+    apply_window,
+    parse_window,
+    percentile_window,
+    to_uint8,
+)
 
 
 def standard_linear(x: float, c: float, w: float) -> float:

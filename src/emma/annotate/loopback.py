@@ -22,6 +22,7 @@ Nothing here listens beyond 127.0.0.1, and nothing is started at import.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -371,10 +372,8 @@ class LoopbackTeacher:
             self._stopping.wait(self.stall_s)
         elif fault == "drop":
             handler.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         elif fault == "invalid_json":
             body = b'{"choices": [ this is not json'
             handler.send_response(200)
@@ -401,10 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         latency_s=args.latency, max_concurrent=args.max_concurrent, port=args.port, model=args.model
     ) as lb:
         print(lb.spec, flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
         print(
             json.dumps({"requests": lb.stats.requests, "max_in_flight": lb.stats.max_in_flight}), flush=True
         )

@@ -52,12 +52,12 @@ class Box(BaseModel):
     image_index: int = 0  # which of the sample's images the box is on
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Box":
+    def _ordered(self) -> Box:
         if not (self.x2 >= self.x1 and self.y2 >= self.y1):
             raise ValueError(f"box corners out of order: ({self.x1}, {self.y1}, {self.x2}, {self.y2})")
         return self
 
-    def to_space(self, space: CoordSpace, width: int, height: int) -> "Box":
+    def to_space(self, space: CoordSpace, width: int, height: int) -> Box:
         """Convert to ``space``; ``width``/``height`` are those of the original image."""
         if width <= 0 or height <= 0:
             raise ValueError(f"invalid image size {width}x{height}")
@@ -88,7 +88,7 @@ class ImageRef(BaseModel):
     provenance: Provenance | None = None
 
     @model_validator(mode="after")
-    def _located(self) -> "ImageRef":
+    def _located(self) -> ImageRef:
         if self.path is None and self.sha256 is None:
             raise ValueError("an image needs a path or a sha256")
         return self
@@ -108,10 +108,11 @@ class Gold(BaseModel):
     labels: dict[str, Any] = Field(default_factory=dict)  # e.g. {"pneumothorax": 1, "effusion": -1}
 
     @model_validator(mode="after")
-    def _option_in_range(self) -> "Gold":
-        if self.answer_index is not None:
-            if not self.options or not 0 <= self.answer_index < len(self.options):
-                raise ValueError("answer_index must point into options")
+    def _option_in_range(self) -> Gold:
+        if self.answer_index is not None and (
+            not self.options or not 0 <= self.answer_index < len(self.options)
+        ):
+            raise ValueError("answer_index must point into options")
         return self
 
 
@@ -148,7 +149,7 @@ class Sample(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _image_indices(self) -> "Sample":
+    def _image_indices(self) -> Sample:
         n = len(self.images)
         for turn in self.turns:
             for i in turn.images:

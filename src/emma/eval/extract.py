@@ -353,10 +353,7 @@ def extract_choice(text: str | None, options: Sequence[str]) -> Extraction:
     if len(exact) == 1:  # the whole answer is one option's text (also "E. coli" as an option)
         return Extraction(exact[0], "ok", located)
     m = _WHOLE_LETTER_RE.fullmatch(s) or _LEADING_LETTER_RE.match(s)
-    if m:
-        named = _named_letters(s[m.end() :]) | {m.group(1).upper()}
-    else:
-        named = _named_letters(s)
+    named = (_named_letters(s[m.end() :]) | {m.group(1).upper()}) if m else _named_letters(s)
     if len(named) == 1:
         idx = _letter_index(named.pop(), len(options))
         return Extraction(idx, "ok", located) if idx is not None else Extraction(None, "unparseable", located)

@@ -24,6 +24,6 @@ class Provenance(BaseModel):
     plane: str | None = None  # "axial" | "coronal" | "sagittal" for volume slices
     steps: list[Step] = Field(default_factory=list)
 
-    def add(self, op: str, **params: Any) -> "Provenance":
+    def add(self, op: str, **params: Any) -> Provenance:
         self.steps.append(Step(op=op, params=params))
         return self
