@@ -152,7 +152,7 @@ def _cut_literal(word: str) -> str | None:
     return "null" if lit == "none" else lit
 
 
-def _repair(text: str) -> tuple[str, str | None]:
+def _repair(text: str) -> tuple[str, str | None]:  # noqa: C901 - one pass, one state machine over the characters
     """:func:`repair_json`, and for truncated input a second repair that also drops the last,
     incomplete element of the innermost open list or object (None when the input was complete)."""
     starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
