@@ -118,6 +118,14 @@ _QWEN_IMAGE_TOKENS = (
     "<|vision_end|>",
 )
 
+# Families without a trained box convention: EMMA's own 0-1000 <box> text boxes, relative to the whole
+# original image (infer.grounding parses and converts them).
+_EMMA_BOXES: dict[str, Any] = {
+    "box_convention": BoxConvention.NORM1000,
+    "box_syntax": BoxSyntax.EMMA,
+    "box_syntax_example": "<box>[[x1,y1,x2,y2]]</box>",
+}
+
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(
         name="qwen2_5_vl",
@@ -183,9 +191,7 @@ FAMILIES: dict[str, FamilySpec] = {
         name="idefics3",
         model_types=("idefics3", "smolvlm"),
         aliases=("smolvlm",),
-        box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.EMMA,
-        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        **_EMMA_BOXES,
         supports_system_role=True,
         image_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
         max_images=8,
@@ -205,9 +211,7 @@ FAMILIES: dict[str, FamilySpec] = {
         name="fast_vlm",
         model_types=("fast_vlm",),
         aliases=("fastvlm",),
-        box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.EMMA,
-        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        **_EMMA_BOXES,
         supports_system_role=True,
         image_tokens=("<image>",),
         max_images=4,
@@ -223,9 +227,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llava": FamilySpec(
         name="llava",
         model_types=("llava",),
-        box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.EMMA,
-        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        **_EMMA_BOXES,
         supports_system_role=True,
         image_tokens=("<image>",),
         max_images=4,
@@ -243,9 +245,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llava_onevision": FamilySpec(
         name="llava_onevision",
         model_types=("llava_onevision",),
-        box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.EMMA,
-        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        **_EMMA_BOXES,
         supports_system_role=True,
         image_tokens=("<image>",),
         max_images=8,
@@ -262,9 +262,7 @@ FAMILIES: dict[str, FamilySpec] = {
         name="gemma3",
         model_types=("gemma3",),
         aliases=("medgemma",),
-        box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.EMMA,
-        box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
+        **_EMMA_BOXES,
         supports_system_role=True,
         image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
         max_images=8,
