@@ -45,6 +45,15 @@ def assert_one_line_error(result, *fragments: str) -> None:  # type: ignore[no-u
         assert fragment in lines[0]
 
 
+def test_import_help_names_every_importer() -> None:
+    from emma.data.sources import IMPORTERS
+
+    result = runner.invoke(app, ["data", "import", "--help"], env={"COLUMNS": "300"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    missing = [name for name in IMPORTERS if name not in result.output]
+    assert not missing, result.output
+
+
 @needs_real
 def test_full_vqa_rad_import_stats_and_check(tmp_path: Path) -> None:
     out = tmp_path / "vqa-rad"

@@ -129,6 +129,18 @@ def test_chexpert_import_resumes_without_duplicates(tmp_path: Path) -> None:
     assert len(by_id(out)) == 40
 
 
+def test_limited_means_a_record_was_left_unread(tmp_path: Path) -> None:
+    """One definition for every importer (CheXpert's loop once also said ``limited`` when the limit
+    fell on the very last record): ``limited`` only when the limit left a record unread."""
+    src, rows = chexpert_release(tmp_path, n_train=10, n_valid=10)
+    n_train = sum(r["_split"] == "train" for r in rows)
+    assert 0 < n_train < len(rows)
+    exact = run_importer("chexpert", src, tmp_path / "exact", limit=len(rows))
+    assert exact.written == len(rows) and not exact.limited
+    first_table = run_importer("chexpert", src, tmp_path / "train-only", limit=n_train)
+    assert first_table.written == n_train and first_table.limited
+
+
 def test_cli_imports_chexpert_with_a_policy(tmp_path: Path) -> None:
     src, _rows = chexpert_release(tmp_path, n_train=40, n_valid=0)
     runner = CliRunner()

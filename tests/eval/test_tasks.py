@@ -25,8 +25,13 @@ from emma.errors import DataFormatError
 from emma.eval.runner import EvalOptions, run_eval
 from emma.eval.tasks import TASKS, get_task, open_task_data
 from emma.eval.tasks.data import resolve_data
-from emma.data.sources.mc_benchmarks import read_gmai_mmbench, read_mmmu_med
-from emma.data.sources.report_datasets import REPORT_INSTRUCTION, read_iu_xray, read_mimic_cxr, report_sections
+from emma.data.sources.mc_benchmarks import import_gmai_mmbench, import_mmmu_med
+from emma.data.sources.report_datasets import (
+    REPORT_INSTRUCTION,
+    import_iu_xray,
+    import_mimic_cxr,
+    report_sections,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -209,7 +214,7 @@ def test_slake_grounding_items_and_scores(slake_release: Path, tmp_path: Path) -
 
 def test_gmai_mmbench_reader_and_scoring(tmp_path: Path) -> None:
     src = copy_fixture("gmai_mmbench", tmp_path, ["images/g0.png", "images/g1.png"])
-    report = read_gmai_mmbench(src, tmp_path / "ds")
+    report = import_gmai_mmbench(src, tmp_path / "ds")
     assert report.by_split == {"validation": 2}
     assert report.filtered == {"no_answer": 1} and report.skipped == {"invalid_record": 1}  # C of two options
     items = items_of("gmai-mmbench", tmp_path / "ds")
@@ -259,7 +264,7 @@ def test_gmai_mmbench_base64_images_and_row_references(tmp_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
-    read_gmai_mmbench(src, tmp_path / "ds")
+    import_gmai_mmbench(src, tmp_path / "ds")
     items = items_of("gmai-mmbench", tmp_path / "ds")
     assert len(items) == 2 and items[0].images[0].sha256 == items[1].images[0].sha256
     assert (items[0].images[0].width, items[0].images[0].height) == (30, 20)
@@ -290,7 +295,7 @@ def check_mmmu(root: Path) -> None:
 
 def test_mmmu_med_reader_json(tmp_path: Path) -> None:
     src = copy_fixture("mmmu", tmp_path, MMMU_IMAGES)
-    report = read_mmmu_med(src, tmp_path / "ds")
+    report = import_mmmu_med(src, tmp_path / "ds")
     assert report.filtered == {"open_question": 1, "no_answer": 1}  # Art is not a medical subject
     assert report.by_split == {"validation": 2}
     check_mmmu(tmp_path / "ds")
@@ -312,7 +317,7 @@ def test_mmmu_med_reader_parquet(tmp_path: Path) -> None:
     pq.write_table(
         pa.Table.from_pylist(records), src / "Clinical_Medicine" / "validation-00000-of-00001.parquet"
     )
-    read_mmmu_med(src, tmp_path / "ds")
+    import_mmmu_med(src, tmp_path / "ds")
     check_mmmu(tmp_path / "ds")
 
 
@@ -329,7 +334,7 @@ def test_iu_xray_r2gen_layout(tmp_path: Path) -> None:
         "images/CXR4_1_IM-0004/0.png",
     ]
     src = copy_fixture("iu_xray_r2gen", tmp_path, rels)
-    report = read_iu_xray(src, tmp_path / "ds")
+    report = import_iu_xray(src, tmp_path / "ds")
     assert report.by_split == {"test": 2, "train": 1} and report.filtered == {"no_findings": 1}
     items = items_of("iu-xray", tmp_path / "ds")
     assert [it.id for it in items] == ["CXR2_1_IM-0002", "CXR3_1_IM-0003"]
@@ -345,7 +350,7 @@ def test_iu_xray_openi_layout(tmp_path: Path) -> None:
         "NLMCXR_png/CXR2_1_IM-0002-1001.png",
     ]
     src = copy_fixture("iu_xray_openi", tmp_path, rels)
-    report = read_iu_xray(src, tmp_path / "ds")
+    report = import_iu_xray(src, tmp_path / "ds")
     assert report.by_split == {"test": 1} and report.filtered == {"no_findings": 1}
     (item,) = items_of("iu-xray", tmp_path / "ds")
     assert item.id == "openi-1" and len(item.images) == 2
@@ -361,7 +366,7 @@ def test_mimic_cxr_official_layout(tmp_path: Path) -> None:
         "files/p11/p11000011/s51000003/d3a.jpg",
     ]
     src = copy_fixture("mimic_cxr", tmp_path, rels)
-    report = read_mimic_cxr(src, tmp_path / "ds")
+    report = import_mimic_cxr(src, tmp_path / "ds")
     assert report.by_split == {"test": 1, "train": 1} and report.filtered == {"no_findings": 1}
     (item,) = items_of("mimic-cxr", tmp_path / "ds")
     assert item.id == "s50000001" and len(item.images) == 1  # the lateral view is left out
@@ -395,7 +400,7 @@ def test_report_task_scoring(tmp_path: Path) -> None:
     ]
     src = copy_fixture("iu_xray_r2gen", tmp_path, rels)
     items_root = tmp_path / "ds"
-    read_iu_xray(src, items_root)
+    import_iu_xray(src, items_root)
     perfect = {it.id: it.sample.gold.answer for it in items_of("iu-xray", items_root)}
     run = run_eval(
         EvalOptions(

@@ -56,7 +56,10 @@ def _importer_kwargs(fn: Any, name: str, options: dict[str, tuple[str, Any]]) ->
 def import_command(
     name: str = typer.Argument(
         ...,
-        help="Dataset: vqa-rad, slake, pathvqa, pmc-vqa, omnimedvqa, chexpert, padchest, chestxray14, ...",
+        help=(
+            "Dataset: vqa-rad, slake, pathvqa, pmc-vqa, omnimedvqa, gmai-mmbench, mmmu-med, iu-xray, "
+            "mimic-cxr, chexpert, padchest, chestxray14 or generic."
+        ),
     ),
     src: Path | None = typer.Option(
         None, "--src", help="Release folder (vqa-rad defaults to ../shared/data/vqa-rad when it exists)."

@@ -1,10 +1,11 @@
 """Public dataset importers: one module per dataset, all writing the canonical store.
 
-Each importer has the signature
-``import_<name>(src, out, *, limit=None, resume=False, ..., progress=None, limits=DEFAULT_LIMITS)
--> ImportReport`` and documents, in its module docstring, the official release layout it reads,
-the license and how fields map to :class:`~emma.data.schema.Sample`. :data:`IMPORTERS` maps the
-CLI names (``emma data import NAME``) to them.
+Each importer has the signature ``import_<name>(src, out, *, <its own options>, **options) ->
+ImportReport``, ``options`` being those every importer takes (:class:`ImportOptions`: ``limit``,
+``resume``, ``progress``, ``limits``, ``format``), and documents, in its module docstring, the official
+release layout it reads, the license and how fields map to :class:`~emma.data.schema.Sample`. Each reads
+and checks its release, then hands its records to the one write loop (:func:`._importer.import_records`).
+:data:`IMPORTERS` maps the CLI names (``emma data import NAME``) to them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from emma.data.sources._common import ImportReport, ProgressFn, probe_image
+from emma.data.sources._common import probe_image
+from emma.data.sources._importer import ImportOptions, ImportReport, ProgressFn
 from emma.data.sources.chestxray14 import import_chestxray14
 from emma.data.sources.chexpert import import_chexpert
 from emma.data.sources.generic import import_generic
-from emma.data.sources.mc_benchmarks import read_gmai_mmbench, read_mmmu_med
+from emma.data.sources.mc_benchmarks import import_gmai_mmbench, import_mmmu_med
 from emma.data.sources.omnimedvqa import import_omnimedvqa
 from emma.data.sources.padchest import import_padchest
 from emma.data.sources.pathvqa import import_pathvqa
 from emma.data.sources.pmc_vqa import import_pmc_vqa
-from emma.data.sources.report_datasets import read_iu_xray, read_mimic_cxr
+from emma.data.sources.report_datasets import import_iu_xray, import_mimic_cxr
 from emma.data.sources.slake import import_slake
 from emma.data.sources.vqa_rad import import_vqa_rad
 from emma.errors import DataFormatError
@@ -68,17 +70,20 @@ IMPORTERS: Mapping[str, ImporterSpec] = MappingProxyType(
                 "various",
             ),
             ImporterSpec(
-                "gmai-mmbench", read_gmai_mmbench, "GMAI-MMBench multiple choice (GMAI-MMBench_*.tsv)", "CC-BY-NC-4.0"
+                "gmai-mmbench",
+                import_gmai_mmbench,
+                "GMAI-MMBench multiple choice (GMAI-MMBench_*.tsv)",
+                "CC-BY-NC-4.0",
             ),
             ImporterSpec(
-                "mmmu-med", read_mmmu_med, "MMMU Health & Medicine subjects (parquet or JSON)", "Apache-2.0"
+                "mmmu-med", import_mmmu_med, "MMMU Health & Medicine subjects (parquet or JSON)", "Apache-2.0"
             ),
             ImporterSpec(
-                "iu-xray", read_iu_xray, "IU X-ray reports (R2Gen annotation.json or Open-i XML)", "Open-i"
+                "iu-xray", import_iu_xray, "IU X-ray reports (R2Gen annotation.json or Open-i XML)", "Open-i"
             ),
             ImporterSpec(
                 "mimic-cxr",
-                read_mimic_cxr,
+                import_mimic_cxr,
                 "MIMIC-CXR reports (R2Gen layout or official split CSV + files/)",
                 "PhysioNet-CHDL-1.5.0",
             ),
@@ -133,6 +138,7 @@ def run_importer(name: str, src: Any, out: Any, **kwargs: Any) -> ImportReport:
 
 __all__ = [
     "IMPORTERS",
+    "ImportOptions",
     "ImportReport",
     "ImporterSpec",
     "ProgressFn",
@@ -140,6 +146,10 @@ __all__ = [
     "import_chestxray14",
     "import_chexpert",
     "import_generic",
+    "import_gmai_mmbench",
+    "import_iu_xray",
+    "import_mimic_cxr",
+    "import_mmmu_med",
     "import_omnimedvqa",
     "import_padchest",
     "import_pathvqa",

@@ -1,10 +1,6 @@
-"""Shared importer plumbing: the import report, bounded image checks, normalisers and the write loop.
+"""Shared importer helpers: bounded image checks, normalisers, sample parts and annotation file readers.
 
-Every importer parses and validates its annotation files first (a bad layout raises
-:class:`~emma.errors.DataFormatError` before anything is written), then streams samples through
-:class:`ImportRun`, which checks each image's header against :class:`~emma.io.limits.Limits` before
-the store reads it, skips (and counts) samples whose images are missing or unusable, honours
-``limit`` and ``resume``, and reports progress.
+The write loop, the options every importer takes and the import report are in :mod:`._importer`.
 """
 
 from __future__ import annotations
@@ -15,23 +11,16 @@ import json
 import re
 import unicodedata
 import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
 
-from emma.data.schema import ImageRef, Sample, TaskType
-from emma.data.store import DatasetFormat, DatasetWriter
+from emma.data.schema import Gold, ImageRef, TaskType, Turn
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance
-
-#: ``progress(done, total)``: records handled so far and the total (``None`` when unknown).
-ProgressFn = Callable[[int, int | None], None]
 
 ImageInput = Path | bytes
 
@@ -41,30 +30,6 @@ IMAGE_TOO_LARGE = "image_too_large"
 CORRUPT_IMAGE = "corrupt_image"
 INVALID_RECORD = "invalid_record"
 DUPLICATE_ID = "duplicate_id"
-
-
-class ImportReport(BaseModel):
-    """What an importer did: counts per split, skipped records by reason, and notes on oddities."""
-
-    dataset: str
-    src: str
-    out: str
-    license: str | None = None
-    records: int = 0  # annotation records considered (after filters such as language)
-    written: int = 0  # samples added in this run
-    resumed: int = 0  # samples already in the store (``resume``), left as they were
-    skipped: dict[str, int] = Field(default_factory=dict)  # reason -> records skipped
-    filtered: dict[str, int] = Field(default_factory=dict)  # reason -> records left out on purpose
-    by_split: dict[str, int] = Field(default_factory=dict)  # samples in the output per split
-    by_task: dict[str, int] = Field(default_factory=dict)
-    images: int = 0  # distinct source images used by the samples in the output
-    limited: bool = False  # stopped early because of ``limit``
-    notes: list[str] = Field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        """Samples in the output after this run (written + resumed)."""
-        return self.written + self.resumed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +192,26 @@ def format_choices(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def choice_turns(question: str, options: list[str], index: int, n_images: int = 1) -> tuple[list[Turn], Gold]:
+    """The turns and gold of a multiple-choice sample: the question with its options and all images,
+    answered ``"B. option text"``; the gold is option ``index``."""
+    turns = [
+        Turn(role="user", content=format_choices(question, options), images=list(range(n_images))),
+        Turn(role="assistant", content=f"{OPTION_LETTERS[index]}. {options[index]}"),
+    ]
+    return turns, Gold(answer=options[index], options=options, answer_index=index)
+
+
+def qa_turns(question: str, answer: str) -> list[Turn]:
+    """The turns of a one-image VQA sample: the question with the image, then the answer."""
+    return [Turn(role="user", content=question, images=[0]), Turn(role="assistant", content=answer)]
+
+
+def answer_type(task: TaskType) -> str:
+    """``meta.answer_type`` of a VQA task: ``closed`` for closed VQA, else ``open``."""
+    return "closed" if task is TaskType.CLOSED_VQA else "open"
+
+
 def normalize_question(text: str) -> str:
     """Question text for overlap checks: NFKC, lower case, punctuation dropped, spaces collapsed."""
     text = unicodedata.normalize("NFKC", text).lower()
@@ -306,183 +291,18 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------------
-# The write loop
+def source_folder(src: Path, dataset: str) -> Path:
+    """``src`` when it is a folder; else DataFormatError ``"<dataset>: source folder ... does not exist"``."""
+    if not src.is_dir():
+        raise DataFormatError(f"{dataset}: source folder {src} does not exist")
+    return src
 
 
-class ImportRun:
-    """One import into a store: checks images, skips and counts bad records, honours limit/resume.
-
-    Use as a context manager around the sample loop::
-
-        with ImportRun(report, out, limit=limit, resume=resume, total=len(records)) as run:
-            for rec in records:
-                if run.full:
-                    break  # the limit is reached
-                run.add(make_sample(rec), [image_path])  # or run.skip(reason)
-    """
-
-    def __init__(
-        self,
-        report: ImportReport,
-        out: Path,
-        *,
-        limit: int | None = None,
-        resume: bool = False,
-        total: int | None = None,
-        progress: ProgressFn | None = None,
-        limits: Limits = DEFAULT_LIMITS,
-        format: DatasetFormat = "jsonl",
-        shard_size: int = 10_000,
-        source: str | None = None,
-    ) -> None:
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        self.report = report
-        self.out = out
-        self.limit = limit
-        self.resume = resume
-        self.total = total
-        self.progress = progress
-        self.limits = limits
-        self.format = format
-        self.source = source or report.src  # the manifest's "source": a citation, else the folder
-        self.shard_size = shard_size
-        self._done = 0
-        self._ids: set[str] = set()
-        self._image_ok: dict[Path, tuple[int, int] | str] = {}  # path → size, or skip reason
-        self._images_used: set[str] = set()
-        self._skipped: Counter[str] = Counter()
-        self._split: Counter[str] = Counter()
-        self._task: Counter[str] = Counter()
-        self._writer: DatasetWriter | None = None
-
-    def __enter__(self) -> Self:
-        self._writer = DatasetWriter(
-            self.out,
-            name=self.report.dataset,
-            license=self.report.license,
-            source=self.source,
-            format=self.format,
-            shard_size=self.shard_size,
-            resume=self.resume,
-            limits=self.limits,
-        )
-        self._writer.__enter__()
-        self._tick()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.writer.__exit__(exc_type, exc, tb)
-        finally:
-            if exc_type is None:
-                self._finish()
-
-    @property
-    def writer(self) -> DatasetWriter:
-        if self._writer is None:
-            raise RuntimeError("ImportRun is used outside its 'with' block")
-        return self._writer
-
-    @property
-    def full(self) -> bool:
-        """True once ``limit`` samples are in the output; importers stop reading then."""
-        if self.limit is not None and self.report.total >= self.limit:
-            self.report.limited = True
-            return True
-        return False
-
-    def skip(self, reason: str) -> None:
-        """Count a record that cannot be used (missing image, invalid fields, ...)."""
-        self.report.records += 1
-        self._skipped[reason] += 1
-        self._step()
-
-    def filter(self, reason: str) -> None:
-        """Count a record left out on purpose (e.g. another language); not a problem."""
-        self.report.filtered[reason] = self.report.filtered.get(reason, 0) + 1
-        self._step()
-
-    def size_of(self, image: ImageInput, what: str) -> tuple[int, int] | str:
-        """``(width, height)`` of a usable image, or the reason it cannot be used (cached per path)."""
-        if isinstance(image, Path) and image in self._image_ok:
-            return self._image_ok[image]
-        try:
-            result: tuple[int, int] | str = probe_image(image, what=what, limits=self.limits)
-        except FileNotFoundError:
-            result = MISSING_IMAGE
-        except ImageTooLargeError:
-            result = IMAGE_TOO_LARGE
-        except CorruptFileError:
-            result = CORRUPT_IMAGE
-        if isinstance(image, Path):
-            self._image_ok[image] = result
-        return result
-
-    def add(
-        self, sample: Sample, images: Sequence[ImageInput] = (), *, image_keys: Sequence[str] = ()
-    ) -> None:
-        """Write ``sample`` with ``images``, or count why it is skipped.
-
-        Images are checked (header only, against ``limits``) before the store reads them.
-        ``image_keys`` name the source images for the distinct-image count (paths name themselves).
-        Callers check :attr:`full` before building the next sample.
-        """
-        if sample.id in self._ids:
-            self.skip(DUPLICATE_ID)
-            return
-        keys = list(image_keys) or [str(p) for p in images]
-        if self.resume and self.writer.has(sample.id):
-            self._ids.add(sample.id)
-            self.report.records += 1
-            self.report.resumed += 1
-            self._count(sample, keys)
-            self._step()
-            return
-        for i, image in enumerate(images):
-            status = self.size_of(image, f"{self.report.dataset} sample {sample.id} image {i}")
-            if isinstance(status, str):
-                self.skip(status)
-                return
-        try:
-            self.writer.add(sample, images)
-        except (ImageTooLargeError, CorruptFileError) as exc:  # e.g. a truncated file with a sound header
-            reason = IMAGE_TOO_LARGE if isinstance(exc, ImageTooLargeError) else CORRUPT_IMAGE
-            for image in images:
-                if isinstance(image, Path) and not isinstance(self._image_ok.get(image), str):
-                    self._image_ok[image] = reason if len(images) == 1 else self._image_ok.get(image, (0, 0))
-            self.skip(reason)
-            return
-        self._ids.add(sample.id)
-        self.report.records += 1
-        self.report.written += 1
-        self._count(sample, keys)
-        self._step()
-
-    def _count(self, sample: Sample, keys: Sequence[str]) -> None:
-        self._split[sample.meta.split or "unsplit"] += 1
-        self._task[str(sample.task)] += 1
-        self._images_used.update(keys)
-
-    def _step(self, n: int = 1) -> None:
-        self._done += n
-        self._tick()
-
-    def _tick(self) -> None:
-        if self.progress is not None:
-            self.progress(self._done, self.total)
-
-    def _finish(self) -> None:
-        self.report.skipped = dict(sorted((self.report.skipped | dict(self._skipped)).items()))
-        self.report.by_split = dict(sorted(self._split.items()))
-        self.report.by_task = dict(sorted(self._task.items()))
-        self.report.images = len(self._images_used)
-        missing = self._skipped.get(MISSING_IMAGE, 0)
+def require_keys(
+    path: Path, rows: Sequence[dict[str, Any]], keys: Sequence[str], what: str = "records"
+) -> None:
+    """DataFormatError naming ``path`` when the first of ``rows`` lacks any of ``keys``."""
+    if rows:
+        missing = [k for k in keys if k not in rows[0]]
         if missing:
-            self.report.notes.append(f"{missing} record(s) skipped because their image file is missing")
+            raise DataFormatError(f"{path}: {what} lack key(s) {', '.join(missing)}")

@@ -34,13 +34,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, UnidentifiedImageError
 
 from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
-from emma.data.sources._common import (
-    CORRUPT_IMAGE,
-    IMAGE_TOO_LARGE,
-    MISSING_IMAGE,
-    ImportRun,
-    source_ref,
-)
+from emma.data.sources._common import CORRUPT_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, source_ref
+from emma.data.sources._importer import ImportRun
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 
 FINDINGS_INSTRUCTION = "Which findings does this chest X-ray show?"

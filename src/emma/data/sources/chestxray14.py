@@ -29,15 +29,9 @@ makes the row invalid. ``meta.extra``: ``view`` (``frontal``: every image is PA 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Unpack
 
-from emma.data.sources._common import (
-    INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
-    clean_text,
-    source_ref,
-)
+from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
 from emma.data.sources._cxr import (
     FRONTAL,
     add_image_sample,
@@ -47,13 +41,12 @@ from emma.data.sources._cxr import (
     patient_split,
     safe_relpath,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "chestxray14"
-CITATION = "ChestX-ray14 (Wang et al., CVPR 2017)"
 LICENSE = "NIH-unrestricted"
+INFO = DatasetInfo(NAME, LICENSE, "ChestX-ray14 (Wang et al., CVPR 2017)")
 TABLES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
@@ -108,21 +101,10 @@ def image_dirs(src: Path) -> list[Path]:
     return dirs
 
 
-def import_chestxray14(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
+def import_chestxray14(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
     """Import ChestX-ray14 from its release folder ``src`` (Data_Entry CSV, lists, images) into ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    table = find_table(src, TABLES)
+    table = find_table(source_folder(src, NAME), TABLES)
     if table is None:
         raise DataFormatError(f"{NAME}: missing {' or '.join(TABLES)} in {src}")
     dirs = image_dirs(src)
@@ -131,54 +113,45 @@ def import_chestxray14(
     have_lists = (src / TRAIN_VAL_LIST).is_file() and (src / TEST_LIST).is_file()
     train_val = read_list(src / TRAIN_VAL_LIST) if have_lists else set()
     test = read_list(src / TEST_LIST) if have_lists else set()
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for _, row in iter_table(table, REQUIRED):
-            if run.full:
-                break
-            name = clean_text(row["Image Index"])
-            patient = clean_text(row["Patient ID"])
-            findings = parse_findings(row["Finding Labels"])
-            rel_name = safe_relpath(name)
-            if findings is None or not patient or rel_name is None or len(rel_name.parts) != 1:
-                run.skip(INVALID_RECORD)
-                continue
-            if not have_lists:
-                split = patient_split(NAME, patient, FALLBACK_SPLIT)
-            elif name in test:
-                split = "test"
-            elif name in train_val:
-                split = patient_split(NAME, patient, VALIDATION_SPLIT)
-            else:
-                run.filter(NOT_LISTED)
-                continue
-            folder = next((d for d in dirs if (d / name).is_file()), dirs[0])
-            rel = (folder / name).relative_to(src).as_posix()
-            follow_up = clean_text(row.get("Follow-up #")) or "0"
-            sample = finding_sample(
-                dataset=NAME,
-                license=LICENSE,
-                sid=name.rsplit(".", 1)[0],
-                image=source_ref(NAME, rel),
-                labels={f: int(f in findings) for f in FINDINGS},
-                positives=findings,
-                split=split,
-                patient=patient,
-                study=f"{patient}/{follow_up}",
-                view=FRONTAL,
-                projection=clean_text(row["View Position"]) or None,
-                extra={"follow_up": follow_up},
-            )
-            add_image_sample(run, sample, NAME, folder / name, rel)
+
+    def add_record(run: ImportRun, row: dict[str, str]) -> None:
+        name = clean_text(row["Image Index"])
+        patient = clean_text(row["Patient ID"])
+        findings = parse_findings(row["Finding Labels"])
+        rel_name = safe_relpath(name)
+        if findings is None or not patient or rel_name is None or len(rel_name.parts) != 1:
+            run.skip(INVALID_RECORD)
+            return
+        if not have_lists:
+            split = patient_split(NAME, patient, FALLBACK_SPLIT)
+        elif name in test:
+            split = "test"
+        elif name in train_val:
+            split = patient_split(NAME, patient, VALIDATION_SPLIT)
+        else:
+            run.filter(NOT_LISTED)
+            return
+        folder = next((d for d in dirs if (d / name).is_file()), dirs[0])
+        rel = (folder / name).relative_to(src).as_posix()
+        follow_up = clean_text(row.get("Follow-up #")) or "0"
+        sample = finding_sample(
+            dataset=NAME,
+            license=LICENSE,
+            sid=name.rsplit(".", 1)[0],
+            image=source_ref(NAME, rel),
+            labels={f: int(f in findings) for f in FINDINGS},
+            positives=findings,
+            split=split,
+            patient=patient,
+            study=f"{patient}/{follow_up}",
+            view=FRONTAL,
+            projection=clean_text(row["View Position"]) or None,
+            extra={"follow_up": follow_up},
+        )
+        add_image_sample(run, sample, NAME, folder / name, rel)
+
+    rows = (row for _, row in iter_table(table, REQUIRED))
+    report = import_records(INFO, src, out, options, rows, add_record)
     if have_lists:
         report.notes.append(
             "official test list kept; 10% of train_val patients (by a hash of Patient ID) form validation"

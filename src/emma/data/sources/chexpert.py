@@ -37,16 +37,9 @@ observations) and ``uncertainty_policy``. ``patient_key`` / ``study_key`` are ps
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Unpack
 
-from emma.data.sources._common import (
-    INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
-    clean_text,
-    source_ref,
-)
+from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
 from emma.data.sources._cxr import (
     FRONTAL,
     LATERAL,
@@ -56,29 +49,14 @@ from emma.data.sources._cxr import (
     iter_table,
     safe_relpath,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
+from emma.text.labeler import CHEXPERT_FINDINGS
 
 NAME = "chexpert"
-CITATION = "CheXpert (Irvin et al., AAAI 2019)"
 LICENSE = "CheXpert-RUA"
-OBSERVATIONS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
+INFO = DatasetInfo(NAME, LICENSE, "CheXpert (Irvin et al., AAAI 2019)")
+OBSERVATIONS: tuple[str, ...] = CHEXPERT_FINDINGS  # the 14 observations, in the CSV's column order
 #: The five observations of the CheXpert competition (the paper's evaluation set).
 COMPETITION: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 SPLIT_FILES: tuple[tuple[str, str], ...] = (("train.csv", "train"), ("valid.csv", "validation"))
@@ -137,69 +115,50 @@ def release_relpath(path: str) -> str | None:
 
 
 def import_chexpert(
-    src: Path,
-    out: Path,
-    *,
-    uncertainty: str = "u-ignore",
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, uncertainty: str = "u-ignore", **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import CheXpert from its release folder ``src`` (``train.csv``, ``valid.csv``, images) into ``out``."""
     src, out = Path(src), Path(out)
     policy = check_policy(uncertainty)
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
+    source_folder(src, NAME)
     tables = [(path, split) for name, split in SPLIT_FILES if (path := find_table(src, [name])) is not None]
     if not tables:
         raise DataFormatError(f"{NAME}: neither train.csv nor valid.csv in {src}")
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
     n_uncertain = 0
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for path, split in tables:
-            for _, row in iter_table(path, REQUIRED):
-                if run.full:
-                    break
-                rel = release_relpath(row["Path"])
-                raw = {name: raw_label(row[name]) for name in OBSERVATIONS}
-                parts = rel.split("/") if rel else []
-                if rel is None or len(parts) < 3 or any(isinstance(v, str) for v in raw.values()):
-                    run.skip(INVALID_RECORD)
-                    continue
-                values: dict[str, int | None] = {k: v for k, v in raw.items() if not isinstance(v, str)}
-                labels, uncertain = apply_policy(values, policy)
-                n_uncertain += bool(uncertain)
-                positives = [f for f in OBSERVATIONS if labels.get(f) == 1 and f != "No Finding"]
-                view_text = clean_text(row.get("Frontal/Lateral")).lower()
-                sample = finding_sample(
-                    dataset=NAME,
-                    license=LICENSE,
-                    sid=rel.rsplit(".", 1)[0],
-                    image=source_ref(NAME, rel),
-                    labels=labels,
-                    positives=positives,
-                    split=split,
-                    patient=parts[-3],
-                    study=f"{parts[-3]}/{parts[-2]}",
-                    view=FRONTAL if view_text == "frontal" else LATERAL if view_text == "lateral" else None,
-                    projection=clean_text(row.get("AP/PA")) or None,
-                    uncertain=uncertain if policy == "u-ignore" else (),
-                    extra={"raw_labels": values, "uncertain": uncertain, "uncertainty_policy": policy},
-                )
-                add_image_sample(run, sample, NAME, src / rel, rel)
-            if run.full:
-                break
+
+    def add_record(run: ImportRun, record: tuple[str, dict[str, str]]) -> None:
+        nonlocal n_uncertain
+        split, row = record
+        rel = release_relpath(row["Path"])
+        raw = {name: raw_label(row[name]) for name in OBSERVATIONS}
+        parts = rel.split("/") if rel else []
+        if rel is None or len(parts) < 3 or any(isinstance(v, str) for v in raw.values()):
+            run.skip(INVALID_RECORD)
+            return
+        values: dict[str, int | None] = {k: v for k, v in raw.items() if not isinstance(v, str)}
+        labels, uncertain = apply_policy(values, policy)
+        n_uncertain += bool(uncertain)
+        positives = [f for f in OBSERVATIONS if labels.get(f) == 1 and f != "No Finding"]
+        view_text = clean_text(row.get("Frontal/Lateral")).lower()
+        sample = finding_sample(
+            dataset=NAME,
+            license=LICENSE,
+            sid=rel.rsplit(".", 1)[0],
+            image=source_ref(NAME, rel),
+            labels=labels,
+            positives=positives,
+            split=split,
+            patient=parts[-3],
+            study=f"{parts[-3]}/{parts[-2]}",
+            view=FRONTAL if view_text == "frontal" else LATERAL if view_text == "lateral" else None,
+            projection=clean_text(row.get("AP/PA")) or None,
+            uncertain=uncertain if policy == "u-ignore" else (),
+            extra={"raw_labels": values, "uncertain": uncertain, "uncertainty_policy": policy},
+        )
+        add_image_sample(run, sample, NAME, src / rel, rel)
+
+    rows = ((split, row) for path, split in tables for _, row in iter_table(path, REQUIRED))
+    report = import_records(INFO, src, out, options, rows, add_record)
     report.notes.append(f"uncertainty policy {policy}; blank labels (not mentioned) read as 0")
     if n_uncertain:
         report.notes.append(f"{n_uncertain} image(s) have at least one uncertain (-1) label")

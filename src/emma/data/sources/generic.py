@@ -39,27 +39,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
 from emma.data.sources._common import (
     INVALID_RECORD,
     OPTION_LETTERS,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    choice_turns,
     clean_text,
-    format_choices,
     normalize_modality,
     normalize_split,
     read_csv,
     read_json_list,
     read_jsonl,
+    require_keys,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.text.normalize import is_yes_no
 
 NAME = "generic"
@@ -88,10 +85,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         rows = read_jsonl(path)
     else:
         rows = read_json_list(path)
-    if suffix != ".csv" and rows:
-        missing = [k for k in REQUIRED if k not in rows[0]]
-        if missing:
-            raise DataFormatError(f"{path}: records lack key(s) {', '.join(missing)}")
+    if suffix != ".csv":
+        require_keys(path, rows, REQUIRED)
     return rows
 
 
@@ -136,7 +131,10 @@ def record_to_sample(rec: dict[str, Any], default_id: str, *, name: str, license
     options = parse_options(rec.get("options"))
     task_value = clean_text(rec.get("task")).lower()
     gold = Gold(answer=answer)
-    user, reply = question, answer
+    turns = [
+        Turn(role="user", content=question, images=list(range(len(images)))),
+        Turn(role="assistant", content=answer),
+    ]
     if options is not None:
         if answer in options:
             index = options.index(answer)
@@ -144,8 +142,7 @@ def record_to_sample(rec: dict[str, Any], default_id: str, *, name: str, license
             index = OPTION_LETTERS.index(answer.upper())
         else:
             raise ValueError("answer is neither an option nor an option letter")
-        gold = Gold(answer=options[index], options=options, answer_index=index)
-        user, reply = format_choices(question, options), f"{OPTION_LETTERS[index]}. {options[index]}"
+        turns, gold = choice_turns(question, options, index, len(images))
         task = TaskType.MULTIPLE_CHOICE
     elif task_value:
         task = TaskType(task_value)  # ValueError for an unknown task
@@ -159,10 +156,7 @@ def record_to_sample(rec: dict[str, Any], default_id: str, *, name: str, license
         id=clean_text(rec.get("id")) or default_id,
         task=task,
         images=[source_ref(name, image) for image in images],
-        turns=[
-            Turn(role="user", content=user, images=list(range(len(images)))),
-            Turn(role="assistant", content=reply),
-        ],
+        turns=turns,
         gold=gold,
         meta=Meta(
             modality=normalize_modality(rec.get("modality")),
@@ -177,35 +171,22 @@ def record_to_sample(rec: dict[str, Any], default_id: str, *, name: str, license
 
 
 def import_generic(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    name: str = NAME,
-    license: str | None = None,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, name: str = NAME, license: str | None = None, **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import CSV/JSON/JSONL VQA tables (see the module docstring for keys) into the store at ``out``."""
     src, out = Path(src), Path(out)
     tables = [(path, read_records(path)) for path in annotation_files(src)]
-    report = ImportReport(dataset=name, src=str(src), out=str(out), license=license)
-    total = sum(len(rows) for _, rows in tables)
-    with ImportRun(
-        report, out, limit=limit, resume=resume, total=total, progress=progress, limits=limits, format=format
-    ) as run:
-        for path, rows in tables:
-            base = path.parent
-            for n, rec in enumerate(rows):
-                if run.full:
-                    break
-                try:
-                    sample = record_to_sample(rec, f"{path.stem}-{n}", name=name, license=license)
-                except ValueError:
-                    run.skip(INVALID_RECORD)
-                    continue
-                refs = _images_of(rec.get("image"))
-                run.add(sample, [base / r for r in refs], image_keys=refs)
-    return report
+
+    def add_record(run: ImportRun, record: tuple[Path, int, dict[str, Any]]) -> None:
+        path, n, rec = record
+        try:
+            sample = record_to_sample(rec, f"{path.stem}-{n}", name=name, license=license)
+        except ValueError:
+            run.skip(INVALID_RECORD)
+            return
+        refs = _images_of(rec.get("image"))
+        run.add(sample, [path.parent / r for r in refs], image_keys=refs)
+
+    records = [(path, n, rec) for path, rows in tables for n, rec in enumerate(rows)]
+    info = DatasetInfo(name, license, None)
+    return import_records(info, src, out, options, records, add_record, total=len(records))

@@ -1,8 +1,9 @@
 """Importers for multiple-choice benchmarks (GMAI-MMBench, MMMU medical subjects).
 
 Both write a canonical dataset (like the importers: resumable, images checked and stored by content
-hash) so the harness evaluates them like any other dataset. Their signature is the importers' one:
-``read_x(src, out, *, limit=None, resume=False, progress=None, limits=DEFAULT_LIMITS, format="jsonl")``.
+hash) so the harness evaluates them like any other dataset: ``import_gmai_mmbench(src, out, **options)``
+and ``import_mmmu_med(src, out, **options)``, with the options of every importer
+(:class:`._importer.ImportOptions`).
 
 **GMAI-MMBench** (Ye et al., NeurIPS 2024 Datasets and Benchmarks), release layout read (the TSV files
 of the official dataset repository, in VLMEvalKit's format)::
@@ -47,35 +48,35 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
+from emma.data.schema import Meta, Sample, TaskType
 from emma.data.sources._common import (
     INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    OPTION_LETTERS,
+    choice_turns,
     clean_text,
-    format_choices,
     normalize_modality,
+    read_json_list,
+    read_jsonl,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 GMAI_NAME = "gmai-mmbench"
-GMAI_CITATION = "GMAI-MMBench (Ye et al., NeurIPS 2024)"
 GMAI_LICENSE = "CC-BY-NC-4.0"
+GMAI_INFO = DatasetInfo(GMAI_NAME, GMAI_LICENSE, "GMAI-MMBench (Ye et al., NeurIPS 2024)")
 GMAI_OPTION_COLUMNS = ("A", "B", "C", "D", "E")
 GMAI_REQUIRED = ("index", "question", "A", "B")
 
 MMMU_NAME = "mmmu-med"
-MMMU_CITATION = "MMMU (Yue et al., CVPR 2024), Health & Medicine subjects"
 MMMU_LICENSE = "Apache-2.0"
+MMMU_INFO = DatasetInfo(MMMU_NAME, MMMU_LICENSE, "MMMU (Yue et al., CVPR 2024), Health & Medicine subjects")
 MMMU_MEDICAL_SUBJECTS = (
     "Basic_Medical_Science",
     "Clinical_Medicine",
@@ -86,7 +87,6 @@ MMMU_MEDICAL_SUBJECTS = (
 MMMU_SPLITS = {"dev": "dev", "validation": "validation", "test": "test"}
 MMMU_MAX_IMAGES = 7
 NO_ANSWER = "no_answer"
-_LETTERS = "ABCDEFGHIJ"
 _TSV_FIELD_LIMIT = 1 << 30  # base64 images make very long fields
 
 
@@ -141,15 +141,13 @@ def _gmai_sample(row: dict[str, str], split: str, options: list[str], answer: in
         if clean_text(row.get(k))
     }
     extra["index"] = index
+    turns, gold = choice_turns(clean_text(row.get("question")), options, answer)
     return Sample(
         id=f"{split}-{index}",
         task=TaskType.MULTIPLE_CHOICE,
         images=[source_ref(GMAI_NAME, f"{split}/{index}")],
-        turns=[
-            Turn(role="user", content=format_choices(clean_text(row.get("question")), options), images=[0]),
-            Turn(role="assistant", content=f"{_LETTERS[answer]}. {options[answer]}"),
-        ],
-        gold=Gold(answer=options[answer], options=options, answer_index=answer),
+        turns=turns,
+        gold=gold,
         meta=Meta(
             modality=normalize_modality(row.get("modality")),
             split=split,
@@ -187,60 +185,45 @@ def _gmai_image(
     return None
 
 
-def read_gmai_mmbench(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
-    """Read GMAI-MMBench TSV files from ``src`` into a canonical dataset at ``out``."""
+def _add_gmai_row(
+    run: ImportRun, record: tuple[Path, str, dict[str, dict[str, str]], dict[str, str]]
+) -> None:
+    path, split, by_index, row = record
+    letter = clean_text(row.get("answer")).upper().rstrip(".):")
+    options = _options(row, GMAI_OPTION_COLUMNS)
+    if not letter:
+        run.filter(NO_ANSWER)
+        return
+    if options is None or len(letter) != 1 or letter not in OPTION_LETTERS[: len(options)]:
+        run.skip(INVALID_RECORD)
+        return
+    if not clean_text(row.get("index")) or not clean_text(row.get("question")):
+        run.skip(INVALID_RECORD)
+        return
+    image = _gmai_image(row, by_index, path.parent)
+    if image is None:
+        run.skip(INVALID_RECORD)
+        return
+    sample = _gmai_sample(row, split, options, OPTION_LETTERS.index(letter))
+    run.add(sample, [image], image_keys=[f"{split}/{sample.meta.extra['index']}"])
+
+
+def import_gmai_mmbench(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
+    """Import GMAI-MMBench TSV files from ``src`` into a canonical dataset at ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{GMAI_NAME}: source folder {src} does not exist")
-    files = sorted(p for p in src.iterdir() if p.suffix.lower() == ".tsv" and "gmai" in p.name.lower())
+    files = sorted(
+        p
+        for p in source_folder(src, GMAI_NAME).iterdir()
+        if p.suffix.lower() == ".tsv" and "gmai" in p.name.lower()
+    )
     if not files:
         raise DataFormatError(f"{GMAI_NAME}: no GMAI-MMBench*.tsv file in {src}")
-    tables = [(path, _gmai_split(path), _read_tsv(path)) for path in files]
-    report = ImportReport(dataset=GMAI_NAME, src=str(src), out=str(out), license=GMAI_LICENSE)
-    total = sum(len(rows) for _, _, rows in tables)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=total,
-        progress=progress,
-        limits=limits,
-        source=GMAI_CITATION,
-        format=format,
-    ) as run:
-        for path, split, rows in tables:
-            by_index = {clean_text(r.get("index")): r for r in rows}
-            for row in rows:
-                if run.full:
-                    break
-                letter = clean_text(row.get("answer")).upper().rstrip(".):")
-                options = _options(row, GMAI_OPTION_COLUMNS)
-                if not letter:
-                    run.filter(NO_ANSWER)
-                    continue
-                if options is None or len(letter) != 1 or letter not in _LETTERS[: len(options)]:
-                    run.skip(INVALID_RECORD)
-                    continue
-                if not clean_text(row.get("index")) or not clean_text(row.get("question")):
-                    run.skip(INVALID_RECORD)
-                    continue
-                image = _gmai_image(row, by_index, path.parent)
-                if image is None:
-                    run.skip(INVALID_RECORD)
-                    continue
-                sample = _gmai_sample(row, split, options, _LETTERS.index(letter))
-                run.add(sample, [image], image_keys=[f"{split}/{sample.meta.extra['index']}"])
-    return report
+    records: list[tuple[Path, str, dict[str, dict[str, str]], dict[str, str]]] = []
+    for path in files:
+        rows = _read_tsv(path)
+        by_index = {clean_text(r.get("index")): r for r in rows}
+        records.extend((path, _gmai_split(path), by_index, row) for row in rows)
+    return import_records(GMAI_INFO, src, out, options, records, _add_gmai_row, total=len(records))
 
 
 # --------------------------------------------------------------------------------------------- MMMU
@@ -292,8 +275,6 @@ def _mmmu_records(path: Path) -> list[dict[str, Any]]:
             return pq.read_table(path).to_pylist()
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise DataFormatError(f"{path}: unreadable parquet file ({type(exc).__name__})") from None
-    from emma.data.sources._common import read_json_list, read_jsonl
-
     return read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_json_list(path)
 
 
@@ -318,88 +299,73 @@ def _mmmu_images(record: dict[str, Any], folder: Path) -> list[bytes | Path] | N
     return images or None
 
 
-def read_mmmu_med(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
-    """Read the Health & Medicine subjects of MMMU from ``src`` into a canonical dataset at ``out``."""
+def _mmmu_sample(
+    rec: dict[str, Any],
+    rid: str,
+    subject_folder: str,
+    split: str,
+    options: list[str],
+    answer: int,
+    n_images: int,
+) -> Sample:
+    img_type = clean_text(rec.get("img_type"))
+    turns, gold = choice_turns(clean_text(rec.get("question")), options, answer, n_images)
+    return Sample(
+        id=rid,
+        task=TaskType.MULTIPLE_CHOICE,
+        images=[source_ref(MMMU_NAME, f"{rid}/image_{k}") for k in range(1, n_images + 1)],
+        turns=turns,
+        gold=gold,
+        meta=Meta(
+            modality=normalize_modality(img_type.strip("[]'\" ").split("'")[0]) if img_type else None,
+            split=split,
+            source=MMMU_NAME,
+            license=MMMU_LICENSE,
+            question_type=_subject_of(rid, subject_folder),
+            extra={
+                "subfield": clean_text(rec.get("subfield")) or None,
+                "img_type": img_type or None,
+                "topic_difficulty": clean_text(rec.get("topic_difficulty")) or None,
+            },
+        ),
+    )
+
+
+def _add_mmmu_record(run: ImportRun, record: tuple[str, str, Path, int, dict[str, Any]]) -> None:
+    subject_folder, split, path, n, rec = record
+    if clean_text(rec.get("question_type")).lower() not in ("", "multiple-choice"):
+        run.filter("open_question")
+        return
+    rid = clean_text(rec.get("id")) or f"{split}_{subject_folder}_{n}"
+    options = _parse_options(rec.get("options"))
+    letter = clean_text(rec.get("answer")).upper()
+    if options is not None and (len(letter) != 1 or letter not in OPTION_LETTERS[: len(options)]):
+        if letter in ("", "?"):
+            run.filter(NO_ANSWER)
+            return
+        options = None
+    images = _mmmu_images(rec, path.parent)
+    question = clean_text(rec.get("question"))
+    if options is None or images is None or not question:
+        run.skip(INVALID_RECORD)
+        return
+    answer = OPTION_LETTERS.index(letter)
+    sample = _mmmu_sample(rec, rid, subject_folder, split, options, answer, len(images))
+    run.add(sample, images, image_keys=[f"{rid}/image_{k}" for k in range(1, len(images) + 1)])
+
+
+def import_mmmu_med(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
+    """Import the Health & Medicine subjects of MMMU from ``src`` into a canonical dataset at ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{MMMU_NAME}: source folder {src} does not exist")
-    files = list(_mmmu_files(src))
+    files = list(_mmmu_files(source_folder(src, MMMU_NAME)))
     if not files:
         raise DataFormatError(
             f"{MMMU_NAME}: no <Subject>/<split>*.parquet|json|jsonl in {src} "
             f"(subjects: {', '.join(MMMU_MEDICAL_SUBJECTS)})"
         )
-    tables = [(subject, split, path, _mmmu_records(path)) for subject, split, path in files]
-    report = ImportReport(dataset=MMMU_NAME, src=str(src), out=str(out), license=MMMU_LICENSE)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=sum(len(t[3]) for t in tables),
-        progress=progress,
-        limits=limits,
-        source=MMMU_CITATION,
-        format=format,
-    ) as run:
-        for subject_folder, split, path, records in tables:
-            for n, rec in enumerate(records):
-                if run.full:
-                    break
-                if clean_text(rec.get("question_type")).lower() not in ("", "multiple-choice"):
-                    run.filter("open_question")
-                    continue
-                rid = clean_text(rec.get("id")) or f"{split}_{subject_folder}_{n}"
-                options = _parse_options(rec.get("options"))
-                letter = clean_text(rec.get("answer")).upper()
-                if options is not None and (len(letter) != 1 or letter not in _LETTERS[: len(options)]):
-                    if letter in ("", "?"):
-                        run.filter(NO_ANSWER)
-                        continue
-                    options = None
-                images = _mmmu_images(rec, path.parent)
-                question = clean_text(rec.get("question"))
-                if options is None or images is None or not question:
-                    run.skip(INVALID_RECORD)
-                    continue
-                answer = _LETTERS.index(letter)
-                img_type = clean_text(rec.get("img_type"))
-                sample = Sample(
-                    id=rid,
-                    task=TaskType.MULTIPLE_CHOICE,
-                    images=[source_ref(MMMU_NAME, f"{rid}/image_{k}") for k in range(1, len(images) + 1)],
-                    turns=[
-                        Turn(
-                            role="user",
-                            content=format_choices(question, options),
-                            images=list(range(len(images))),
-                        ),
-                        Turn(role="assistant", content=f"{letter}. {options[answer]}"),
-                    ],
-                    gold=Gold(answer=options[answer], options=options, answer_index=answer),
-                    meta=Meta(
-                        modality=normalize_modality(img_type.strip("[]'\" ").split("'")[0])
-                        if img_type
-                        else None,
-                        split=split,
-                        source=MMMU_NAME,
-                        license=MMMU_LICENSE,
-                        question_type=_subject_of(rid, subject_folder),
-                        extra={
-                            "subfield": clean_text(rec.get("subfield")) or None,
-                            "img_type": img_type or None,
-                            "topic_difficulty": clean_text(rec.get("topic_difficulty")) or None,
-                        },
-                    ),
-                )
-                run.add(sample, images, image_keys=[f"{rid}/image_{k}" for k in range(1, len(images) + 1)])
-    return report
+    records = [
+        (subject, split, path, n, rec)
+        for subject, split, path in files
+        for n, rec in enumerate(_mmmu_records(path))
+    ]
+    return import_records(MMMU_INFO, src, out, options, records, _add_mmmu_record, total=len(records))

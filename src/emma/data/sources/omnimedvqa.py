@@ -34,37 +34,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
+from emma.data.schema import Meta, Sample, TaskType
 from emma.data.sources._common import (
     INVALID_RECORD,
-    OPTION_LETTERS,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    choice_turns,
     clean_text,
-    format_choices,
     normalize_modality,
     read_json_list,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "omnimedvqa"
-CITATION = "OmniMedVQA (Hu et al., CVPR 2024)"
 LICENSE = "various"
+INFO = DatasetInfo(NAME, LICENSE, "OmniMedVQA (Hu et al., CVPR 2024)")
 QA_DIR = "QA information"
 ACCESS_DIRS = {"open": "Open-access", "restricted": "Restricted-access"}
 OPTION_KEYS = ("option_A", "option_B", "option_C", "option_D")
 
 
 def find_root(src: Path) -> Path:
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    for candidate in (src, src / "OmniMedVQA"):
+    for candidate in (source_folder(src, NAME), src / "OmniMedVQA"):
         if (candidate / QA_DIR).is_dir():
             return candidate
     raise DataFormatError(f"{NAME}: missing '{QA_DIR}/' folder in {src}")
@@ -87,15 +81,13 @@ def record_to_sample(rec: dict[str, Any], default_id: str, access: str) -> Sampl
     image_path = clean_text(rec.get("image_path")).replace("\\", "/")
     if not image_path:
         return None
+    turns, gold = choice_turns(question, options, index)
     return Sample(
         id=clean_text(rec.get("question_id")) or default_id,
         task=TaskType.MULTIPLE_CHOICE,
         images=[source_ref(NAME, image_path)],
-        turns=[
-            Turn(role="user", content=format_choices(question, options), images=[0]),
-            Turn(role="assistant", content=f"{OPTION_LETTERS[index]}. {options[index]}"),
-        ],
-        gold=Gold(answer=options[index], options=options, answer_index=index),
+        turns=turns,
+        gold=gold,
         meta=Meta(
             modality=normalize_modality(modality_type),
             split="test",
@@ -123,15 +115,7 @@ def _resolve_image(root: Path, image_path: str) -> Path | None:
 
 
 def import_omnimedvqa(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    access: Sequence[str] = ("open", "restricted"),
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, access: Sequence[str] = ("open", "restricted"), **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import OmniMedVQA (all samples in split ``"test"``) from its release folder."""
     src, out = Path(src), Path(out)
@@ -150,28 +134,16 @@ def import_omnimedvqa(
     if not (root / "Images").is_dir():
         raise DataFormatError(f"{NAME}: missing Images/ folder in {root}")
     tables = [(part, path, read_json_list(path)) for part, path in files]
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
-    report.notes.append("OmniMedVQA has no training split: every sample is in 'test'")
-    total = sum(len(rows) for _, _, rows in tables)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=total,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for part, path, rows in tables:
-            for n, rec in enumerate(rows):
-                if run.full:
-                    break
-                sample = record_to_sample(rec, f"{path.stem}-{n}", part)
-                image = _resolve_image(root, clean_text(rec.get("image_path")))
-                if sample is None or image is None or not sample.meta.study_key:
-                    run.skip(INVALID_RECORD)
-                    continue
-                run.add(sample, [image], image_keys=[sample.meta.study_key])
-    return report
+
+    def add_record(run: ImportRun, record: tuple[str, str, dict[str, Any]]) -> None:
+        part, default_id, rec = record
+        sample = record_to_sample(rec, default_id, part)
+        image = _resolve_image(root, clean_text(rec.get("image_path")))
+        if sample is None or image is None or not sample.meta.study_key:
+            run.skip(INVALID_RECORD)
+            return
+        run.add(sample, [image], image_keys=[sample.meta.study_key])
+
+    records = [(part, f"{path.stem}-{n}", rec) for part, path, rows in tables for n, rec in enumerate(rows)]
+    notes = ["OmniMedVQA has no training split: every sample is in 'test'"]
+    return import_records(INFO, src, out, options, records, add_record, total=len(records), notes=notes)

@@ -33,15 +33,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Unpack
 
-from emma.data.sources._common import (
-    INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
-    clean_text,
-    source_ref,
-)
+from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
 from emma.data.sources._cxr import (
     FRONTAL,
     LATERAL,
@@ -52,13 +46,12 @@ from emma.data.sources._cxr import (
     patient_split,
     safe_relpath,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "padchest"
-CITATION = "PadChest (Bustos et al., Medical Image Analysis 2020)"
 LICENSE = "CC-BY-SA-4.0"
+INFO = DatasetInfo(NAME, LICENSE, "PadChest (Bustos et al., Medical Image Analysis 2020)")
 LABELS_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 REQUIRED = ("ImageID", "ImageDir", "StudyID", "PatientID", "Projection", "MethodLabel", "Labels")
 SPLITS: tuple[tuple[str, float], ...] = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
@@ -132,69 +125,49 @@ def image_path(src: Path, image_dir: str, image_id: str) -> tuple[Path, str] | N
     return src / candidates[0], candidates[0]  # missing: counted as such
 
 
-def import_padchest(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
+def import_padchest(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
     """Import PadChest from its release folder ``src`` (labels CSV + image folders) into ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    table = find_table(src, [LABELS_CSV])
+    table = find_table(source_folder(src, NAME), [LABELS_CSV])
     if table is None:
         raise DataFormatError(f"{NAME}: missing {LABELS_CSV}[.gz] in {src}")
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for _, row in iter_table(table, REQUIRED):
-            if run.full:
-                break
-            image_id = clean_text(row["ImageID"])
-            patient = clean_text(row["PatientID"])
-            study = clean_text(row["StudyID"])
-            labels = parse_labels(row["Labels"])
-            located = image_path(src, clean_text(row["ImageDir"]), image_id) if image_id else None
-            if not labels or located is None or not patient or not study:
-                run.skip(INVALID_RECORD)
-                continue
-            if "exclude" in labels:
-                run.filter(EXCLUDED)
-                continue
-            path, rel = located
-            gold = {label: 1 for label in labels} | {f: 0 for f in FREQUENT_FINDINGS if f not in labels}
-            projection = clean_text(row["Projection"]) or None
-            sample = finding_sample(
-                dataset=NAME,
-                license=LICENSE,
-                sid=image_id.rsplit(".", 1)[0],
-                image=source_ref(NAME, rel),
-                labels=gold,
-                positives=[label for label in labels if label not in NON_FINDINGS],
-                split=patient_split(NAME, patient, SPLITS),
-                patient=patient,
-                study=study,
-                view=_VIEWS.get((projection or "").upper()),
-                projection=projection,
-                extra={
-                    "label_method": clean_text(row["MethodLabel"]) or None,
-                    "image_dir": clean_text(row["ImageDir"]) or None,
-                },
-            )
-            add_image_sample(run, sample, NAME, path, rel)
+
+    def add_record(run: ImportRun, row: dict[str, str]) -> None:
+        image_id = clean_text(row["ImageID"])
+        patient = clean_text(row["PatientID"])
+        study = clean_text(row["StudyID"])
+        labels = parse_labels(row["Labels"])
+        located = image_path(src, clean_text(row["ImageDir"]), image_id) if image_id else None
+        if not labels or located is None or not patient or not study:
+            run.skip(INVALID_RECORD)
+            return
+        if "exclude" in labels:
+            run.filter(EXCLUDED)
+            return
+        path, rel = located
+        gold = {label: 1 for label in labels} | {f: 0 for f in FREQUENT_FINDINGS if f not in labels}
+        projection = clean_text(row["Projection"]) or None
+        sample = finding_sample(
+            dataset=NAME,
+            license=LICENSE,
+            sid=image_id.rsplit(".", 1)[0],
+            image=source_ref(NAME, rel),
+            labels=gold,
+            positives=[label for label in labels if label not in NON_FINDINGS],
+            split=patient_split(NAME, patient, SPLITS),
+            patient=patient,
+            study=study,
+            view=_VIEWS.get((projection or "").upper()),
+            projection=projection,
+            extra={
+                "label_method": clean_text(row["MethodLabel"]) or None,
+                "image_dir": clean_text(row["ImageDir"]) or None,
+            },
+        )
+        add_image_sample(run, sample, NAME, path, rel)
+
+    rows = (row for _, row in iter_table(table, REQUIRED))
+    report = import_records(INFO, src, out, options, rows, add_record)
     report.notes.append(
         "no official split: patients split 80/10/10 (train/validation/test) by a hash of PatientID"
     )

@@ -41,29 +41,29 @@ import hashlib
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
+from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType
 from emma.data.sources._common import (
     INVALID_RECORD,
     MISSING_IMAGE,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    answer_type,
     clean_text,
+    qa_turns,
     read_csv,
     read_json_list,
     read_jsonl,
+    require_keys,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.text.normalize import is_yes_no
 
 NAME = "pathvqa"
-CITATION = "PathVQA (He et al., 2020)"
 LICENSE = "MIT"
+INFO = DatasetInfo(NAME, LICENSE, "PathVQA (He et al., 2020)")
 SPLITS = (("train", "train"), ("val", "validation"), ("test", "test"))
 PARQUET_SPLITS = (("train", "train"), ("validation", "validation"), ("val", "validation"), ("test", "test"))
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -98,9 +98,7 @@ def load_pickle(path: Path, *, allow_pickle: bool) -> list[dict[str, Any]]:
 
 
 def find_root(src: Path) -> Path:
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    for candidate in (src, src / "pvqa"):
+    for candidate in (source_folder(src, NAME), src / "pvqa"):
         if (candidate / "qas").is_dir() or (candidate / "data").is_dir():
             return candidate
     raise DataFormatError(f"{NAME}: missing qas/ (or data/*.parquet) in {src}")
@@ -124,22 +122,19 @@ def _read_records(path: Path, allow_pickle: bool) -> list[dict[str, Any]]:
         rows = list(read_csv(path, required=_RECORD_KEYS))
     else:
         rows = load_pickle(path, allow_pickle=allow_pickle)
-    if rows:
-        missing = [k for k in _RECORD_KEYS if k not in rows[0]]
-        if missing:
-            raise DataFormatError(f"{path}: records lack key(s) {', '.join(missing)}")
+    require_keys(path, rows, _RECORD_KEYS)
     return rows
 
 
 def _make_sample(
     sample_id: str, split: str, question: str, answer: str, image_key: str, ref: ImageRef
 ) -> Sample:
-    closed = is_yes_no(answer)
+    task = TaskType.CLOSED_VQA if is_yes_no(answer) else TaskType.OPEN_VQA
     return Sample(
         id=sample_id,
-        task=TaskType.CLOSED_VQA if closed else TaskType.OPEN_VQA,
+        task=task,
         images=[ref],
-        turns=[Turn(role="user", content=question, images=[0]), Turn(role="assistant", content=answer)],
+        turns=qa_turns(question, answer),
         gold=Gold(answer=answer),
         meta=Meta(
             modality="pathology",
@@ -147,7 +142,7 @@ def _make_sample(
             source=NAME,
             license=LICENSE,
             study_key=image_key,
-            answer_type="closed" if closed else "open",
+            answer_type=answer_type(task),
         ),
     )
 
@@ -164,36 +159,17 @@ def _find_image(folder: Path, image: str) -> Path | None:
 
 
 def import_pathvqa(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    allow_pickle: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, allow_pickle: bool = False, **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import PathVQA (authors' layout with JSON/JSONL/CSV or opted-in pickle, or HF parquet)."""
     src, out = Path(src), Path(out)
     root = find_root(src)
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
-    run = ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    )
     if (root / "qas").is_dir():
-        return _import_qas(root, run, allow_pickle)
-    return _import_parquet(root, run)
+        return _import_qas(root, src, out, allow_pickle, options)
+    return _import_parquet(root, src, out, options)
 
 
-def _import_qas(root: Path, run: ImportRun, allow_pickle: bool) -> ImportReport:
+def _import_qas(root: Path, src: Path, out: Path, allow_pickle: bool, options: ImportKwargs) -> ImportReport:
     per_split: list[tuple[str, str, list[dict[str, Any]]]] = []
     for folder, split in SPLITS:
         path = _qa_file(root / "qas", folder)
@@ -206,27 +182,24 @@ def _import_qas(root: Path, run: ImportRun, allow_pickle: bool) -> ImportReport:
     images_root = root / "images"
     if not images_root.is_dir():
         raise DataFormatError(f"{NAME}: missing images/ folder in {root}")
-    run.total = sum(len(rows) for _, _, rows in per_split)
-    with run:
-        for folder, split, rows in per_split:
-            for n, rec in enumerate(rows):
-                if run.full:
-                    break
-                image = clean_text(rec.get("image"))
-                question, answer = clean_text(rec.get("question")), clean_text(rec.get("answer"))
-                if not (image and question and answer):
-                    run.skip(INVALID_RECORD)
-                    continue
-                path = _find_image(images_root / folder, image)
-                if path is None:
-                    run.skip(MISSING_IMAGE)
-                    continue
-                key = f"images/{folder}/{path.name}"
-                sample = _make_sample(
-                    f"{split}-{n}", split, question, answer, path.stem, source_ref(NAME, key)
-                )
-                run.add(sample, [path], image_keys=[key])
-    return run.report
+
+    def add_record(run: ImportRun, record: tuple[str, str, int, dict[str, Any]]) -> None:
+        folder, split, n, rec = record
+        image = clean_text(rec.get("image"))
+        question, answer = clean_text(rec.get("question")), clean_text(rec.get("answer"))
+        if not (image and question and answer):
+            run.skip(INVALID_RECORD)
+            return
+        path = _find_image(images_root / folder, image)
+        if path is None:
+            run.skip(MISSING_IMAGE)
+            return
+        key = f"images/{folder}/{path.name}"
+        sample = _make_sample(f"{split}-{n}", split, question, answer, path.stem, source_ref(NAME, key))
+        run.add(sample, [path], image_keys=[key])
+
+    records = [(folder, split, n, rec) for folder, split, rows in per_split for n, rec in enumerate(rows)]
+    return import_records(INFO, src, out, options, records, add_record, total=len(records))
 
 
 def _parquet_files(root: Path) -> list[tuple[str, Path]]:
@@ -256,7 +229,34 @@ def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:
         raise DataFormatError(f"{path}: unreadable parquet ({type(exc).__name__})") from None
 
 
-def _import_parquet(root: Path, run: ImportRun) -> ImportReport:
+def _parquet_records(files: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, int, dict[str, Any]]]:
+    """``(split, file, n, record)`` of every file in order; ``n`` counts the split's records."""
+    counters: dict[str, int] = {}
+    for split, path in files:
+        for rec in _iter_parquet(path):
+            n = counters.get(split, 0)
+            counters[split] = n + 1
+            yield split, path, n, rec
+
+
+def _add_parquet_record(run: ImportRun, record: tuple[str, Path, int, dict[str, Any]]) -> None:
+    split, path, n, rec = record
+    question, answer = clean_text(rec.get("question")), clean_text(rec.get("answer"))
+    image = rec.get("image")
+    data = image.get("bytes") if isinstance(image, dict) else image if isinstance(image, bytes) else None
+    if not (question and answer):
+        run.skip(INVALID_RECORD)
+        return
+    if not data:
+        run.skip(MISSING_IMAGE)
+        return
+    digest = hashlib.sha256(data).hexdigest()
+    ref = source_ref(NAME, f"data/{path.name}#{n}", sha256=digest, data=bytes(data[:16]))
+    sample = _make_sample(f"{split}-{n}", split, question, answer, digest[:16], ref)
+    run.add(sample, [bytes(data)], image_keys=[digest])
+
+
+def _import_parquet(root: Path, src: Path, out: Path, options: ImportKwargs) -> ImportReport:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -264,36 +264,7 @@ def _import_parquet(root: Path, run: ImportRun) -> ImportReport:
     if not files:
         raise DataFormatError(f"{NAME}: no data/{{train,validation,test}}-*.parquet in {root}")
     try:
-        run.total = sum(pq.read_metadata(p).num_rows for _, p in files)
+        total: int | None = sum(pq.read_metadata(p).num_rows for _, p in files)
     except (OSError, ValueError, pa.ArrowException):  # the file is read (and its error reported) below
-        run.total = None
-    counters: dict[str, int] = {}
-    with run:
-        for split, path in files:
-            for rec in _iter_parquet(path):
-                if run.full:
-                    break
-                n = counters.get(split, 0)
-                counters[split] = n + 1
-                question, answer = clean_text(rec.get("question")), clean_text(rec.get("answer"))
-                image = rec.get("image")
-                data = (
-                    image.get("bytes")
-                    if isinstance(image, dict)
-                    else image
-                    if isinstance(image, bytes)
-                    else None
-                )
-                if not (question and answer):
-                    run.skip(INVALID_RECORD)
-                    continue
-                if not data:
-                    run.skip(MISSING_IMAGE)
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                ref = source_ref(NAME, f"data/{path.name}#{n}", sha256=digest, data=bytes(data[:16]))
-                sample = _make_sample(f"{split}-{n}", split, question, answer, digest[:16], ref)
-                run.add(sample, [bytes(data)], image_keys=[digest])
-            if run.full:
-                break
-    return run.report
+        total = None
+    return import_records(INFO, src, out, options, _parquet_records(files), _add_parquet_record, total=total)

@@ -33,28 +33,25 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
+from emma.data.schema import Meta, Sample, TaskType
 from emma.data.sources._common import (
     INVALID_RECORD,
     OPTION_LETTERS,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    choice_turns,
     clean_text,
-    format_choices,
     normalize_question,
     read_csv,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "pmc-vqa"
-CITATION = "PMC-VQA (Zhang et al., 2023)"
 LICENSE = "CC-BY-SA-4.0"
+INFO = DatasetInfo(NAME, LICENSE, "PMC-VQA (Zhang et al., 2023)")
 CHOICE_COLUMNS = ("Choice A", "Choice B", "Choice C", "Choice D")
 REQUIRED_COLUMNS = ("Figure_path", "Question", "Answer", *CHOICE_COLUMNS, "Answer_label")
 _PMCID = re.compile(r"^(PMC\d+)")
@@ -87,15 +84,13 @@ def row_to_sample(row: dict[str, Any], split: str, n: int) -> tuple[Sample | Non
     given = clean_text(row.get("Answer"))
     mismatch = bool(given) and normalize_question(clean_choice(given, label)) != normalize_question(answer)
     match = _PMCID.match(figure)
+    turns, gold = choice_turns(question, choices, index)
     sample = Sample(
         id=f"{split}-{n}",
         task=TaskType.MULTIPLE_CHOICE,
         images=[source_ref(NAME, f"images/{figure}")],
-        turns=[
-            Turn(role="user", content=format_choices(question, choices), images=[0]),
-            Turn(role="assistant", content=f"{label}. {answer}"),
-        ],
-        gold=Gold(answer=answer, options=choices, answer_index=index),
+        turns=turns,
+        gold=gold,
         meta=Meta(
             split=split,
             source=NAME,
@@ -108,20 +103,11 @@ def row_to_sample(row: dict[str, Any], split: str, n: int) -> tuple[Sample | Non
 
 
 def import_pmc_vqa(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    version: int = 1,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, version: int = 1, **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import PMC-VQA from its release folder (``train.csv`` / ``test.csv`` + ``images/``)."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
+    source_folder(src, NAME)
     if version not in (1, 2):
         raise ValueError(f"{NAME}: version must be 1 or 2, got {version}")
     suffix = "" if version == 1 else "_2"
@@ -135,31 +121,21 @@ def import_pmc_vqa(
     images = src / "images"
     if not images.is_dir():
         raise DataFormatError(f"{NAME}: missing images/ folder in {src}")
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
     mismatches = 0
-    total = sum(len(rows) for _, rows in tables)
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=total,
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for split, rows in tables:
-            for n, row in enumerate(rows):
-                if run.full:
-                    break
-                sample, mismatch = row_to_sample(row, split, n)
-                figure = clean_text(row.get("Figure_path"))
-                if sample is None or Path(figure).is_absolute() or ".." in Path(figure).parts:
-                    run.skip(INVALID_RECORD)
-                    continue
-                mismatches += mismatch
-                run.add(sample, [images / figure], image_keys=[figure])
+
+    def add_record(run: ImportRun, record: tuple[str, int, dict[str, str]]) -> None:
+        nonlocal mismatches
+        split, n, row = record
+        sample, mismatch = row_to_sample(row, split, n)
+        figure = clean_text(row.get("Figure_path"))
+        if sample is None or Path(figure).is_absolute() or ".." in Path(figure).parts:
+            run.skip(INVALID_RECORD)
+            return
+        mismatches += mismatch
+        run.add(sample, [images / figure], image_keys=[figure])
+
+    records = [(split, n, row) for split, rows in tables for n, row in enumerate(rows)]
+    report = import_records(INFO, src, out, options, records, add_record, total=len(records))
     if mismatches:
         report.notes.append(
             f"{mismatches} row(s) whose Answer text differs from the Answer_label option (label kept)"

@@ -1,6 +1,7 @@
-"""Readers for chest X-ray report generation benchmarks: IU X-ray and MIMIC-CXR.
+"""Importers of chest X-ray report generation benchmarks: IU X-ray and MIMIC-CXR.
 
-Both write a canonical dataset of ``report`` samples (importer signature, resumable). The gold is the
+Both write a canonical dataset of ``report`` samples (``import_iu_xray`` / ``import_mimic_cxr``, with the
+options of every importer: resumable). The gold is the
 **FINDINGS** section of the report (the section report-generation benchmarks score); studies without
 a findings section are left out and counted (``no_findings``). The impression, when present, is kept
 in ``meta.extra["impression"]``. Every image of a study is shown, in the order the release lists them.
@@ -45,7 +46,6 @@ study numbers are kept only as salted hashes (``meta.patient_key`` / ``meta.stud
 from __future__ import annotations
 
 import csv
-import functools
 import gzip
 import hashlib
 import io
@@ -53,28 +53,19 @@ import re
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
-from emma.data.sources._common import (
-    INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
-    clean_text,
-    read_json,
-    source_ref,
-)
-from emma.data.store import DatasetFormat
+from emma.data.sources._common import INVALID_RECORD, clean_text, read_json, source_folder, source_ref
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 IU_NAME = "iu-xray"
-IU_CITATION = "IU X-ray / Open-i (Demner-Fushman et al., JAMIA 2016)"
 IU_LICENSE = "Open-i"
+IU_INFO = DatasetInfo(IU_NAME, IU_LICENSE, "IU X-ray / Open-i (Demner-Fushman et al., JAMIA 2016)")
 MIMIC_NAME = "mimic-cxr"
-MIMIC_CITATION = "MIMIC-CXR (Johnson et al., Scientific Data 2019)"
 MIMIC_LICENSE = "PhysioNet-CHDL-1.5.0"
+MIMIC_INFO = DatasetInfo(MIMIC_NAME, MIMIC_LICENSE, "MIMIC-CXR (Johnson et al., Scientific Data 2019)")
 NO_FINDINGS = "no_findings"
 REPORT_INSTRUCTION = "Write the findings section of the radiology report for this chest X-ray study."
 _SPLITS = {
@@ -104,19 +95,26 @@ def report_sections(text: str) -> dict[str, str]:
     return sections
 
 
-def _report_sample(
-    dataset: str,
-    license: str,
+def _add_report(
+    run: ImportRun,
+    info: DatasetInfo,
     sid: str,
     split: str,
     findings: str,
     impression: str | None,
+    images: list[Path],
     image_keys: list[str],
     *,
     patient: str | None = None,
     study: str | None = None,
-) -> Sample:
-    return Sample(
+) -> None:
+    """Add a study's report sample (its images in the release's order), or leave out a study whose
+    report has no findings section."""
+    if not findings:
+        run.filter(NO_FINDINGS)
+        return
+    dataset = info.name
+    sample = Sample(
         id=sid,
         task=TaskType.REPORT,
         images=[source_ref(dataset, key) for key in image_keys],
@@ -130,12 +128,13 @@ def _report_sample(
             body_part="chest",
             split=split,
             source=dataset,
-            license=license,
+            license=info.license,
             patient_key=_key(dataset, patient) if patient else None,
             study_key=_key(dataset, study or sid),
             extra={"impression": impression} if impression else {},
         ),
     )
+    run.add(sample, images, image_keys=image_keys)
 
 
 def _safe_rel(value: Any) -> Path | None:
@@ -145,59 +144,56 @@ def _safe_rel(value: Any) -> Path | None:
     return rel
 
 
-def _read_r2gen(run: ImportRun, src: Path, dataset: str, license: str) -> None:
+def _import_r2gen(info: DatasetInfo, src: Path, out: Path, options: ImportKwargs) -> ImportReport:
     data = read_json(src / "annotation.json")
     if not isinstance(data, dict):
         raise DataFormatError(f"{src / 'annotation.json'}: expected an object of split lists")
     images = src / "images"
-    for split_name, records in data.items():
+    records: list[tuple[str, Any]] = []
+    for split_name, split_records in data.items():
         split = _SPLITS.get(str(split_name).lower())
-        if split is None or not isinstance(records, list):
-            continue
-        for rec in records:
-            if run.full:
-                return
-            if not isinstance(rec, dict):
-                run.skip(INVALID_RECORD)
-                continue
-            sid = clean_text(rec.get("id"))
-            findings = clean_text(rec.get("report"))
-            paths = rec.get("image_path") or []
-            rels = [_safe_rel(p) for p in (paths if isinstance(paths, list) else [paths])]
-            if not sid or not rels or any(r is None for r in rels):
-                run.skip(INVALID_RECORD)
-                continue
-            if not findings:
-                run.filter(NO_FINDINGS)
-                continue
-            keys = [f"images/{r}" for r in rels]
-            sample = _report_sample(
-                dataset,
-                license,
-                sid,
-                split,
-                findings,
-                None,
-                keys,
-                patient=clean_text(rec.get("subject_id")) or None,
-                study=clean_text(rec.get("study_id")) or None,
-            )
-            run.add(sample, [images / r for r in rels if r is not None], image_keys=keys)
+        if split is not None and isinstance(split_records, list):
+            records.extend((split, rec) for rec in split_records)
+
+    def add_record(run: ImportRun, record: tuple[str, Any]) -> None:
+        split, rec = record
+        if not isinstance(rec, dict):
+            run.skip(INVALID_RECORD)
+            return
+        sid = clean_text(rec.get("id"))
+        findings = clean_text(rec.get("report"))
+        paths = rec.get("image_path") or []
+        rels = [_safe_rel(p) for p in (paths if isinstance(paths, list) else [paths])]
+        if not sid or not rels or any(r is None for r in rels):
+            run.skip(INVALID_RECORD)
+            return
+        _add_report(
+            run,
+            info,
+            sid,
+            split,
+            findings,
+            None,
+            [images / r for r in rels if r is not None],
+            [f"images/{r}" for r in rels],
+            patient=clean_text(rec.get("subject_id")) or None,
+            study=clean_text(rec.get("study_id")) or None,
+        )
+
+    return import_records(info, src, out, options, records, add_record)
 
 
-def _open_report(run: ImportRun, src: Path, split: str) -> None:
-    xml_dir = src / "ecgen-radiology"
+def _import_openi(src: Path, out: Path, options: ImportKwargs) -> ImportReport:
     png_dir = next((d for d in (src / "NLMCXR_png", src / "images") if d.is_dir()), None)
     if png_dir is None:
         raise DataFormatError(f"{IU_NAME}: missing NLMCXR_png/ (or images/) in {src}")
-    for path in sorted(xml_dir.glob("*.xml"), key=lambda p: (len(p.stem), p.stem)):
-        if run.full:
-            return
+
+    def add_record(run: ImportRun, path: Path) -> None:
         try:
             root = ET.parse(path).getroot()
         except (ET.ParseError, OSError):
             run.skip(INVALID_RECORD)
-            continue
+            return
         sections = {
             (el.get("Label") or "").strip().lower(): " ".join((el.text or "").split())
             for el in root.iter("AbstractText")
@@ -206,57 +202,26 @@ def _open_report(run: ImportRun, src: Path, split: str) -> None:
         findings = sections.get("findings", "")
         if not image_ids or any(_safe_rel(i) is None for i in image_ids):
             run.skip(INVALID_RECORD)
-            continue
-        if not findings:
-            run.filter(NO_FINDINGS)
-            continue
+            return
         keys = [f"{png_dir.name}/{i}.png" for i in image_ids]
-        sample = _report_sample(
-            IU_NAME,
-            IU_LICENSE,
-            f"openi-{path.stem}",
-            split,
-            findings,
-            sections.get("impression") or None,
-            keys,
+        impression = sections.get("impression") or None
+        _add_report(
+            run, IU_INFO, f"openi-{path.stem}", "test", findings, impression, [src / k for k in keys], keys
         )
-        run.add(sample, [src / k for k in keys], image_keys=keys)
+
+    reports = sorted((src / "ecgen-radiology").glob("*.xml"), key=lambda p: (len(p.stem), p.stem))
+    notes = ["Open-i has no official split: every study is in 'test'"]
+    return import_records(IU_INFO, src, out, options, reports, add_record, notes=notes)
 
 
-def read_iu_xray(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
-    """Read IU X-ray (R2Gen annotation.json layout or the Open-i XML release) into ``out``."""
+def import_iu_xray(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
+    """Import IU X-ray (R2Gen annotation.json layout or the Open-i XML release) into ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{IU_NAME}: source folder {src} does not exist")
-    report = ImportReport(dataset=IU_NAME, src=str(src), out=str(out), license=IU_LICENSE)
-    if (src / "annotation.json").is_file():
-        reader = functools.partial(_read_r2gen, src=src, dataset=IU_NAME, license=IU_LICENSE)
-    elif (src / "ecgen-radiology").is_dir():
-        reader = functools.partial(_open_report, src=src, split="test")
-        report.notes.append("Open-i has no official split: every study is in 'test'")
-    else:
-        raise DataFormatError(f"{IU_NAME}: neither annotation.json nor ecgen-radiology/ in {src}")
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=IU_CITATION,
-        format=format,
-    ) as run:
-        reader(run)
-    return report
+    if (source_folder(src, IU_NAME) / "annotation.json").is_file():
+        return _import_r2gen(IU_INFO, src, out, options)
+    if (src / "ecgen-radiology").is_dir():
+        return _import_openi(src, out, options)
+    raise DataFormatError(f"{IU_NAME}: neither annotation.json nor ecgen-radiology/ in {src}")
 
 
 # ------------------------------------------------------------------------------------- MIMIC-CXR
@@ -279,7 +244,9 @@ def _read_table(src: Path, stem: str, required: tuple[str, ...]) -> list[dict[st
     return None
 
 
-def _mimic_official(run: ImportRun, src: Path) -> None:
+def _mimic_studies(src: Path) -> list[tuple[str, str, list[str], str]]:
+    """``(subject, study, dicom ids, split)`` of every study in the split table, frontal images only
+    when the metadata table is there."""
     rows = _read_table(src, "mimic-cxr-2.0.0-split", ("dicom_id", "study_id", "subject_id", "split"))
     assert rows is not None
     meta = _read_table(src, "mimic-cxr-2.0.0-metadata", ("dicom_id", "ViewPosition"))
@@ -292,74 +259,53 @@ def _mimic_official(run: ImportRun, src: Path) -> None:
             continue
         studies[key].append(clean_text(r["dicom_id"]))
         split_of[key] = _SPLITS.get(clean_text(r["split"]).lower(), "train")
-    for (subject, study), dicoms in studies.items():
-        if run.full:
-            return
-        if not (subject.isdigit() and study.isdigit()) or any(_safe_rel(d) is None for d in dicoms):
-            run.skip(INVALID_RECORD)
-            continue
-        rel_dir = f"files/p{subject[:2]}/p{subject}"
-        text = None
-        for base in (src, src / "reports"):
-            report_path = base / rel_dir / f"s{study}.txt"
-            if report_path.is_file():
-                text = report_path.read_text(encoding="utf-8", errors="replace")
-                break
-        if text is None:
-            run.skip("missing_report")
-            continue
-        sections = report_sections(text)
-        findings = sections.get("findings", "")
-        if not findings:
-            run.filter(NO_FINDINGS)
-            continue
-        keys = [f"{rel_dir}/s{study}/{d}.jpg" for d in dicoms]
-        sample = _report_sample(
-            MIMIC_NAME,
-            MIMIC_LICENSE,
-            f"s{study}",
-            split_of[(subject, study)],
-            findings,
-            sections.get("impression"),
-            keys,
-            patient=subject,
-            study=study,
-        )
-        run.add(sample, [src / k for k in keys], image_keys=keys)
+    return [
+        (subject, study, dicoms, split_of[(subject, study)]) for (subject, study), dicoms in studies.items()
+    ]
 
 
-def read_mimic_cxr(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
-    """Read MIMIC-CXR (R2Gen annotation.json layout or the official JPG + reports release) into ``out``."""
+def _add_mimic_study(run: ImportRun, src: Path, record: tuple[str, str, list[str], str]) -> None:
+    subject, study, dicoms, split = record
+    if not (subject.isdigit() and study.isdigit()) or any(_safe_rel(d) is None for d in dicoms):
+        run.skip(INVALID_RECORD)
+        return
+    rel_dir = f"files/p{subject[:2]}/p{subject}"
+    text = None
+    for base in (src, src / "reports"):
+        report_path = base / rel_dir / f"s{study}.txt"
+        if report_path.is_file():
+            text = report_path.read_text(encoding="utf-8", errors="replace")
+            break
+    if text is None:
+        run.skip("missing_report")
+        return
+    sections = report_sections(text)
+    keys = [f"{rel_dir}/s{study}/{d}.jpg" for d in dicoms]
+    findings, impression = sections.get("findings", ""), sections.get("impression")
+    _add_report(
+        run,
+        MIMIC_INFO,
+        f"s{study}",
+        split,
+        findings,
+        impression,
+        [src / k for k in keys],
+        keys,
+        patient=subject,
+        study=study,
+    )
+
+
+def import_mimic_cxr(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
+    """Import MIMIC-CXR (R2Gen annotation.json layout or the official JPG + reports release) into ``out``."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise DataFormatError(f"{MIMIC_NAME}: source folder {src} does not exist")
-    report = ImportReport(dataset=MIMIC_NAME, src=str(src), out=str(out), license=MIMIC_LICENSE)
-    if (src / "annotation.json").is_file():
-        reader = functools.partial(_read_r2gen, src=src, dataset=MIMIC_NAME, license=MIMIC_LICENSE)
-    elif any((src / f"mimic-cxr-2.0.0-split.{ext}").is_file() for ext in ("csv", "csv.gz")):
-        reader = functools.partial(_mimic_official, src=src)
-    else:
+    if (source_folder(src, MIMIC_NAME) / "annotation.json").is_file():
+        return _import_r2gen(MIMIC_INFO, src, out, options)
+    if not any((src / f"mimic-cxr-2.0.0-split.{ext}").is_file() for ext in ("csv", "csv.gz")):
         raise DataFormatError(
             f"{MIMIC_NAME}: neither annotation.json nor mimic-cxr-2.0.0-split.csv[.gz] in {src}"
         )
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        progress=progress,
-        limits=limits,
-        source=MIMIC_CITATION,
-        format=format,
-    ) as run:
-        reader(run)
-    return report
+    studies = _mimic_studies(src)
+    return import_records(
+        MIMIC_INFO, src, out, options, studies, lambda run, record: _add_mimic_study(run, src, record)
+    )

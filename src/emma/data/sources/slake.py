@@ -38,29 +38,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from emma.data.schema import Box, Gold, Meta, Sample, TaskType, Turn
+from emma.data.schema import Box, Gold, Meta, Sample
 from emma.data.sources._common import (
     INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    answer_type,
     clean_text,
     closed_or_open,
     normalize_modality,
+    qa_turns,
     read_json,
     read_json_list,
+    require_keys,
     slug,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "slake"
-CITATION = "SLAKE (Liu et al., ISBI 2021)"
 LICENSE = "CC-BY-4.0"
+INFO = DatasetInfo(NAME, LICENSE, "SLAKE (Liu et al., ISBI 2021)")
 SPLIT_FILES = (("train.json", "train"), ("validate.json", "validation"), ("test.json", "test"))
 REQUIRED_KEYS = ("img_name", "question", "answer", "answer_type", "q_lang")
 _BOX_SLACK = 1.0  # pixels a box may overhang the image before it is dropped
@@ -86,9 +86,7 @@ def body_part_of(location: str) -> str | None:
 
 def find_root(src: Path) -> Path:
     """The folder holding the split files: ``src`` itself or ``src/Slake1.0``."""
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    for candidate in (src, src / "Slake1.0"):
+    for candidate in (source_folder(src, NAME), src / "Slake1.0"):
         if any((candidate / f).is_file() for f, _ in SPLIT_FILES):
             if not (candidate / "imgs").is_dir():
                 raise DataFormatError(f"{NAME}: missing imgs/ folder in {candidate}")
@@ -138,15 +136,7 @@ def _xywh_box(rect: Any, label: str, width: int, height: int) -> Box | None:
 
 
 def import_slake(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    languages: Sequence[str] = ("en",),
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
+    src: Path, out: Path, *, languages: Sequence[str] = ("en",), **options: Unpack[ImportKwargs]
 ) -> ImportReport:
     """Import SLAKE from its official release folder into the store at ``out``."""
     src, out = Path(src), Path(out)
@@ -157,49 +147,37 @@ def import_slake(
         if not path.is_file():
             continue
         rows = read_json_list(path)
-        if rows:
-            missing = [k for k in REQUIRED_KEYS if k not in rows[0]]
-            if missing:
-                raise DataFormatError(f"{path}: records lack key(s) {', '.join(missing)}")
+        require_keys(path, rows, REQUIRED_KEYS)
         records.extend((split, r) for r in rows)
     langs = {lang.strip().lower() for lang in languages}
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
     boxes_cache: dict[str, list[Box]] = {}
     dropped_boxes = 0
     imgs = root / "imgs"
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=len(records),
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for split, rec in records:
-            if run.full:
-                break
-            lang = clean_text(rec.get("q_lang")).lower()
-            if lang not in langs:
-                run.filter(f"language:{lang or 'unknown'}")
-                continue
-            img_name = clean_text(rec.get("img_name"))
-            image = imgs / img_name
-            if not img_name or Path(img_name).is_absolute() or ".." in Path(img_name).parts:
-                run.skip(INVALID_RECORD)
-                continue
-            folder = str(Path(img_name).parent)
-            if folder not in boxes_cache:
-                boxes, dropped = _load_boxes(run, image, imgs / folder / "detection.json")
-                boxes_cache[folder] = boxes
-                dropped_boxes += dropped
-            sample = _record_to_sample(rec, split, img_name, boxes_cache[folder])
-            if sample is None:
-                run.skip(INVALID_RECORD)
-                continue
-            run.add(sample, [image], image_keys=[img_name])
+
+    def add_record(run: ImportRun, record: tuple[str, dict[str, Any]]) -> None:
+        nonlocal dropped_boxes
+        split, rec = record
+        lang = clean_text(rec.get("q_lang")).lower()
+        if lang not in langs:
+            run.filter(f"language:{lang or 'unknown'}")
+            return
+        img_name = clean_text(rec.get("img_name"))
+        image = imgs / img_name
+        if not img_name or Path(img_name).is_absolute() or ".." in Path(img_name).parts:
+            run.skip(INVALID_RECORD)
+            return
+        folder = str(Path(img_name).parent)
+        if folder not in boxes_cache:
+            boxes, dropped = _load_boxes(run, image, imgs / folder / "detection.json")
+            boxes_cache[folder] = boxes
+            dropped_boxes += dropped
+        sample = _record_to_sample(rec, split, img_name, boxes_cache[folder])
+        if sample is None:
+            run.skip(INVALID_RECORD)
+            return
+        run.add(sample, [image], image_keys=[img_name])
+
+    report = import_records(INFO, src, out, options, records, add_record, total=len(records))
     if dropped_boxes:
         report.notes.append(f"{dropped_boxes} detection box(es) outside their image or malformed (dropped)")
     return report
@@ -240,7 +218,7 @@ def _record_to_sample(rec: dict[str, Any], split: str, img_name: str, boxes: lis
         id=qid,
         task=task,
         images=[source_ref(NAME, f"imgs/{img_name}")],
-        turns=[Turn(role="user", content=question, images=[0]), Turn(role="assistant", content=answer)],
+        turns=qa_turns(question, answer),
         gold=Gold(answer=answer, boxes=list(boxes)),
         meta=Meta(
             modality=normalize_modality(rec.get("modality")),
@@ -250,7 +228,7 @@ def _record_to_sample(rec: dict[str, Any], split: str, img_name: str, boxes: lis
             license=LICENSE,
             study_key=str(Path(img_name).parent),
             question_type=clean_text(rec.get("content_type")) or None,
-            answer_type="closed" if task is TaskType.CLOSED_VQA else "open",
+            answer_type=answer_type(task),
             extra=extra,
         ),
     )

@@ -34,27 +34,27 @@ it is not imported, and the report notes unreferenced images.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
+from emma.data.schema import Gold, Meta, Sample
 from emma.data.sources._common import (
     INVALID_RECORD,
-    ImportReport,
-    ImportRun,
-    ProgressFn,
+    answer_type,
     clean_text,
     closed_or_open,
+    qa_turns,
     read_json_list,
     require_dir,
+    require_keys,
+    source_folder,
     source_ref,
 )
-from emma.data.store import DatasetFormat
+from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
-from emma.io.limits import DEFAULT_LIMITS, Limits
 
 NAME = "vqa-rad"
-CITATION = "VQA-RAD (Lau et al., Scientific Data 2018)"
 LICENSE = "CC0-1.0"
+INFO = DatasetInfo(NAME, LICENSE, "VQA-RAD (Lau et al., Scientific Data 2018)")
 ANNOTATIONS = "VQA_RAD_Dataset_Public.json"
 TEST_PHRASE_TYPES = frozenset({"test_freeform", "test_para"})
 BODY_PARTS = {"HEAD": "head", "CHEST": "chest", "ABD": "abdomen"}
@@ -68,18 +68,14 @@ def split_of(phrase_type: Any) -> str:
 
 def load_rows(src: Path) -> list[dict[str, Any]]:
     """Read and check the annotation file (raises DataFormatError on a bad layout)."""
-    if not src.is_dir():
-        raise DataFormatError(f"{NAME}: source folder {src} does not exist")
-    path = src / ANNOTATIONS
+    path = source_folder(src, NAME) / ANNOTATIONS
     if not path.is_file():
         raise DataFormatError(f"{NAME}: missing {ANNOTATIONS} in {src}")
     require_dir(src / "images", NAME)
     rows = read_json_list(path)
     if not rows:
         raise DataFormatError(f"{path}: no question rows")
-    missing = [k for k in REQUIRED_KEYS if k not in rows[0]]
-    if missing:
-        raise DataFormatError(f"{path}: rows lack key(s) {', '.join(missing)}")
+    require_keys(path, rows, REQUIRED_KEYS, "rows")
     return rows
 
 
@@ -103,7 +99,7 @@ def row_to_sample(row: dict[str, Any]) -> Sample | None:
         id=qid,
         task=task,
         images=[source_ref(NAME, f"images/{image_name}")],
-        turns=[Turn(role="user", content=question, images=[0]), Turn(role="assistant", content=answer)],
+        turns=qa_turns(question, answer),
         gold=Gold(answer=answer),
         meta=Meta(
             modality=None,
@@ -113,49 +109,29 @@ def row_to_sample(row: dict[str, Any]) -> Sample | None:
             license=LICENSE,
             study_key=image_name,
             question_type=clean_text(row.get("question_type")) or None,
-            answer_type="closed" if task is TaskType.CLOSED_VQA else "open",
+            answer_type=answer_type(task),
             extra=extra,
         ),
     )
 
 
-def import_vqa_rad(
-    src: Path,
-    out: Path,
-    *,
-    limit: int | None = None,
-    resume: bool = False,
-    progress: ProgressFn | None = None,
-    limits: Limits = DEFAULT_LIMITS,
-    format: DatasetFormat = "jsonl",
-) -> ImportReport:
+def import_vqa_rad(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
     """Import VQA-RAD from its official release folder ``src`` into the store at ``out``."""
     src, out = Path(src), Path(out)
     rows = load_rows(src)
-    report = ImportReport(dataset=NAME, src=str(src), out=str(out), license=LICENSE)
     images_dir = src / "images"
     referenced: set[str] = set()
-    with ImportRun(
-        report,
-        out,
-        limit=limit,
-        resume=resume,
-        total=len(rows),
-        progress=progress,
-        limits=limits,
-        source=CITATION,
-        format=format,
-    ) as run:
-        for row in rows:
-            if run.full:
-                break
-            sample = row_to_sample(row)
-            if sample is None:
-                run.skip(INVALID_RECORD)
-                continue
-            name = sample.meta.extra["image_name"]
-            referenced.add(name)
-            run.add(sample, [images_dir / name], image_keys=[name])
+
+    def add_record(run: ImportRun, row: dict[str, Any]) -> None:
+        sample = row_to_sample(row)
+        if sample is None:
+            run.skip(INVALID_RECORD)
+            return
+        name = sample.meta.extra["image_name"]
+        referenced.add(name)
+        run.add(sample, [images_dir / name], image_keys=[name])
+
+    report = import_records(INFO, src, out, options, rows, add_record, total=len(rows))
     if not report.limited:
         on_disk = {p.name for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
         unused = len(on_disk - referenced)
