@@ -8,11 +8,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from emma.cli import app
-from emma.cli.common import fail, handle_errors
+from emma.cli.common import fail, handle_errors, stderr_progress
 
 data_app = typer.Typer(help="Canonical datasets: import, statistics, leakage checks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -105,28 +104,17 @@ def import_command(
     kwargs = _importer_kwargs(spec.fn, spec.name, options)
     if not resume and out.is_dir() and any(out.iterdir()):
         raise fail(f"{out} is not empty: choose a new --out folder, or pass --resume to continue an import")
-    err = Console(stderr=True)
-    progress = Progress(
-        TextColumn(f"importing {spec.name}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    task = progress.add_task("import", total=None)
-
-    def report_progress(done: int, total: int | None) -> None:
-        if not progress.live.is_started:  # started on the first record, so layout errors print alone
-            progress.start()
-        progress.update(task, completed=done, total=total)
-
-    try:
-        report = spec.fn(src, out, limit=limit, resume=resume, format=fmt, progress=report_progress, **kwargs)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with stderr_progress() as update:
+        label = f"importing {spec.name}"
+        report = spec.fn(
+            src,
+            out,
+            limit=limit,
+            resume=resume,
+            format=fmt,
+            progress=lambda done, total: update(label, done, total),
+            **kwargs,
+        )
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
         return
@@ -280,7 +268,9 @@ def captions_command(
     from emma.data.sources.rule_captions import build_rule_captions, package_dicom_files
 
     files = package_dicom_files() if package_dicom else []
-    report = build_rule_captions(source, out, split=split, dicom_files=files, prompts_per_image=prompts, seed=seed)
+    report = build_rule_captions(
+        source, out, split=split, dicom_files=files, prompts_per_image=prompts, seed=seed
+    )
     typer.echo(
         f"{report.images} images captioned from {report.statements} statements"
         f"{f', {report.dicom_images} DICOM header captions' if package_dicom else ''} → {report.out}"
@@ -308,4 +298,3 @@ def facts_command(
         f"{report.questions} questions about {report.images} images"
         f"{f' and {report.dicom_images} DICOM images' if package_dicom else ''} → {report.out}"
     )
-

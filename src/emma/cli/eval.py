@@ -9,11 +9,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from emma.cli import app
-from emma.cli.common import err_console, fail, handle_errors
+from emma.cli.common import err_console, fail, handle_errors, stderr_progress
 
 eval_app = typer.Typer(
     help=(
@@ -136,28 +135,8 @@ def eval_command(
         seed=seed,
         n_resamples=n_resamples,
     )
-    err = Console(stderr=True)
-    progress = Progress(
-        TextColumn(f"evaluating {task}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    bar = progress.add_task("generate", total=None)
-
-    def report_progress(done: int, total: int) -> None:
-        if not progress.live.is_started:
-            progress.start()
-        progress.update(bar, completed=done, total=total)
-
-    try:
-        run = run_eval(options, progress=report_progress)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    with stderr_progress() as update:
+        run = run_eval(options, progress=lambda done, total: update(f"evaluating {task}", done, total))
     if as_json:
         typer.echo(json.dumps(run.results, indent=2, ensure_ascii=False))
     else:

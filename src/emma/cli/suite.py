@@ -7,10 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from emma.cli.common import fail, handle_errors
+from emma.cli.common import fail, handle_errors, stderr_progress
 from emma.cli.eval import eval_app
 
 EXIT_TASK_FAILED = 1  # a task of the suite failed (the others ran; suite.json says which and why)
@@ -48,26 +47,7 @@ def suite_command(
     <out>/<task>/ run folders and <out>/suite.json + suite.md; exit 1 if a task failed."""
     from emma.eval.suite import run_suite
 
-    err = Console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    bars: dict[str, int] = {}
-
-    def report(task: str, done: int, total: int) -> None:
-        if not progress.live.is_started:
-            progress.start()
-        if task not in bars:
-            bars[task] = progress.add_task(f"evaluating {task}", total=total)
-        progress.update(bars[task], completed=done, total=total)
-
-    try:
+    with stderr_progress() as update:
         suite = run_suite(
             name,
             out=out,
@@ -78,11 +58,8 @@ def suite_command(
             batch_size=batch_size,
             n_resamples=n_resamples,
             seed=seed,
-            progress=report,
+            progress=lambda task, done, total: update(f"evaluating {task}", done, total),
         )
-    finally:
-        if progress.live.is_started:
-            progress.stop()
     if as_json:
         typer.echo(json.dumps(suite.as_dict(), indent=2, ensure_ascii=False))
     else:
