@@ -12,7 +12,7 @@
   refinement and generator–verifier checks.
 - The report labeler (report → findings, with negation and uncertainty) is shared with the evaluation
   harness and so lives below both, in :mod:`emma.text.labeler`.
-- :mod:`~emma.annotate.loopback`: a scripted OpenAI-compatible teacher on loopback for tests, dry runs
+- :mod:`~emma.annotate.loopback`: a scripted OpenAI-compatible teacher on loopback for tests, benchmarks and trying a pipeline
   and ``benchmarks/bench_annotate.py``.
 
 See ``docs/annotation.md``.

@@ -1,4 +1,4 @@
-"""A scripted, deterministic OpenAI-compatible teacher server on 127.0.0.1 (tests, dry runs, benchmarks).
+"""A scripted, deterministic OpenAI-compatible teacher server on 127.0.0.1 (tests, benchmarks, trying a pipeline).
 
 ``LoopbackTeacher(answer, latency_s=L, max_concurrent=K)`` serves ``POST /v1/chat/completions`` (not
 streamed), ``GET /v1/models`` and ``GET /health`` on a free loopback port. It models a real teacher's
