@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
@@ -623,13 +624,20 @@ def _clean_file_meta(ds: Dataset, cleaner: _Cleaner) -> None:
             cleaner.counts["removed"] += 1
     sop = _text(ds.get("SOPInstanceUID"))
     if sop:
-        meta.MediaStorageSOPInstanceUID = sop
+        _set_meta(meta, "MediaStorageSOPInstanceUID", "UI", sop)
     elif "MediaStorageSOPInstanceUID" in meta:
         cleaner._remap(meta["MediaStorageSOPInstanceUID"])
     if "SOPClassUID" in ds:
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+        _set_meta(meta, "MediaStorageSOPClassUID", "UI", ds.SOPClassUID)
+    _set_meta(meta, "ImplementationClassUID", "UI", PYDICOM_IMPLEMENTATION_UID)
+    _set_meta(meta, "ImplementationVersionName", "SH", f"PYDICOM {pydicom.__version__}"[:16])
+
+
+def _set_meta(meta: Dataset, keyword: str, vr: str, value: str) -> None:
+    """A new file meta element: an input's element of the same tag may carry a wrong VR (e.g. US),
+    which assigning the value alone would keep, and which could then not be written."""
+    tag = tag_for_keyword(keyword)
+    meta[tag] = DataElement(tag, vr, value)
 
 
 def deidentify_dataset(
@@ -807,6 +815,8 @@ def _atomic_save(ds: Dataset, target: Path) -> None:
         with atomic_path(target) as tmp, quiet_pydicom():
             ds.save_as(tmp, enforce_file_format=True)
     except OSError as exc:
+        if exc.errno is None:  # pydicom reports a value it cannot encode as a bare OSError
+            raise CorruptFileError(f"{target.name}: cannot be encoded as DICOM (invalid element)") from None
         raise unwritable(exc) from None
     except (AttributeError, TypeError, ValueError, KeyError, struct.error) as exc:
         raise CorruptFileError(f"{target.name}: cannot be encoded as DICOM ({type(exc).__name__})") from None

@@ -257,8 +257,25 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an IS/DS of "inf"
         raise CorruptFileError(f"{_what(ds)}: invalid {keyword} element") from None
+
+
+def header_int(ds: Dataset, keyword: str) -> int | None:
+    """First value of an integer element (Rows, NumberOfFrames, ...): None when absent or empty,
+    CorruptFileError when it does not parse as a finite number (its value is never quoted)."""
+    return _int(ds, keyword)
+
+
+def _sequence_item(ds: Dataset, keyword: str) -> Dataset | None:
+    """The first item of sequence ``keyword``; None when absent or empty, CorruptFileError when the
+    element is not a sequence (e.g. written with another VR)."""
+    value = _get(ds, keyword)
+    if value is None or (isinstance(value, pydicom.sequence.Sequence) and len(value) == 0):
+        return None
+    if not isinstance(value, pydicom.sequence.Sequence) or not isinstance(value[0], Dataset):
+        raise CorruptFileError(f"{_what(ds)}: invalid {keyword} element (not a sequence)")
+    return value[0]
 
 
 def _str(ds: Dataset, keyword: str) -> str | None:
@@ -311,12 +328,15 @@ def _functional_item(ds: Dataset, sequence: str, frame: int | None) -> Dataset |
 # ---------------------------------------------------------------------------------------- decoding
 
 
-def check_pixel_bounds(ds: Dataset, limits: Limits, what: str) -> None:
-    """Check Rows x Columns and NumberOfFrames against ``limits`` before any pixel data is decoded."""
+def check_pixel_bounds(ds: Dataset, limits: Limits, what: str) -> tuple[int, int, int]:
+    """Check Rows x Columns and NumberOfFrames against ``limits`` before any pixel data is decoded;
+    returns ``(rows, columns, frames)``."""
     rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
     if rows is None or columns is None:
         raise CorruptFileError(f"{what}: pixel data without Rows/Columns")
-    limits.check_image(rows, columns, _n_frames(ds), what=what)
+    frames = _n_frames(ds)
+    limits.check_image(rows, columns, frames, what=what)
+    return rows, columns, frames
 
 
 def _transfer_syntax(ds: Dataset, what: str) -> UID:
@@ -386,6 +406,10 @@ def _decode(
         raise CorruptFileError(
             f"{what}: cannot decode {tsyntax.name} pixel data ({_decode_reason(exc)})"
         ) from None
+    except BaseException as exc:
+        if not _is_plugin_panic(exc):
+            raise
+        raise CorruptFileError(f"{what}: cannot decode {tsyntax.name} pixel data (decoder failed)") from None
 
     if samples == 3:
         decoded_as = str(changes.get("photometric_interpretation", photometric)).upper()
@@ -403,6 +427,12 @@ def _decode(
     if samples != 1:
         raise CorruptFileError(f"{what}: unsupported SamplesPerPixel {samples}")
     return arr, None
+
+
+def _is_plugin_panic(exc: BaseException) -> bool:
+    """A decoder written in Rust that panicked on corrupt data (pylibjpeg-rle does): pyo3 raises its
+    ``PanicException``, a BaseException that ``except Exception`` does not catch."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
 
 
 def _decode_reason(exc: Exception) -> str:
@@ -473,7 +503,10 @@ def _read_lut(ds: Dataset, item: Dataset, what: str, name: str) -> _Lut:
             raise CorruptFileError(f"{what}: {name} LUTData shorter than its descriptor")
     else:
         values = data if isinstance(data, list | tuple | pydicom.multival.MultiValue) else [data]
-        table = np.asarray([int(v) for v in values], dtype=np.int64)
+        try:
+            table = np.asarray([int(v) for v in values], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise CorruptFileError(f"{what}: invalid {name} LUTData") from None
     if table.size == 0:
         raise CorruptFileError(f"{what}: empty {name} LUTData")
     if not 1 <= bits <= 16:
@@ -511,11 +544,9 @@ class _Modality:
 
 def _modality(ds: Dataset) -> _Modality:
     what = _what(ds)
-    sequence = _get(ds, "ModalityLUTSequence")
-    if sequence:
-        return _Modality(
-            _read_lut(ds, sequence[0], what, "ModalityLUTSequence"), [1.0], [0.0], "lut_sequence"
-        )
+    item = _sequence_item(ds, "ModalityLUTSequence")
+    if item is not None:
+        return _Modality(_read_lut(ds, item, what, "ModalityLUTSequence"), [1.0], [0.0], "lut_sequence")
     slope, intercept = _number(ds, "RescaleSlope", what), _number(ds, "RescaleIntercept", what)
     if slope is not None or intercept is not None:
         return _Modality(None, [_valid_slope(slope)], [intercept or 0.0], "rescale")
@@ -601,10 +632,9 @@ def _file_window(ds: Dataset) -> tuple[Window | None, dict[str, Any]]:
 
 
 def _file_voi_lut(ds: Dataset) -> _Lut | None:
-    sequence = _get(ds, "VOILUTSequence")
-    if not sequence:
+    item = _sequence_item(ds, "VOILUTSequence")
+    if item is None:
         return None
-    item = sequence[0]
     if "LUTDescriptor" not in item or "LUTData" not in item:
         return None
     return _read_lut(ds, item, _what(ds), "VOILUTSequence")
@@ -619,13 +649,14 @@ def _window_params(window: Window, source: str) -> dict[str, Any]:
     }
 
 
-def _percentile_window(values: np.ndarray) -> Window:
+def _percentile_window(values: np.ndarray, what: str) -> Window:
     flat = values.reshape(-1)
     sample = flat[:: max(1, flat.size // 1_000_000)]
     if sample.dtype.kind == "f" and not np.isfinite(sample).all():
+        # float pixel data, or a rescale that overflows float32 (e.g. RescaleSlope 1e38)
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:
-            raise ValueError("image has no finite values")
+            raise CorruptFileError(f"{what}: no finite pixel values (after the modality LUT)")
     return percentile_window(sample, PERCENTILE_LOW, PERCENTILE_HIGH)
 
 
@@ -685,7 +716,7 @@ def apply_voi(
         if file_window is not None:
             prov.add("voi", **_window_params(file_window, "file:window"))
             return _unit_window(values, file_window)
-    fallback = _percentile_window(values)
+    fallback = _percentile_window(values, prov.source)
     prov.add(
         "voi", **_window_params(fallback, "percentile"), low=PERCENTILE_LOW, high=PERCENTILE_HIGH, **extra
     )
@@ -730,6 +761,20 @@ def dicom_images(
     Colour: RGB (after YBR/palette conversion) scaled to 8 bits; ``window`` does not apply.
     ``frames`` selects frame indices (default all); the VOI window is shared by the selected frames.
     """
+    # quiet throughout: pydicom converts element values when they are first read, and its validation
+    # warnings would quote them (PHI)
+    with quiet_pydicom():
+        return _dicom_images(path_or_ds, window=window, limits=limits, frames=frames, source=source)
+
+
+def _dicom_images(
+    path_or_ds: str | os.PathLike[str] | Dataset,
+    *,
+    window: Window | str | None,
+    limits: Limits,
+    frames: Sequence[int] | None,
+    source: str | None,
+) -> list[ModelImage]:
     if isinstance(path_or_ds, Dataset):
         ds = path_or_ds
         src = source or _what(ds)
@@ -738,8 +783,7 @@ def dicom_images(
         src = source or str(path_or_ds)
     n_frames = _n_frames(ds)
     indices = _frame_indices(frames, n_frames, src)
-    with quiet_pydicom():
-        arr, color = _decode(ds, limits, indices, src)
+    arr, color = _decode(ds, limits, indices, src)
     frame_ids = indices if indices is not None else list(range(arr.shape[0]))
 
     shared = Provenance(source=src, format="dicom")
@@ -795,6 +839,11 @@ def _floats(ds: Dataset, keyword: str) -> list[float] | None:
 def dicom_summary(ds: Dataset) -> dict[str, Any]:
     """JSON-able technical summary of a dataset: geometry, encoding, windowing. No PHI and no UIDs
     except the transfer syntax (a standard UID)."""
+    with quiet_pydicom():  # values are converted as they are read: no validation warning quotes one
+        return _dicom_summary(ds)
+
+
+def _dicom_summary(ds: Dataset) -> dict[str, Any]:
     file_meta = getattr(ds, "file_meta", None)
     ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     sop_class = _get(ds, "SOPClassUID")

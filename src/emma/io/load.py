@@ -142,7 +142,7 @@ def _load(
     source: str | None,
     fit: ImageFit | None,
 ) -> list[ModelImage]:
-    from emma.io import dicom, nifti, raster, volume
+    from emma.io import dicom, mosaic, nifti, raster, volume
 
     if not isinstance(path, str | os.PathLike):
         fp, what = raster.open_input(path, limits, source)
@@ -159,7 +159,7 @@ def _load(
         vol = volume.load_series(path, series=sampling.series, limits=limits)
     else:
         ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
-        if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType", [])]:
+        if not mosaic.is_mosaic(ds):
             return dicom.dicom_images(path, window=window, limits=limits, source=str(path))
         vol = volume.load_series([Path(path)], limits=limits)
     return volume.sample_slices(

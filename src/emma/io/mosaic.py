@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from emma.errors import SeriesError
 
@@ -39,12 +40,16 @@ def _csareader() -> ModuleType:
 
 
 def is_mosaic(ds: Dataset) -> bool:
-    """True when ImageType contains MOSAIC (Siemens mosaic storage)."""
-    image_type = ds.get("ImageType")
+    """True when ImageType contains MOSAIC (Siemens mosaic storage). An ImageType that does not parse,
+    or is not text (a number, bytes), is not a mosaic's."""
+    try:
+        image_type = ds.get("ImageType")
+    except Exception:  # noqa: BLE001 — pydicom raises many types on a value it cannot convert
+        return False
     if image_type is None:
         return False
-    values = [image_type] if isinstance(image_type, str) else list(image_type)
-    return any(str(v).strip().upper() == "MOSAIC" for v in values)
+    values = list(image_type) if isinstance(image_type, list | tuple | MultiValue) else [image_type]
+    return any(isinstance(v, str) and v.strip().upper() == "MOSAIC" for v in values)
 
 
 @dataclass(frozen=True)

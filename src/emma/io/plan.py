@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emma.errors import CorruptFileError, InputError
-from emma.io import dicom, raster
+from emma.io import dicom, mosaic, raster
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.load import SourceFormat, VolumeSampling, detect_format
 
@@ -63,13 +63,11 @@ def plan_images(
 
 def _plan_dicom(path: Path, sampling: VolumeSampling, limits: Limits) -> ImagePlan:
     ds = dicom.read_dataset(path, limits, stop_before_pixels=True)
-    if ds.get("Rows") is None or ds.get("Columns") is None:
+    if dicom.header_int(ds, "Rows") is None or dicom.header_int(ds, "Columns") is None:
         # no image (or a broken one): nothing large to decode; the reader says which
         return ImagePlan(SourceFormat.DICOM, 1, 0)
-    dicom.check_pixel_bounds(ds, limits, str(path))  # valid Rows, Columns, NumberOfFrames from here
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    frames = int(ds.get("NumberOfFrames") or 1) or 1
-    if "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]:
+    rows, columns, frames = dicom.check_pixel_bounds(ds, limits, str(path))
+    if mosaic.is_mosaic(ds):
         return ImagePlan(SourceFormat.DICOM, sampling.n, rows * columns * frames)
     return ImagePlan(SourceFormat.DICOM, frames, rows * columns * frames)
 

@@ -28,6 +28,7 @@ import numpy as np
 from nibabel.orientations import aff2axcodes, apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as PydicomSequence
 
 from emma.errors import CorruptFileError, ImageTooLargeError, InputError, MixedSeriesError, SeriesError
 from emma.io import dicom, mosaic
@@ -182,12 +183,50 @@ def _read_headers(
         except OSError:
             skipped["unreadable"] += 1
             continue
+        if not _header_parses(ds):
+            skipped["not_dicom"] += 1
+            continue
         if not ds.get("Rows") or not ds.get("Columns"):
             skipped["no_image"] += 1
             continue
         uid = str(ds.get("SeriesInstanceUID") or "")
         groups.setdefault(uid, []).append((Path(path), ds))
     return groups, skipped
+
+
+# The top-level elements this module reads from a header (grouping, ordering, geometry, description).
+_HEADER_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "Modality",
+    "RescaleType",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence",
+)
+
+
+def _header_parses(ds: Dataset) -> bool:
+    """Whether every element this module reads parses (pydicom converts a value when it is first read,
+    and raises on one that does not fit its VR); a header where one does not is a corrupt file. Quiet:
+    pydicom's validation warnings would quote the values (PHI)."""
+    try:
+        with dicom.quiet_pydicom():
+            for keyword in _HEADER_KEYWORDS:
+                ds.get(keyword)
+    except Exception:  # noqa: BLE001 — pydicom raises many types on a value it cannot convert
+        return False
+    return True
 
 
 def group_series(paths: Iterable[Path], limits: Limits = DEFAULT_LIMITS) -> SeriesGroups:
@@ -340,7 +379,7 @@ def _vec(value: Any, n: int) -> np.ndarray | None:
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an IS/DS of "inf"
         return default
 
 
@@ -359,13 +398,23 @@ def _spacing_pair(value: Any) -> tuple[float, float] | None:
     return (float(arr[0]), float(arr[1]))
 
 
+def _first_item(value: Any) -> Dataset | None:
+    """The first item of a sequence value; None when it is empty or not a sequence (another VR)."""
+    if isinstance(value, PydicomSequence) and len(value) and isinstance(value[0], Dataset):
+        return value[0]
+    return None
+
+
 def _functional_value(item: Dataset, shared: Dataset | None, sequence: str, keyword: str) -> Any:
-    for group in (item, shared):
-        if group is None:
-            continue
-        seq = group.get(sequence)
-        if seq and keyword in seq[0]:
-            return seq[0].get(keyword)
+    """``keyword`` of a functional group macro (per frame, else shared); None when absent or when it
+    does not parse."""
+    try:
+        for group in (item, shared):
+            inner = _first_item(group.get(sequence)) if group is not None else None
+            if inner is not None and keyword in inner:
+                return inner.get(keyword)
+    except Exception:  # noqa: BLE001 — pydicom raises many types on a value it cannot convert
+        return None
     return None
 
 
@@ -374,9 +423,8 @@ def _slice_refs(path: Path, ds: Dataset) -> list[_SliceRef]:
     n_frames = max(1, _int(ds.get("NumberOfFrames"), 1))
     instance = _int(ds.get("InstanceNumber"), 0)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if n_frames > 1 and per_frame is not None and len(per_frame) == n_frames:
-        shared_seq = ds.get("SharedFunctionalGroupsSequence")
-        shared = shared_seq[0] if shared_seq else None
+    if n_frames > 1 and isinstance(per_frame, PydicomSequence) and len(per_frame) == n_frames:
+        shared = _first_item(ds.get("SharedFunctionalGroupsSequence"))
         refs = []
         for f, item in enumerate(per_frame):
             refs.append(

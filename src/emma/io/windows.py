@@ -85,8 +85,8 @@ def percentile_window(values: np.ndarray, low: float = 0.5, high: float = 99.5) 
     lo, hi = float(lo), float(hi)
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ValueError("image has no finite values")
-    if hi <= lo:
-        hi = lo + 1.0
+    if hi - lo <= 0:  # a flat image; at large magnitudes lo + 1.0 == lo in floating point
+        hi = lo + max(1.0, abs(lo) * 2.0**-20)
     return Window(center=(lo + hi) / 2, width=hi - lo, function=VOIFunction.LINEAR_EXACT)
 
 
