@@ -1,8 +1,9 @@
-"""Dataset commands: ``emma data import|stats|check``."""
+"""Dataset commands: ``emma data import|stats|check|holdout|captions|facts``."""
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -191,15 +192,97 @@ def check_command(
     ),
 ) -> None:
     """Leakage between splits: shared images (exact and near-duplicate), questions, patients, studies."""
+    from emma.data.holdout import check_holdout, read_recipe
     from emma.data.split import check_leakage
+    from emma.data.store import open_dataset
 
     report = check_leakage(root, phash_threshold=phash_threshold)
+    dataset = open_dataset(root)
+    holdout = check_holdout(dataset) if read_recipe(dataset) is not None else None
     if as_json:
-        typer.echo(report.model_dump_json(indent=2))
+        payload = report.model_dump(mode="json")
+        if holdout is not None:
+            payload["holdout"] = {**holdout.model_dump(), "leaked": holdout.leaked}
+        typer.echo(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         _print_leakage(report)
-    if fail_on_leak and report.has_leakage:
+        if holdout is not None:
+            _print_holdout(holdout)
+    if fail_on_leak and (report.has_leakage or (holdout is not None and holdout.leaked)):
         raise typer.Exit(EXIT_LEAK)
+
+
+def _print_holdout(check: Any) -> None:
+    console = _out()
+    table = Table(
+        title=f"held out {check.recipe}: training splits {', '.join(check.train_splits)}", show_header=False
+    )
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    table.add_row("training samples of the held-out group", str(check.group_in_training))
+    table.add_row("training samples naming it (text)", str(check.term_in_training))
+    table.add_row("training samples labelled with it", str(check.label_in_training))
+    table.add_row(
+        "held-out images in training (exact)", _frac(check.exact_image_overlap, check.zero_shot_images)
+    )
+    table.add_row(
+        "held-out images near-duplicate of training",
+        _frac(check.near_duplicate_images, check.zero_shot_images),
+    )
+    table.add_row(
+        "zero-shot samples outside the group", _frac(check.outside_group_in_test, check.zero_shot_samples)
+    )
+    console.print(table)
+    for problem in check.problems():
+        console.print(f"LEAK: {problem}", markup=False)
+    verdict = (
+        "held-out group leaks into training (see above)"
+        if check.leaked
+        else "held-out group absent from training"
+    )
+    console.print(f"holdout: {verdict}", markup=False)
+
+
+@data_app.command("holdout")
+@handle_errors
+def holdout_command(
+    source: Path = typer.Argument(..., help="Labelled canonical dataset folder (every split is read)."),
+    by: str = typer.Option(
+        ..., "--by", help="KEY=VALUE: finding=..., modality=..., body_part=... or question_type=..."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (new or empty)."),
+    term: list[str] | None = typer.Option(
+        None, "--term", help="Another word that names the held-out group (repeatable); none may be in train."
+    ),
+    phash_threshold: int = typer.Option(
+        4,
+        "--phash-threshold",
+        min=0,
+        max=32,
+        help="Training images this close to a held-out one are dropped.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the holdout report as JSON."),
+) -> None:
+    """Zero-shot split: test holds only the held-out group, train never sees it (checked; refused otherwise)."""
+    from emma.data.holdout import build_holdout, parse_holdout
+
+    key, value = parse_holdout(by)
+    report = build_holdout(source, out, by=key, value=value, terms=term, phash_threshold=phash_threshold)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    recipe = report.recipe
+    console = _out()
+    table = Table(title=f"{recipe.source}: {recipe.label} held out → {report.out}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("splits", ", ".join(f"{k}: {v}" for k, v in report.splits.items()))
+    table.add_row("zero-shot split", recipe.zero_shot_split)
+    table.add_row("in-distribution split", recipe.in_distribution_split or "-")
+    table.add_row("terms kept out of training", ", ".join(recipe.terms) or "-")
+    table.add_row("build", ", ".join(f"{k}: {v}" for k, v in recipe.counts.items()))
+    console.print(table)
+    _print_holdout(report.check)
 
 
 def _frac(n: int | None, of: int | None) -> str:

@@ -40,6 +40,9 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
         shown = "null" if value is None else f"{value:.4f}"
         table.add_row(name, shown, f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
     console.print(table)
+    zero_shot = results.get("zero_shot")
+    if zero_shot:
+        _print_zero_shot(console, zero_shot)
     ablation = results.get("ablation")
     if ablation:
         t = Table(title=f"ablation {ablation['mode']}: delta = ablated - real image (paired)")
@@ -58,6 +61,21 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
     for note in results.get("notes", []):
         console.print(f"note: {note}", markup=False)
     console.print(f"results: {out / 'results.json'}  report: {out / 'report.html'}", markup=False)
+
+
+def _print_zero_shot(console: Console, block: dict[str, Any]) -> None:
+    t = Table(title=f"zero-shot protocol: {block['held_out']} held out; evaluated split is {block['role']}")
+    for col in ("group", "n", "metric", "value", "95% CI"):
+        t.add_column(col, justify="left" if col in ("group", "metric") else "right")
+    for group in ("zero_shot", "in_distribution"):
+        g = block.get(group)
+        if not g:
+            continue
+        for name, value in g["metrics"].items():
+            ci = g["ci95"].get(name)
+            shown = "null" if value is None else f"{value:.4f}"
+            t.add_row(group, str(g["n"]), name, shown, f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
+    console.print(t)
 
 
 @eval_app.callback()
@@ -196,11 +214,38 @@ def compare_command(
         )
     console.print(f"A: {result['a']['model']} ({result['a']['run']})", markup=False)
     console.print(f"B: {result['b']['model']} ({result['b']['run']})", markup=False)
-    console.print(table)
+    if result["metrics"]:
+        console.print(table)
+    _print_zero_shot_compare(console, result.get("zero_shot"))
     if result["only_a"] or result["only_b"]:
         console.print(f"not shared: {result['only_a']} only in A, {result['only_b']} only in B", markup=False)
     for w in result["warnings"]:
         console.print(f"warning: {w}", markup=False)
+
+
+def _print_zero_shot_compare(console: Console, zs: dict[str, Any] | None) -> None:
+    if not zs:
+        return
+    console.print(
+        f"zero-shot protocol ({zs['held_out']}): A is {zs['role_a']}, B is {zs['role_b']}"
+        + ("; paired on shared samples" if zs["paired"] else ""),
+        markup=False,
+    )
+    if not zs["gap"]:
+        return
+    table = Table(title="B - A on different samples (unpaired two-sample bootstrap)")
+    for col in ("metric", "A", "B", "delta", "95% CI", "p (boot.)"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, d in zs["gap"].items():
+        table.add_row(
+            name,
+            f"{d['a']:.4f} (n={d['n_a']})",
+            f"{d['b']:.4f} (n={d['n_b']})",
+            f"{d['delta']:+.4f}",
+            f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+            f"{d['p_bootstrap']:.4f}",
+        )
+    console.print(table)
 
 
 @eval_app.command("tasks")

@@ -187,6 +187,75 @@ def _examples(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in rows if r.get("parse_status") not in ("ok", None)][:MAX_EXAMPLES]
 
 
+def _zero_shot_blocks(block: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The zero-shot protocol section: recipe, leakage check, metrics by group and their gap."""
+    recipe = block["recipe"]
+    check = block.get("leakage_check")
+    if check is None:
+        verdict = "not recorded (run `emma data check`)"
+    else:
+        leaks = sum(
+            check[k]
+            for k in (
+                "group_in_training",
+                "term_in_training",
+                "label_in_training",
+                "exact_image_overlap",
+                "near_duplicate_images",
+                "outside_group_in_test",
+            )
+        )
+        verdict = (
+            "clean: the held-out group is absent from training" if not leaks else f"LEAKED ({leaks} hits)"
+        )
+    blocks: list[tuple[str, Any]] = [
+        ("h2", f"Zero-shot protocol: {block['held_out']} held out"),
+        (
+            "kv",
+            [
+                ("evaluated split is", block["role"]),
+                ("source dataset", f"{recipe['source']} ({recipe['source_path']})"),
+                ("training splits", ", ".join(recipe["train_splits"]) or "-"),
+                ("terms kept out of training", ", ".join(recipe["terms"]) or "-"),
+                ("leakage check", verdict),
+            ],
+        ),
+    ]
+    groups = [(name, block.get(name)) for name in ("zero_shot", "in_distribution")]
+    names = sorted({m for _, g in groups if g for m in g["metrics"]})
+    present = [(name, g) for name, g in groups if g]
+    header = (
+        ["metric"] + [f"{name} (n={g['n']})" for name, g in present] + ["95% CI " + n for n, _ in present]
+    )
+    rows = [
+        [m] + [_fmt(g["metrics"].get(m)) for _, g in present] + [_ci(g["ci95"].get(m)) for _, g in present]
+        for m in names
+    ]
+    blocks.append(("table", (header, rows)))
+    if block.get("gap"):
+        blocks.append(("p", "gap = in_distribution - zero_shot (different samples: unpaired bootstrap)"))
+        blocks.append(
+            (
+                "table",
+                (
+                    ["metric", "zero-shot", "in-distribution", "gap", "95% CI", "p (boot.)"],
+                    [
+                        [
+                            m,
+                            _fmt(d["zero_shot"]),
+                            _fmt(d["in_distribution"]),
+                            _fmt(d["delta"]),
+                            _ci(d["ci95"]),
+                            _fmt(d["p_bootstrap"]),
+                        ]
+                        for m, d in block["gap"].items()
+                    ],
+                ),
+            )
+        )
+    return blocks
+
+
 def _sections(
     results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], plots: Mapping[str, bytes]
 ) -> list[tuple[str, Any]]:
@@ -279,6 +348,9 @@ def _sections(
         )
         if "plot_ablation.png" in plots:
             blocks.append(("img", "plot_ablation.png"))
+    zero_shot = results.get("zero_shot")
+    if zero_shot:
+        blocks += _zero_shot_blocks(zero_shot)
     contamination = results.get("contamination")
     if contamination:
         blocks.append(("h2", "Contamination check"))

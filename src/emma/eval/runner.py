@@ -18,6 +18,8 @@
    body part and question type. With an ablation the same questions are also generated with the
    ablated images and the metric deltas get paired-bootstrap CIs and permutation p-values.
    ``train_data`` adds a contamination check (:mod:`emma.eval.contamination`).
+   A dataset cut by ``emma data holdout`` adds a ``zero_shot`` block: the recipe, the split's role and
+   metrics by group (:mod:`emma.eval.zero_shot`).
 4. **Outputs** (written atomically): ``results.json``, ``per_sample.jsonl`` and the Markdown / HTML
    reports with plots (:mod:`emma.eval.report`).
 
@@ -63,6 +65,7 @@ from emma.eval.score_adapters import (
 )
 from emma.eval.tasks import DataSource, EvalItem, TaskDef, data_hash, get_task, gold_of, open_task_data
 from emma.eval.tasks.base import Decoding
+from emma.eval.zero_shot import compare_zero_shot, notes_for, zero_shot_block
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, ImagePart, Message, TextPart
 
@@ -708,7 +711,10 @@ def _score_and_write(
                 f"{contamination['image_question_overlap']} image-question pair(s) are also in the "
                 "training set"
             )
-    if task.name == "vqa-rad":
+    zero_shot = zero_shot_block(dataset, split, items, scored, adapter, options.n_resamples, options.seed)
+    if zero_shot is not None:
+        notes += notes_for(zero_shot)
+    if task.name == "vqa-rad" and zero_shot is None:
         notes.append(
             "VQA-RAD official split: 202 of the 203 test images also appear in train (with other questions)"
         )
@@ -731,6 +737,7 @@ def _score_and_write(
         "breakdowns": breakdowns(items, scored, adapter.breakdown_metric, options.n_resamples, options.seed),
         "ablation": ablation_block,
         "contamination": contamination,
+        "zero_shot": zero_shot,
         "predictions_file": preds.file_info,
         "generation": preds.generation,
         "skipped": dict(sorted(skipped.items())),
@@ -811,8 +818,11 @@ def compare_runs(run_a: Path, run_b: Path, *, n_resamples: int = 2000, seed: int
     res_a, val_a = load_run(run_a)
     res_b, val_b = load_run(run_b)
     shared = [i for i in val_a if i in val_b]
-    if not shared:
-        raise DataFormatError("the two runs share no sample ids")
+    zero_shot = compare_zero_shot(res_a, val_a, res_b, val_b, n_resamples, seed)
+    if not shared and (zero_shot is None or zero_shot["gap"] is None):
+        raise DataFormatError(
+            "the two runs share no sample ids (two splits of one holdout recipe compare unpaired)"
+        )
     warnings: list[str] = []
     if res_a.get("task") != res_b.get("task"):
         warnings.append(f"different tasks: {res_a.get('task')} vs {res_b.get('task')}")
@@ -836,6 +846,7 @@ def compare_runs(run_a: Path, run_b: Path, *, n_resamples: int = 2000, seed: int
         "metrics": paired_deltas(
             {i: val_a[i] for i in shared}, {i: val_b[i] for i in shared}, n_resamples, seed
         ),
+        "zero_shot": zero_shot,
         "method": "paired percentile bootstrap (CI, p_bootstrap) and paired permutation test (p_permutation)",
         "bootstrap": {"n_resamples": n_resamples, "level": CI_LEVEL, "seed": seed},
         "warnings": warnings,

@@ -9,6 +9,10 @@
 - :func:`cluster_bootstrap_cis`: percentile bootstrap of several statistics of clustered data (e.g.
   the per-finding questions of one image): each replicate draws the clusters with replacement and the
   statistics are recomputed from the clusters' multiplicities, so correlated items move together.
+- :func:`two_sample_bootstrap`: two **different** sets of samples (e.g. one model on a zero-shot split
+  and on an in-distribution split): each replicate resamples each set on its own, giving a CI for
+  ``delta = stat(b) - stat(a)`` and the same centred two-sided p-value. Unpaired, so wider than a
+  paired CI would be; use it only where no sample is in both.
 - :func:`permutation_test`: paired two-sided permutation test of ``stat(b) - stat(a)``: each sample's
   pair is swapped at random (a sign flip of the per-sample difference for the mean);
   ``p = (1 + #{|T*| >= |T|}) / (1 + n_resamples)``.
@@ -269,3 +273,48 @@ def permutation_test(
             t = np.abs(_apply(stat, pb) - _apply(stat, pa))
         extreme += int(np.count_nonzero(t >= observed - tol))
     return (1 + extreme) / (1 + n_resamples)
+
+
+@dataclass(frozen=True)
+class TwoSampleComparison:
+    """``delta = stat(b) - stat(a)`` on two independent sets of samples, its bootstrap CI and p-value."""
+
+    n_a: int
+    n_b: int
+    stat_a: float
+    stat_b: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    level: float
+    method: str = "two-sample percentile bootstrap (each set resampled on its own)"
+
+
+def two_sample_bootstrap(
+    a: ArrayLike,
+    b: ArrayLike,
+    stat: Stat = np.mean,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> TwoSampleComparison:
+    """Unpaired bootstrap of ``stat(b) - stat(a)``: ``a`` and ``b`` are resampled independently."""
+    _check_level(level)
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    xa, xb = _as_values(a, "a"), _as_values(b, "b")
+    sa, sb = float(_apply(stat, xa[None, :])[0]), float(_apply(stat, xb[None, :])[0])
+    delta = sb - sa
+    rng = np.random.default_rng(seed)
+    reps = []
+    for size in _chunks(n_resamples, max(xa.size, xb.size)):
+        ia = rng.integers(0, xa.size, size=(size, xa.size), dtype=_index_dtype(xa.size))
+        ib = rng.integers(0, xb.size, size=(size, xb.size), dtype=_index_dtype(xb.size))
+        reps.append(_apply(stat, xb[ib]) - _apply(stat, xa[ia]))
+    d = np.concatenate(reps)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    tol = 1e-12 * max(1.0, abs(delta))
+    extreme = np.count_nonzero(np.abs(d - delta) >= abs(delta) - tol)
+    p = min(1.0, (1 + extreme) / (1 + d.size))
+    return TwoSampleComparison(xa.size, xb.size, sa, sb, delta, float(lo), float(hi), float(p), level)
