@@ -20,7 +20,9 @@ LIMIT_BYTES = 60 * 1000 * 1000
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trained", type=Path, help="merged model folder of the recipe's last stage (final/)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/emma/assets/emma-tiny")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/emma/assets/emma-tiny"
+    )
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)

@@ -86,7 +86,13 @@ def probe_images() -> list[ProbeImage]:
         ("MR2", "pydicom-data MR2_UNCR.dcm", "mri", "shoulder", _dicom("MR2_UNCR.dcm")),
         ("RG3", "pydicom-data RG3_UNCR.dcm", "x-ray", "knee", _dicom("RG3_UNCR.dcm")),
         ("retina", "scikit-image data.retina()", "fundus photograph", "eye", _skimage("retina")),
-        ("ihc", "scikit-image data.immunohistochemistry()", "pathology", None, _skimage("immunohistochemistry")),
+        (
+            "ihc",
+            "scikit-image data.immunohistochemistry()",
+            "pathology",
+            None,
+            _skimage("immunohistochemistry"),
+        ),
     ]
     return [ProbeImage(n, s, m, o, load) for n, s, m, o, load in table if load is not None]
 
@@ -162,7 +168,9 @@ def main() -> None:
     result = {
         "model": args.model,
         "seed": args.seed,
-        "images": [{"name": i.name, "source": i.source, "modality": i.modality, "organ": i.organ} for i in images],
+        "images": [
+            {"name": i.name, "source": i.source, "modality": i.modality, "organ": i.organ} for i in images
+        ],
         "summary": summary,
         "rows": rows,
     }
@@ -172,7 +180,13 @@ def main() -> None:
     for col in ("questions", "n", "accuracy", "95% CI", "unparsed"):
         table.add_column(col)
     for kind, s in summary.items():
-        table.add_row(kind, str(s["n"]), f"{s['accuracy']:.3f}", f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]", str(s["unparsed"]))
+        table.add_row(
+            kind,
+            str(s["n"]),
+            f"{s['accuracy']:.3f}",
+            f"[{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]",
+            str(s["unparsed"]),
+        )
     Console().print(table)
     print(f"→ {args.out}")
 

@@ -28,7 +28,9 @@ from emma.eval.predictions import Prediction, PredictionCache
 
 
 def _sample(sid: str, split: str = "train") -> Sample:
-    return Sample(id=sid, task="caption", turns=[Turn(role="user", content=f"q {sid}")], meta=Meta(split=split))
+    return Sample(
+        id=sid, task="caption", turns=[Turn(role="user", content=f"q {sid}")], meta=Meta(split=split)
+    )
 
 
 def _line(sid: str, split: str = "train") -> bytes:

@@ -23,7 +23,10 @@ def test_box_rejects_inverted_corners_and_bad_sizes() -> None:
 
 
 def test_sample_validates_image_indices_and_options() -> None:
-    turns = [Turn(role="user", content="Is there a fracture?", images=[0]), Turn(role="assistant", content="no")]
+    turns = [
+        Turn(role="user", content="Is there a fracture?", images=[0]),
+        Turn(role="assistant", content="no"),
+    ]
     sample = Sample(id="1", task=TaskType.CLOSED_VQA, images=[ImageRef(path="a.png")], turns=turns)
     assert sample.question.endswith("fracture?")
     assert Sample.model_validate_json(sample.model_dump_json()) == sample

@@ -106,8 +106,19 @@ def by_id(root: Path) -> dict[str, object]:
 
 def test_registry_names_and_lookup() -> None:
     assert set(IMPORTERS) == {
-        "vqa-rad", "slake", "pathvqa", "pmc-vqa", "omnimedvqa", "gmai-mmbench", "mmmu-med", "iu-xray",
-        "mimic-cxr", "chexpert", "padchest", "chestxray14", "generic",
+        "vqa-rad",
+        "slake",
+        "pathvqa",
+        "pmc-vqa",
+        "omnimedvqa",
+        "gmai-mmbench",
+        "mmmu-med",
+        "iu-xray",
+        "mimic-cxr",
+        "chexpert",
+        "padchest",
+        "chestxray14",
+        "generic",
     }
     assert get_importer("VQA_RAD").fn is import_vqa_rad
     assert get_importer("pmcvqa").fn is import_pmc_vqa

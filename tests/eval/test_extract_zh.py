@@ -102,7 +102,8 @@ def test_english_unchanged_and_auto_detected() -> None:
 
 
 @pytest.mark.parametrize(
-    "gold", ["是", "是的", "对", "对的", "有", "存在", "否", "不", "不是", "不对", "没有", "无", "不存在", "未见"]
+    "gold",
+    ["是", "是的", "对", "对的", "有", "存在", "否", "不", "不是", "不对", "没有", "无", "不存在", "未见"],
 )
 def test_perfect_prediction_is_correct(gold: str) -> None:
     assert score_vqa(gold, CLOSED, gold).correct

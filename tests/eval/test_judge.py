@@ -58,7 +58,9 @@ def test_parse_verdict(reply: str, verdict: int | None) -> None:
 def test_prompt_is_fixed_and_hashed() -> None:
     import hashlib
 
-    assert hashlib.sha256(f"{JUDGE_SYSTEM}\x00{JUDGE_TEMPLATE}".encode()).hexdigest()[:16] == JUDGE_PROMPT_HASH
+    assert (
+        hashlib.sha256(f"{JUDGE_SYSTEM}\x00{JUDGE_TEMPLATE}".encode()).hexdigest()[:16] == JUDGE_PROMPT_HASH
+    )
     assert set(re.findall(r"{(\w+)}", JUDGE_TEMPLATE)) == {"question", "reference", "prediction"}
 
 
@@ -101,8 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.state.bodies.append(body)
         text = _script(body)
         payload = {
-            "id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "id": "j",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
         }
         data = json.dumps(payload).encode()
@@ -145,7 +152,12 @@ def test_judge_verdicts_metrics_and_cache(peer: tuple[str, PeerState], tmp_path:
     # the judge only adds judge_* numbers; unparseable counts as not accepted
     metrics = judge_metrics(verdicts)
     assert metrics == {"judge_accuracy": 0.5}
-    assert judge_counts(verdicts) == {"judge_n": 4, "judge_unparseable": 1, "judge_errors": 0, "judge_cached": 0}
+    assert judge_counts(verdicts) == {
+        "judge_n": 4,
+        "judge_unparseable": 1,
+        "judge_errors": 0,
+        "judge_cached": 0,
+    }
     assert judge.config()["prompt_hash"] == JUDGE_PROMPT_HASH and judge.config()["judge_model"] == "judge-a"
 
     records = [json.loads(line) for line in cache.read_text().splitlines()]
@@ -160,8 +172,12 @@ def test_judge_verdicts_metrics_and_cache(peer: tuple[str, PeerState], tmp_path:
     assert judge_counts(again)["judge_cached"] == 4
 
     # a changed prediction is asked again; so is a corrected gold answer; the rest stays cached
-    changed = [ITEMS[0], JudgeItem("2", "Where is the lesion?", "left lobe", "left lobe"),
-               JudgeItem("3", "What is the finding?", "??? pneumothorax", "??? hard to say"), ITEMS[3]]
+    changed = [
+        ITEMS[0],
+        JudgeItem("2", "Where is the lesion?", "left lobe", "left lobe"),
+        JudgeItem("3", "What is the finding?", "??? pneumothorax", "??? hard to say"),
+        ITEMS[3],
+    ]
     third = Judge(load_engine(f"openai:{url}#judge-a"), cache_path=cache).judge(changed)
     assert len(state.bodies) == 6
     assert [v.cached for v in third] == [True, False, False, True]

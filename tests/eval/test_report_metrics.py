@@ -95,7 +95,10 @@ def test_clinical_f1_hand_computed() -> None:
     rows = per_sample_report_scores(preds, refs)
     assert [r["clinical_f1"] for r in rows] == pytest.approx([2 / 3, 2 / 3, 0.0, 1.0])
     assert [(r["clinical_tp"], r["clinical_fp"], r["clinical_fn"]) for r in rows] == [
-        (1, 0, 1), (1, 1, 0), (0, 0, 1), (1, 0, 0)
+        (1, 0, 1),
+        (1, 1, 0),
+        (0, 0, 1),
+        (1, 0, 0),
     ]
     # counting uncertain as positive turns the pneumonia miss into a hit
     lenient = report_scores(preds, refs, uncertain="positive")
@@ -114,7 +117,13 @@ def test_empty_prediction_is_scored_not_crashing() -> None:
 
 def test_report_statistic_resamples_corpus_metrics() -> None:
     preds = ["small left effusion", "no pneumothorax", "cardiomegaly", "clear lungs", "large effusion"]
-    refs = ["small left pleural effusion", "no pneumothorax", "mild cardiomegaly", "clear lungs", "no effusion"]
+    refs = [
+        "small left pleural effusion",
+        "no pneumothorax",
+        "mild cardiomegaly",
+        "clear lungs",
+        "no effusion",
+    ]
     samples = score_report_samples(preds, refs)
     full = report_scores(preds, refs)
     idx = np.arange(len(samples))
@@ -123,9 +132,7 @@ def test_report_statistic_resamples_corpus_metrics() -> None:
         assert stat(idx) == pytest.approx(full[name])
         # a resample with sample 3 twice = the metric of that corpus
         rows = np.array([[0, 1, 2, 3, 3], [4, 4, 4, 4, 4]])
-        expected = [
-            report_scores([preds[i] for i in r], [refs[i] for i in r])[name] for r in rows
-        ]
+        expected = [report_scores([preds[i] for i in r], [refs[i] for i in r])[name] for r in rows]
         assert stat(rows, axis=1) == pytest.approx(expected)
     lo, hi = bootstrap_ci(idx, stat=report_statistic(samples, "bleu4"), n_resamples=200, seed=0)
     assert lo <= full["bleu4"] <= hi
@@ -148,7 +155,12 @@ def test_optional_metrics_say_why_they_cannot_run() -> None:
         assert metric.message.startswith("not available: ")
         with pytest.raises(MetricUnavailableError, match="not available"):
             metric(["a"], ["a"])
-    packages = {"radgraph_f1": "radgraph", "chexbert_f1": "f1chexbert", "bertscore": "bert_score", "cider": "pycocoevalcap"}
+    packages = {
+        "radgraph_f1": "radgraph",
+        "chexbert_f1": "f1chexbert",
+        "bertscore": "bert_score",
+        "cider": "pycocoevalcap",
+    }
     for name, module in packages.items():
         if importlib.util.find_spec(module) is None:
             assert optional_metric(name).message == f"not available: install {module.replace('_', '-')}"

@@ -20,11 +20,6 @@ from PIL import Image
 
 from emma.data.schema import TaskType
 from emma.data.sources import run_importer
-from emma.data.store import open_dataset
-from emma.errors import DataFormatError
-from emma.eval.runner import EvalOptions, run_eval
-from emma.eval.tasks import TASKS, get_task, open_task_data
-from emma.eval.tasks.data import resolve_data
 from emma.data.sources.mc_benchmarks import import_gmai_mmbench, import_mmmu_med
 from emma.data.sources.report_datasets import (
     REPORT_INSTRUCTION,
@@ -32,6 +27,11 @@ from emma.data.sources.report_datasets import (
     import_mimic_cxr,
     report_sections,
 )
+from emma.data.store import open_dataset
+from emma.errors import DataFormatError
+from emma.eval.runner import EvalOptions, run_eval
+from emma.eval.tasks import TASKS, get_task, open_task_data
+from emma.eval.tasks.data import resolve_data
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

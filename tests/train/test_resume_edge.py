@@ -151,6 +151,7 @@ def test_grpo_resume_from_final_checkpoint_trains_nothing(
     assert last_checkpoint(tmp_path) == ckpt
     _assert_same(expected, _params(resumed.final_dir))
 
+
 # --- mid-run resume of full weights (no LoRA) ----------------------------------------------------
 # Without the override in emma.train.checkpoints, transformers' Trainer._load_from_checkpoint loads the
 # checkpoint's model.safetensors with strict=False; its keys are in the saved (legacy) layout

@@ -39,7 +39,10 @@ def test_only_the_named_rows_change_under_weight_decay(tiny_loaded: Callable[[st
     merged = model.merge_and_unload()
     assert torch.equal(merged.get_input_embeddings().weight, embedding.detach())
     if merged.config.get_text_config().tie_word_embeddings:
-        assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+        assert (
+            merged.get_output_embeddings().weight.data_ptr()
+            == merged.get_input_embeddings().weight.data_ptr()
+        )
 
 
 def test_unknown_trainable_token_is_a_clear_error(tiny_loaded: Callable[[str], Any]) -> None:

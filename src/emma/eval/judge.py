@@ -213,7 +213,9 @@ class Judge:
 
     def request(self, item: JudgeItem) -> GenerationRequest:
         prompt = JUDGE_TEMPLATE.format(
-            question=item.question.strip(), reference=item.reference.strip(), prediction=item.prediction.strip()
+            question=item.question.strip(),
+            reference=item.reference.strip(),
+            prediction=item.prediction.strip(),
         )
         return GenerationRequest(
             messages=[Message.text("system", JUDGE_SYSTEM), Message.text("user", prompt)],
@@ -238,7 +240,9 @@ class Judge:
                 continue
             responses = self.engine.generate([self.request(item) for _, item in chunk])
             if len(responses) != len(chunk):
-                raise RuntimeError(f"judge engine returned {len(responses)} responses for {len(chunk)} requests")
+                raise RuntimeError(
+                    f"judge engine returned {len(responses)} responses for {len(chunk)} requests"
+                )
             to_store = []
             for (key, item), resp in zip(chunk, responses):
                 verdict = self._verdict(item, resp)

@@ -31,7 +31,16 @@ from emma.infer.structured import (
 )
 from emma.model.families import model_image_size
 
-__all__ = ["MODES", "ChatMode", "ModeAnswer", "check_mode", "interpret", "model_sizes", "system_prompt", "user_text"]
+__all__ = [
+    "MODES",
+    "ChatMode",
+    "ModeAnswer",
+    "check_mode",
+    "interpret",
+    "model_sizes",
+    "system_prompt",
+    "user_text",
+]
 
 ChatMode = Literal["chat", "structured", "report"]
 MODES: tuple[str, ...] = get_args(ChatMode)

@@ -92,7 +92,6 @@ CHAT_TEMPLATE = (
 )
 
 
-
 class DeltaError(InputError):
     """The shipped delta is missing, altered (checksum) or does not fit the base model."""
 
@@ -237,7 +236,9 @@ def _finish_generation_config(model: Any, tokenizer: Any) -> None:
     model.generation_config.use_cache = True
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.generation_config.pad_token_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    )
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 

@@ -343,7 +343,10 @@ def _build_idefics3() -> _Built:
     )
     config = Idefics3Config(
         text_config=dict(
-            _TEXT, model_type="llama", vocab_size=padded_vocab(tokenizer), **_ids(tokenizer, "<end_of_utterance>")
+            _TEXT,
+            model_type="llama",
+            vocab_size=padded_vocab(tokenizer),
+            **_ids(tokenizer, "<end_of_utterance>"),
         ),
         vision_config=dict(_VISION, image_size=image_size, patch_size=patch),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -516,7 +519,11 @@ def _build_fast_vlm() -> _Built:
     image_size, stride = 32, 8
     tokenizer = _tokenizer(["<image>"])
     vision = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[16, _VISION_HIDDEN], depths=[1, 1], layer_type="bottleneck"
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[16, _VISION_HIDDEN],
+        depths=[1, 1],
+        layer_type="bottleneck",
     )
     vision.hidden_size = _VISION_HIDDEN  # what FastVLM's projector reads
     config = FastVlmConfig(

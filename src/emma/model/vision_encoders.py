@@ -79,7 +79,9 @@ def astra_weights_file(verify: bool = True) -> Path:
     try:
         path = Path(weights.path("astra"))
     except (ImportError, RuntimeError, OSError) as exc:
-        raise EncoderWeightsError(f"cannot read Astra's encoder weights: {str(exc).splitlines()[0]}") from None
+        raise EncoderWeightsError(
+            f"cannot read Astra's encoder weights: {str(exc).splitlines()[0]}"
+        ) from None
     if verify and _sha256(path) != ASTRA_SHA256:
         raise EncoderWeightsError(
             f"Astra's encoder weights at {path} fail their checksum: delete the file and reinstall "

@@ -530,9 +530,7 @@ _KEEP_SECTIONS = (
     r"interpretation",
 )
 _SECTION_HEADER = re.compile(
-    r"(?im)(?:^|(?<=[.\n]))[ \t]*(?P<name>"
-    + "|".join(_DROP_SECTIONS + _KEEP_SECTIONS)
-    + r")[ \t]*:"
+    r"(?im)(?:^|(?<=[.\n]))[ \t]*(?P<name>" + "|".join(_DROP_SECTIONS + _KEEP_SECTIONS) + r")[ \t]*:"
 )
 _DROPPED_SECTION_END = re.compile(r"\n[ \t]*\n|[.?!][ \t]*\n")
 _DROP_NAME = re.compile("(?i)^(?:" + "|".join(_DROP_SECTIONS) + ")$")
@@ -664,7 +662,9 @@ def _sentence_mentions(sentence: str) -> list[Mention]:
         spans.append((s, e, rule.kind))
         text = sentence[s:e]
         if rule.kind == "normal":
-            mentions.append(Mention(rule.finding, NEGATIVE, text, sentence, s, e, "normal", "normal statement"))
+            mentions.append(
+                Mention(rule.finding, NEGATIVE, text, sentence, s, e, "normal", "normal statement")
+            )
             continue
         value, reason, trigger = _decide(sentence, s, e, _clause_of(bounds, s, e), triggers)
         if value is None:

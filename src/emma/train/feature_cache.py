@@ -104,6 +104,7 @@ class TowerFeatureCache:
         tower.train = lambda mode=True: tower  # type: ignore[method-assign,assignment]
         original = tower.forward
         tower_key = _fingerprint(tower)
+
         def forward(pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
             if args or any(isinstance(v, torch.Tensor) for v in kwargs.values()) or pixel_values.dim() < 2:
                 return original(pixel_values, *args, **kwargs)

@@ -66,7 +66,9 @@ def standardize_projector(
     projector = _module(model, projector_modules(family)[0])
     first, last = getattr(projector, "linear_1", None), getattr(projector, "linear_2", None)
     if not isinstance(first, torch.nn.Linear) or not isinstance(last, torch.nn.Linear):
-        raise InputError(f"projector_init: standardize needs a linear_1 → act → linear_2 projector ({family})")
+        raise InputError(
+            f"projector_init: standardize needs a linear_1 → act → linear_2 projector ({family})"
+        )
     tower = _module(model, vision_modules(family)[0])
     refs = {}
     for sample in samples:

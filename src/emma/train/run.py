@@ -34,7 +34,6 @@ FINAL = "final"
 RECIPE_SNAPSHOT = "recipe.json"
 
 
-
 @dataclass
 class StageOutcome:
     name: str

@@ -69,7 +69,10 @@ _THERE = re.compile(r"^(is|are) there (?P<rest>.+)$", re.IGNORECASE)
 # "Is this (image) X" → "This (image) is (not) X"
 _THIS = re.compile(r"^is (?P<subj>this(?: image| film| scan| study)?|it) (?P<rest>.+)$", re.IGNORECASE)
 # "Is/Are the X Y" (copula) → "The X is/are (not) Y"
-_COPULA = re.compile(r"^(?P<verb>is|are) (?P<subj>the [a-z0-9' -]+?) (?P<rest>(?:normal|abnormal|enlarged|present|visible|seen|located|in|on|at|of|to|larger|smaller|more|less|dilated|displaced|[a-z]+ed)\b.*)$", re.IGNORECASE)
+_COPULA = re.compile(
+    r"^(?P<verb>is|are) (?P<subj>the [a-z0-9' -]+?) (?P<rest>(?:normal|abnormal|enlarged|present|visible|seen|located|in|on|at|of|to|larger|smaller|more|less|dilated|displaced|[a-z]+ed)\b.*)$",
+    re.IGNORECASE,
+)
 
 
 def _clean(text: str) -> str:
@@ -94,7 +97,9 @@ def qa_statement(question: str, answer: str) -> str:
         if m := _THERE.match(q):
             verb = m.group(1).lower()
             # "no a fracture" / "no any nodules" → "no fracture" / "no nodules"; "any" also goes when positive
-            rest = re.sub(r"^any\s+" if positive else r"^(?:a|an|any)\s+", "", m.group("rest"), flags=re.IGNORECASE)
+            rest = re.sub(
+                r"^any\s+" if positive else r"^(?:a|an|any)\s+", "", m.group("rest"), flags=re.IGNORECASE
+            )
             return _sentence(f"there {verb} {'' if positive else 'no '}{rest}")
         if m := _THIS.match(q):
             return _sentence(f"{m.group('subj').lower()} is {'' if positive else 'not '}{m.group('rest')}")
@@ -218,8 +223,12 @@ def dicom_caption_samples(files: Iterable[Path]) -> Iterator[tuple[Sample, bytes
         if not caption:
             continue
         sid = "dicom-" + digest[:16]
-        meta = Meta(modality=MODALITY_WORDS.get(modality, modality), body_part=part, split="train",
-                    source="dicom-header")
+        meta = Meta(
+            modality=MODALITY_WORDS.get(modality, modality),
+            body_part=part,
+            split="train",
+            source="dicom-header",
+        )
         yield _caption_sample(sid, ref, caption, CAPTION_PROMPTS[0], meta), data
 
 
@@ -297,7 +306,9 @@ def build_rule_captions(
                 order = list(facts.statements)
                 rng.shuffle(order)
                 caption = " ".join(s for s in [_header(facts), *order[:max_statements]] if s)
-                writer.add(_caption_sample(f"{sha[:16]}-{k}", facts.ref, caption, CAPTION_PROMPTS[k], meta), [image])
+                writer.add(
+                    _caption_sample(f"{sha[:16]}-{k}", facts.ref, caption, CAPTION_PROMPTS[k], meta), [image]
+                )
         for sample, data in dicom_caption_samples(dicom_files):
             if not writer.has(sample.id):
                 writer.add(sample, [data])
