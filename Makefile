@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 test: install
+	# Lint and format first: pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify, complexity (pyproject).
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	# The web UI is tested in headless Debian chromium (installed here when missing and we are root).
 	bash scripts/install_browser.sh
 	$(PY) -m pytest -q -n 2 tests
