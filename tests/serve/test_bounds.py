@@ -211,3 +211,27 @@ def test_unparsable_bodies_are_invalid_json(served: Any, raw: bytes) -> None:
     r = c.post(CHAT, content=raw, headers={"Content-Type": "application/json"})
     err = _error(r, 400, "invalid_json")
     assert err["message"] == "the request body is not valid JSON"
+
+
+def test_budget_counts_and_trims_only_when_idle() -> None:
+    from emma.serve.budget import TRIM_AFTER_BYTES, MemoryBudget, OverBudget, release_free_memory
+
+    budget = MemoryBudget(256 * MIB)
+    first, second = budget.ledger(), budget.ledger()
+    r = first.reserve(TRIM_AFTER_BYTES, "a")
+    second.reserve(10 * MIB, "b")
+    with pytest.raises(OverBudget) as busy:
+        second.reserve(budget.total - budget.used + 1, "c")
+    assert not busy.value.never
+    with pytest.raises(OverBudget) as never:
+        first.reserve(budget.total + 1, "d")
+    assert never.value.never and "memory budget of 256 MiB" in str(never.value)
+    first.shrink(r, MIB)
+    assert budget.used == 11 * MIB
+    first.release()
+    assert budget.trim_if_idle() is False  # the other request still holds memory
+    second.release()
+    second.release()  # idempotent
+    assert budget.used == 0 and budget.peak == TRIM_AFTER_BYTES + 10 * MIB
+    assert budget.trim_if_idle() is release_free_memory()  # glibc: trimmed; elsewhere: nothing to do
+    assert budget.trim_if_idle() is False  # nothing reserved since

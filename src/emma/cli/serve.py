@@ -100,6 +100,9 @@ def serve(
 
     from emma.infer.factory import load_engine
     from emma.serve.app import ServeSettings, create_app
+    from emma.serve.budget import bound_allocator
+
+    bound_allocator()  # freed image memory goes back to the system (see emma.serve.budget)
 
     max_body_bytes = int(max_body_mb * 1024**2)
     settings = ServeSettings(

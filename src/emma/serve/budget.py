@@ -14,15 +14,64 @@ ended, however it ends) through which everything large is reserved before it exi
 A reservation that can never fit (more than the whole budget) is refused with 413; one that does not
 fit beside the requests in flight with 503 and ``Retry-After`` (:class:`OverBudget`), so the server
 refuses before allocating instead of growing without bound.
+
+When the last request in flight ends after large reservations, :func:`release_free_memory` hands the
+allocator's free pages back to the system (glibc keeps freed heap memory otherwise: the server's RSS
+would stay at its peak). :func:`bound_allocator` (called by ``emma serve`` at start) makes glibc serve
+every block of 1 MiB or more from its own mapping, unmapped when freed: without it, glibc raises that
+threshold to 32 MiB after the first large free, and a decoded image's blocks stay in the heap of the
+thread that decoded it, so freed memory accumulates across threads beyond what is reserved.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 BODY_COPIES = 3  # request bytes + parsed JSON strings + one decoded image's bytes
 HELD_BYTES_PER_PIXEL = 3 + 4 + 12  # RGB uint8 array + PIL RGB(X) image + float32 CHW tensor
+TRIM_AFTER_BYTES = 64 * 1024**2  # reservations since the last trim that make one worth its few ms
+
+
+MMAP_THRESHOLD_BYTES = 1024**2  # blocks this large or larger get their own mapping (see bound_allocator)
+ARENAS = 2  # glibc heaps shared by the server's threads
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
+
+
+def _libc_function(name: str) -> Any:
+    """A glibc function, or None where the C library has none (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(library), name) if library else None
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_function("malloc_trim")
+_MALLOPT = _libc_function("mallopt")
+
+
+def bound_allocator() -> bool:
+    """Make freed large blocks go back to the system at once and share few heaps between threads
+    (glibc's ``mallopt``); a process-wide setting, for the server process. False where unavailable."""
+    if _MALLOPT is None:
+        return False
+    _MALLOPT.argtypes = [ctypes.c_int, ctypes.c_int]
+    _MALLOPT.restype = ctypes.c_int
+    return bool(_MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _MALLOPT(_M_ARENA_MAX, ARENAS))
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc); False where that is not available."""
+    if _TRIM is None:
+        return False
+    _TRIM.argtypes = [ctypes.c_size_t]
+    _TRIM.restype = ctypes.c_int
+    _TRIM(0)
+    return True
 
 
 class OverBudget(Exception):
@@ -58,6 +107,7 @@ class MemoryBudget:
         self.total = total_bytes
         self._used = 0
         self._peak = 0
+        self._since_trim = 0  # bytes reserved since the allocator was last trimmed
         self._lock = threading.Lock()
 
     @property
@@ -77,11 +127,21 @@ class MemoryBudget:
             if n > self.total - self._used:
                 raise OverBudget(n, self.total - self._used, self.total, what)
             self._used += n
+            self._since_trim += n
             self._peak = max(self._peak, self._used)
 
     def _give(self, n: int) -> None:
         with self._lock:
             self._used = max(self._used - n, 0)
+
+    def trim_if_idle(self) -> bool:
+        """Release free heap memory to the system when nothing is reserved any more and enough was
+        reserved since the last time (called as each request ends); True when it trimmed."""
+        with self._lock:
+            if self._used or self._since_trim < TRIM_AFTER_BYTES:
+                return False
+            self._since_trim = 0
+        return release_free_memory()
 
 
 @dataclass(eq=False)

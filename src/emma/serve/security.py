@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,39 +318,8 @@ class GuardMiddleware:
                     )
                 )
                 return
-            length = _header(scope, b"content-length")
-            if length is not None:
-                if not length.strip().isdigit():
-                    await refuse(
-                        APIError(400, "invalid Content-Length header", code="invalid_request"), close=True
-                    )
-                    return
-                if int(length) > self.max_body_bytes:
-                    await self._drain(receive, record)
-                    await refuse(self._too_large(), close=True)
-                    return
-                if ledger is not None and int(length) > 0:
-                    try:
-                        ledger.reserve(int(length) * BODY_COPIES, "the request body")
-                    except OverBudget as exc:
-                        await self._drain(receive, record)
-                        await refuse(self._over_budget(exc), close=True)
-                        return
-            try:
-                body = await self._read_body(receive, record, None if length is not None else ledger)
-            except _BodyTooLarge as exc:
-                if not exc.complete:
-                    await self._drain(receive, record)
-                await refuse(self._too_large(), close=True)
-                return
-            except _BodyOverBudget as exc:
-                if not exc.complete:
-                    await self._drain(receive, record)
-                await refuse(self._over_budget(exc.error), close=True)
-                return
-            except _ClientLeft:
-                record.status = 499
-                record.error = "client_disconnected"
+            body = await self._admit_body(scope, receive, record, ledger, refuse)
+            if body is None:
                 return
             replayed = False
 
@@ -374,9 +343,54 @@ class GuardMiddleware:
             else:
                 record.status = 500
         finally:
-            if ledger is not None:
+            if ledger is not None and self.budget is not None:
                 ledger.release()
+                self.budget.trim_if_idle()
             audit_logger.info("%s", record.line())
+
+    async def _admit_body(
+        self,
+        scope: Scope,
+        receive: Receive,
+        record: AuditRecord,
+        ledger: Ledger | None,
+        refuse: Callable[..., Awaitable[None]],
+    ) -> bytes | None:
+        """The whole body within ``max_body_bytes``, reserved in ``ledger`` before it is read (by its
+        Content-Length, else chunk by chunk); None once the request has been refused (or its client
+        left), what is left of a refused body drained."""
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await refuse(
+                    APIError(400, "invalid Content-Length header", code="invalid_request"), close=True
+                )
+                return None
+            if int(length) > self.max_body_bytes:
+                await self._drain(receive, record)
+                await refuse(self._too_large(), close=True)
+                return None
+            if ledger is not None and int(length) > 0:
+                try:
+                    ledger.reserve(int(length) * BODY_COPIES, "the request body")
+                except OverBudget as exc:
+                    await self._drain(receive, record)
+                    await refuse(self._over_budget(exc), close=True)
+                    return None
+        try:
+            return await self._read_body(receive, record, None if length is not None else ledger)
+        except _BodyTooLarge as exc:
+            if not exc.complete:
+                await self._drain(receive, record)
+            await refuse(self._too_large(), close=True)
+        except _BodyOverBudget as exc:
+            if not exc.complete:
+                await self._drain(receive, record)
+            await refuse(self._over_budget(exc.error), close=True)
+        except _ClientLeft:
+            record.status = 499
+            record.error = "client_disconnected"
+        return None
 
     def _over_budget(self, exc: OverBudget) -> APIError:
         return over_budget_error(exc, self.retry_after_s, never_code="body_too_large")
