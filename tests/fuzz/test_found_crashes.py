@@ -139,3 +139,26 @@ def test_a_series_slice_with_an_unparsable_rows_is_skipped_as_corrupt(tmp_path: 
     assert sorted(load_series(folder).shape) == [2, 128, 128]
     (entry,) = describe(folder)["series"]
     assert entry["files"] == 2
+
+
+def test_a_vanishing_temperature_decodes_greedily() -> None:
+    # was: 500 engine_error from the server ("probability tensor contains either inf, nan or element
+    # < 0"): logits divided by temperature 7.6e-123 overflow float32
+    from emma.infer.transformers_engine import TransformersEngine
+    from emma.infer.types import GenerationRequest, Message, SamplingParams
+    from emma.model.tiny import load_tiny
+
+    assert SamplingParams(temperature=7.57e-123).greedy and SamplingParams(temperature=float("nan")).greedy
+    assert not SamplingParams(temperature=0.7).greedy
+    engine = TransformersEngine(load_tiny("llava"), max_batch_size=2)
+    prompt = [Message.text("user", "K")]
+    tiny, greedy = engine.generate(
+        [
+            GenerationRequest(
+                messages=prompt, sampling=SamplingParams(max_new_tokens=3, temperature=7.57e-123)
+            ),
+            GenerationRequest(messages=prompt, sampling=SamplingParams(max_new_tokens=3, temperature=0.0)),
+        ]
+    )
+    assert tiny.finish_reason != "error", tiny.error
+    assert tiny.text == greedy.text

@@ -9,7 +9,7 @@ exactly as each prompt would alone. Control tokens written in message text (``<i
 cannot forge image placeholders or turns. (transformers' ``sanitize_control_tokens`` does this only
 for some processors: Idefics3's fails with it in transformers 5.x.)
 
-Sampling: ``temperature == 0`` is greedy; otherwise sampling with ``temperature`` and ``top_p``, with
+Sampling: ``temperature == 0`` (or under ``MIN_SAMPLING_TEMPERATURE``, 1e-5) is greedy; otherwise sampling with ``temperature`` and ``top_p``, with
 no top-k cut unless the model's generation config sets one (a ``top_k`` or repetition penalty there is
 kept, as vLLM does; transformers' implicit ``top_k=50`` is not applied). A ``seed`` seeds torch's RNG for that batch inside :func:`torch.random.fork_rng`, so the
 caller's global RNG state is left untouched; the same seed and the same batch give the same text
@@ -478,7 +478,7 @@ class TransformersEngine:
         config.num_beams = 1
         config.num_return_sequences = 1
         config.pad_token_id = self._pad_id
-        if sampling.temperature <= 0:
+        if sampling.greedy:
             config.do_sample = False
             config.temperature = None
             config.top_p = None
@@ -520,7 +520,7 @@ class TransformersEngine:
 
     def _generate(self, kwargs: dict[str, Any], sampling: SamplingParams) -> Any:
         with self._lock, torch.inference_mode():
-            if sampling.temperature > 0 and sampling.seed is not None:
+            if not sampling.greedy and sampling.seed is not None:
                 devices = [self.model.device] if getattr(self.model.device, "type", "cpu") == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(sampling.seed)

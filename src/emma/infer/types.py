@@ -47,17 +47,27 @@ class Message:
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
+# Below this temperature sampling is greedy decoding in all but name (a logit gap of 0.001 already
+# weighs e^100), and logits divided by it can overflow float32 to inf, which torch refuses to sample.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 → greedy
+    temperature: float = 0.0  # under MIN_SAMPLING_TEMPERATURE (0 included) → greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Whether this decodes greedily: a temperature under :data:`MIN_SAMPLING_TEMPERATURE` (or NaN)."""
+        return not self.temperature >= MIN_SAMPLING_TEMPERATURE
+
     def batch_key(self) -> tuple[object, ...]:
         """Requests with equal keys can share one batched generation (greedy ignores top_p and seed)."""
-        if self.temperature <= 0:
+        if self.greedy:
             return (self.max_new_tokens, 0.0, 1.0, tuple(self.stop), None)
         return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed)
 
