@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from fuzzing import weighted
 from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_file
@@ -270,7 +271,7 @@ def value_for(vr: str) -> st.SearchStrategy[Value]:
     else:
         typed = _text
     raw = st.builds(Value, st.just(vr), st.binary(max_size=12), st.just(True))
-    return st.one_of(st.builds(Value, st.just(vr), typed), st.builds(Value, st.just(vr), typed), raw)
+    return weighted((2, st.builds(Value, st.just(vr), typed)), (1, raw))
 
 
 _OTHER_VRS = ("US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "CS", "LO", "PN", "DA", "TM", "UI", "OB", "UN")
@@ -308,30 +309,27 @@ def element_vr(keyword: str) -> str:
 def _mutation(keyword: str) -> st.SearchStrategy[Mutation]:
     own = element_vr(keyword)
     where = st.integers(0, 5)
-    options = [
-        st.builds(Mutation, st.just(keyword), st.none(), where),
-        st.builds(Mutation, st.just(keyword), st.sampled_from(_OTHER_VRS).flatmap(value_for), where),
-    ]
+    delete = st.builds(Mutation, st.just(keyword), st.none(), where)
+    other_vr = st.builds(Mutation, st.just(keyword), st.sampled_from(_OTHER_VRS).flatmap(value_for), where)
     if own == "SQ":
-        sq = st.builds(Mutation, st.just(keyword), st.just(Value("SQ", None)), where, st.integers(0, 2))
-        options += [sq, sq]
+        same = st.builds(Mutation, st.just(keyword), st.just(Value("SQ", None)), where, st.integers(0, 2))
     else:
         same = st.builds(Mutation, st.just(keyword), value_for(own), where)
-        options += [same, same, same]
-    return st.one_of(*options)
+    return weighted((1, delete), (1, other_vr), (3, same))
 
 
 mutations = st.lists(
-    st.one_of(
-        st.sampled_from(KEYWORDS).flatmap(_mutation),
-        st.sampled_from(KEYWORDS).flatmap(_mutation),
-        st.sampled_from(KEYWORDS).flatmap(_mutation),
-        st.builds(
-            Mutation,
-            st.just("TransferSyntaxUID"),
-            st.builds(Value, st.just("UI"), st.sampled_from(TRANSFER_SYNTAXES)),
+    weighted(
+        (3, st.sampled_from(KEYWORDS).flatmap(_mutation)),
+        (
+            1,
+            st.builds(
+                Mutation,
+                st.just("TransferSyntaxUID"),
+                st.builds(Value, st.just("UI"), st.sampled_from(TRANSFER_SYNTAXES)),
+            ),
         ),
-        st.sampled_from(META_KEYWORDS).flatmap(_mutation),
+        (1, st.sampled_from(META_KEYWORDS).flatmap(_mutation)),
     ),
     min_size=1,
     max_size=4,
@@ -431,7 +429,7 @@ def byte_edits(draw: st.DrawFn, size: int) -> list[tuple[str, int, bytes]]:
     header = st.integers(min(132, size - 1), min(size, 4096) - 1)
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(("overwrite",) * 4 + ("insert", "delete") * 2 + ("truncate",)))
-        at = draw(st.one_of(header, header, st.integers(0, size - 1)))
+        at = draw(weighted((2, header), (1, st.integers(0, size - 1))))
         data = draw(
             st.one_of(
                 st.binary(min_size=1, max_size=8),

@@ -23,13 +23,17 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 SCALE = float(os.environ.get("EMMA_FUZZ_SCALE", "1"))
 RANDOM = os.environ.get("EMMA_FUZZ_RANDOM", "") not in ("", "0")
 DEADLINE_S = 20.0  # one example: far above any legitimate input here (milliseconds to a second)
 HANG_S = 60  # one example that has not returned after this long is a hang
+
+T = TypeVar("T")
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -44,6 +48,13 @@ def fuzz_settings(examples: int) -> settings:
         # examples are deliberately slow-ish (files, HTTP requests) and filtered a little
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+
+
+def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
+    """``weight``-to-one choices between strategies (``st.one_of`` treats a strategy given twice as
+    given once, so repeating one does not weigh it)."""
+    pool = [strategy for weight, strategy in choices for _ in range(weight)]
+    return st.sampled_from(pool).flatmap(lambda strategy: strategy)
 
 
 class Hang(BaseException):

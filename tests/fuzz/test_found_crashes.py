@@ -162,3 +162,25 @@ def test_a_vanishing_temperature_decodes_greedily() -> None:
     )
     assert tiny.finish_reason != "error", tiny.error
     assert tiny.text == greedy.text
+
+
+def test_the_server_answers_a_panicking_decoder_with_400(tmp_path: Path) -> None:
+    # the RLE file above as a data URL: the decoder runs in a worker thread of the server, where the
+    # panic used to escape every handler
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from emma.infer.transformers_engine import TransformersEngine
+    from emma.model.tiny import load_tiny
+    from emma.serve.app import ServeSettings, create_app
+
+    path = mutated(tmp_path, "MR_small_RLE.dcm", Mutation("Rows", Value("US", [7])))
+    url = "data:application/dicom;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    engine = TransformersEngine(load_tiny("llava"), max_batch_size=1)
+    settings = ServeSettings(api_key=None, static_dir=None, max_body_bytes=1024**2, memory_budget_mb=64)
+    with TestClient(create_app(engine, settings)) as client:
+        response = client.post("/v1/emma/preview", json={"images": [url]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_image"
+    assert "cannot decode RLE Lossless" in response.json()["error"]["message"]

@@ -96,7 +96,7 @@ def _fresh(workdir: Path) -> tuple[Path, Path]:
     return workdir / "input.dcm", out
 
 
-@fuzz_settings(examples=220)
+@fuzz_settings(examples=300)
 @given(name=st.sampled_from(SEEDS), changes=mutations)
 def test_header_mutations_give_typed_errors(workdir: Path, name: str, changes: list[Mutation]) -> None:
     path, out = _fresh(workdir)
@@ -106,7 +106,7 @@ def test_header_mutations_give_typed_errors(workdir: Path, name: str, changes: l
         exercise_file(path, out)
 
 
-@fuzz_settings(examples=160)
+@fuzz_settings(examples=300)
 @given(name=st.sampled_from(SEEDS), data=st.data())
 def test_byte_mutations_give_typed_errors(workdir: Path, name: str, data: st.DataObject) -> None:
     original = seed(name).data

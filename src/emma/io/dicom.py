@@ -210,9 +210,11 @@ def _keyword(tag: int) -> str:
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
-    """``ds.get`` that turns an unparsable value into CorruptFileError (without quoting the value)."""
+    """``ds.get`` that turns an unparsable value into CorruptFileError (without quoting the value);
+    quiet, as pydicom converts a value when it is first read and its warnings would quote it."""
     try:
-        return ds.get(keyword, default)
+        with quiet_pydicom():
+            return ds.get(keyword, default)
     except Exception:
         raise CorruptFileError(f"{_what(ds)}: invalid {keyword} element") from None
 
