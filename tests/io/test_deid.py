@@ -681,12 +681,12 @@ def test_safe_private_tags_follow_the_creator_block_not_fixed_numbers() -> None:
     ds.add_new(0x00291120, "OB", b"series protocol")  # the series header: not kept
     assert safe_private_tags(ds) == {0x00290011, 0x00291108, 0x00291110}
     out = deidentify_dataset(ds, DeidConfig(key=KEY, retain_safe_private=True)).dataset
-    assert [int(t) for t in out if t.is_private] == [0x00290011, 0x00291108, 0x00291110]
+    assert [int(e.tag) for e in out if e.tag.is_private] == [0x00290011, 0x00291108, 0x00291110]
     assert out[0x00291110].value == b"SV10csa"
     codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
     assert "113111" in codes
     plain = deidentify_dataset(ds, CONFIG).dataset
-    assert not any(t.is_private for t in plain)
+    assert not any(e.tag.is_private for e in plain)
     assert "113111" not in [item.CodeValue for item in plain.DeidentificationMethodCodeSequence]
 
 
@@ -713,4 +713,4 @@ def test_siemens_mosaic_series_loads_after_deid_only_with_retain_safe_private(tm
         for value in secrets:
             assert value.encode() not in raw, value
         back = pydicom.dcmread(path, stop_before_pixels=True)
-        assert {int(t) for t in back if t.is_private} == {0x00290010, 0x00291008, 0x00291010}
+        assert {int(e.tag) for e in back if e.tag.is_private} == {0x00290010, 0x00291008, 0x00291010}
