@@ -184,3 +184,17 @@ def test_the_server_answers_a_panicking_decoder_with_400(tmp_path: Path) -> None
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_image"
     assert "cannot decode RLE Lossless" in response.json()["error"]["message"]
+
+
+def test_a_lone_surrogate_in_the_text_is_refused_plainly() -> None:
+    # was: "cannot build the prompt: TypeError: TextEncodeInput must be Union[...]" from the tokenizer
+    # (a JSON body's "\ud800" escape reaches the engine as a lone surrogate)
+    from emma.errors import InputError
+    from emma.infer.transformers_engine import TransformersEngine
+    from emma.infer.types import GenerationRequest, Message
+    from emma.model.tiny import load_tiny
+
+    engine = TransformersEngine(load_tiny("llava"), max_batch_size=1)
+    with pytest.raises(InputError, match="not valid Unicode"):
+        engine.count_tokens(GenerationRequest(messages=[Message.text("user", "abc \ud800 def")]))
+    assert engine.count_tokens(GenerationRequest(messages=[Message.text("user", "abc \u00e9 def")])) > 0

@@ -82,6 +82,15 @@ def error_line(exc: BaseException) -> str:
     return text[:_MAX_ERROR_CHARS]
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is encodable (a Python str can hold lone surrogates, which no encoder takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _RowStopper(StoppingCriteria):
     """Stops each row whose request is cancelled (or whose stream was abandoned); records where."""
 
@@ -363,6 +372,9 @@ class TransformersEngine:
         for families whose template has no system role."""
         if not messages:
             raise InputError("a request needs at least one message")
+        if not all(_is_unicode(p.text) for m in messages for p in m.content if isinstance(p, TextPart)):
+            # e.g. a JSON "\ud800" escape, or undecodable bytes in argv: the tokenizer would fail on it
+            raise InputError("the message text is not valid Unicode (a lone surrogate)")
         system = [m.text_content for m in messages if m.role == "system"]
         out: list[dict[str, Any]] = []
         for m in messages:
