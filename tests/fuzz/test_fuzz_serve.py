@@ -522,3 +522,18 @@ def test_bodies_that_are_not_json_never_crash(
         response = client.post(path, content=content, headers=headers)
     if check_status(response):  # only a complete, valid chat request could be answered
         assert path == CHAT and json.loads(content)["messages"]
+    if content_type.startswith("application/json") and content and not _parses(content):
+        # documented: a body that is not JSON (syntax, invalid UTF-8, nesting past the parser) is 400
+        # invalid_json, or 413 when it is over the size bound
+        assert response.status_code in (400, 413), response.text[:300]
+        if response.status_code == 400:
+            assert response.json()["error"]["code"] == "invalid_json", response.text[:300]
+
+
+def _parses(content: bytes) -> bool:
+    """Whether ``content`` is JSON as the server's parser (the standard library's) reads it."""
+    try:
+        json.loads(content)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+    return True
