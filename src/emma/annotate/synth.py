@@ -56,7 +56,7 @@ figure is a new PNG image returned with the item (``Item.images``); its panel la
 
 Determinism: everything here is a function of the source sample, its images and the teacher's
 answers; the only randomness (which image, which box, which direction, option order) comes from
-generators seeded with the sample id (:func:`emma.annotate.runner.seeded_rng`).
+generators seeded with the sample id (:func:`emma.annotate.steps.seeded_rng`).
 
 Why one file (~930 lines): six task types share one record, one set of limits and one prompt; each
 task is a short function beside the others so that their rules can be compared on one page.

@@ -14,6 +14,9 @@ no top-k cut unless the model's generation config sets one (a ``top_k`` or repet
 kept, as vLLM does; transformers' implicit ``top_k=50`` is not applied). A ``seed`` seeds torch's RNG for that batch inside :func:`torch.random.fork_rng`, so the
 caller's global RNG state is left untouched; the same seed and the same batch give the same text
 (requests with different seeds are never batched together).
+
+Why one file (~820 lines): preparing prompts, batching, generation, streaming and cancellation share
+the model, its processor and one lock; each family's differences are data in model/families.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ bound, audit line, JSON 500s), :class:`~emma.serve.images.ImageResolver` (data U
 URLs → model-ready images through emma.io), :class:`~emma.serve.batcher.Batcher` (bounded queue,
 batching, streaming, cancellation) and the routes ``/v1/chat/completions``, ``/v1/models``,
 ``/v1/emma/preview``, ``/health``, plus the web UI's static files at ``/``.
+
+Why one file (~760 lines): the routes share one request life (bounds → budget → plan images → mode →
+batcher → response), and each route is a short function over it; request models are in schemas.py.
 """
 
 from __future__ import annotations

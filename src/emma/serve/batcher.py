@@ -34,6 +34,9 @@ engine thread decodes).
   engine at its next token if running. :meth:`Batcher.generate` and the iterator of
   :meth:`Batcher.open_stream` poll the caller's ``is_disconnected`` while they wait and set ``cancel``
   when the client has gone.
+
+Why one file (~720 lines): the queue, the preparation thread, batched generation and streams share
+one set of locks and counters, whose invariants are easier to check on one page.
 """
 
 from __future__ import annotations
