@@ -22,7 +22,7 @@ answer or a synonym of it, does not contain the answer (or contain in it) as who
 would be ambiguous to :func:`emma.eval.extract.extract_choice`), is distinct from every option kept so
 far (normalised, and not a synonym of one), and, for a teacher suggestion, is not a known term of
 another category (a modality offered as a finding is not plausible). The correct option's position is
-drawn from a generator seeded with the sample id (:func:`emma.annotate.runner.seeded_rng`), so a rerun gives the same options in the same order.
+drawn from a generator seeded with the sample id (:func:`emma.annotate.steps.seeded_rng`), so a rerun gives the same options in the same order.
 """
 
 from __future__ import annotations
