@@ -1,7 +1,7 @@
 """Prompt templates of the annotation stages (coarse caption → ROI → fine caption) and their hashes.
 
 Every template is a constant of this module. Each stage hashes the templates it uses together with the
-parameters that change what the teacher is asked (:func:`emma.annotate.runner.prompt_hash`); that hash
+parameters that change what the teacher is asked (:func:`emma.annotate.steps.prompt_hash`); that hash
 is part of the key of the durable result store, so editing a template re-asks the teacher and never
 reuses answers to another prompt.
 
