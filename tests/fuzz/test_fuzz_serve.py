@@ -45,7 +45,7 @@ TINY_FAMILY = "llava"  # the fastest tiny family to generate with on CPU
 MEMORY_BUDGET_MB = 256
 # The server may hold its whole memory budget at once; on top of it: the first generations' buffers,
 # allocator slack, the test's own request copies.
-MEMORY_GROWTH_MIB = MEMORY_BUDGET_MB + 300
+MEMORY_GROWTH_MIB = MEMORY_BUDGET_MB + 200
 OK_STATUSES = {200, 400, 404, 413, 422}
 
 SETTINGS = ServeSettings(
