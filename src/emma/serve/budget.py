@@ -26,7 +26,7 @@ thread that decoded it, so freed memory accumulates across threads beyond what i
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,36 +41,35 @@ ARENAS = 2  # glibc heaps shared by the server's threads
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
 
 
+@functools.cache
 def _libc_function(name: str) -> Any:
-    """A glibc function, or None where the C library has none (musl, macOS)."""
-    library = ctypes.util.find_library("c")
+    """A glibc function, or None where the C library has none (musl, macOS); looked up on first use
+    (in the symbols already loaded into the process: nothing is run or loaded at import)."""
     try:
-        return getattr(ctypes.CDLL(library), name) if library else None
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):
         return None
-
-
-_TRIM = _libc_function("malloc_trim")
-_MALLOPT = _libc_function("mallopt")
 
 
 def bound_allocator() -> bool:
     """Make freed large blocks go back to the system at once and share few heaps between threads
     (glibc's ``mallopt``); a process-wide setting, for the server process. False where unavailable."""
-    if _MALLOPT is None:
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
-    _MALLOPT.argtypes = [ctypes.c_int, ctypes.c_int]
-    _MALLOPT.restype = ctypes.c_int
-    return bool(_MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _MALLOPT(_M_ARENA_MAX, ARENAS))
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_ARENA_MAX, ARENAS))
 
 
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the system (glibc); False where that is not available."""
-    if _TRIM is None:
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return False
-    _TRIM.argtypes = [ctypes.c_size_t]
-    _TRIM.restype = ctypes.c_int
-    _TRIM(0)
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
     return True
 
 
