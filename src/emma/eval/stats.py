@@ -217,6 +217,15 @@ def _paired_arrays(a: ArrayLike, b: ArrayLike) -> tuple[NDArray[np.float64], NDA
     return xa, xb
 
 
+def _interval_and_p(d: np.ndarray, delta: float, level: float) -> tuple[float, float, float]:
+    """Percentile interval of bootstrap differences ``d`` and the two-sided p-value of ``delta`` (the
+    share of resampled differences at least as far from ``delta`` as zero is, with +1 smoothing)."""
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    tol = 1e-12 * max(1.0, abs(delta))
+    extreme = np.count_nonzero(np.abs(d - delta) >= abs(delta) - tol)
+    return float(lo), float(hi), min(1.0, (1 + extreme) / (1 + d.size))
+
+
 def paired_bootstrap(
     a: ArrayLike,
     b: ArrayLike,
@@ -238,11 +247,7 @@ def paired_bootstrap(
     for size in _chunks(n_resamples, n):
         idx = rng.integers(0, n, size=(size, n), dtype=_index_dtype(n))
         reps.append(_apply(stat, xb[idx]) - _apply(stat, xa[idx]))
-    d = np.concatenate(reps)
-    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    tol = 1e-12 * max(1.0, abs(delta))
-    extreme = np.count_nonzero(np.abs(d - delta) >= abs(delta) - tol)
-    p = min(1.0, (1 + extreme) / (1 + d.size))
+    lo, hi, p = _interval_and_p(np.concatenate(reps), delta, level)
     return PairedComparison(n, sa, sb, delta, float(lo), float(hi), float(p), level)
 
 
@@ -312,9 +317,5 @@ def two_sample_bootstrap(
         ia = rng.integers(0, xa.size, size=(size, xa.size), dtype=_index_dtype(xa.size))
         ib = rng.integers(0, xb.size, size=(size, xb.size), dtype=_index_dtype(xb.size))
         reps.append(_apply(stat, xb[ib]) - _apply(stat, xa[ia]))
-    d = np.concatenate(reps)
-    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    tol = 1e-12 * max(1.0, abs(delta))
-    extreme = np.count_nonzero(np.abs(d - delta) >= abs(delta) - tol)
-    p = min(1.0, (1 + extreme) / (1 + d.size))
+    lo, hi, p = _interval_and_p(np.concatenate(reps), delta, level)
     return TwoSampleComparison(xa.size, xb.size, sa, sb, delta, float(lo), float(hi), float(p), level)
