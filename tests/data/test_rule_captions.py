@@ -18,7 +18,9 @@ from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
 from emma.data.sources.rule_captions import (
     CAPTION_PROMPTS,
     build_rule_captions,
+    collect_image_facts,
     dicom_caption_samples,
+    modality_stated,
     qa_statement,
 )
 from emma.data.store import DatasetWriter, open_dataset
@@ -132,6 +134,42 @@ def _caption(sample: Sample) -> str:
 )
 def test_qa_statement_rules(question: str, answer: str, statement: str) -> None:
     assert qa_statement(question, answer) == statement
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "modality"),
+    [
+        ("Is this a CT scan?", "yes", "CT"),
+        ("Is this CT scan enhanced by IV contrast?", "Yes", "CT"),
+        ("Is this an MRI?", "yes", "MRI"),
+        ("Is this a T2 weighted image?", "Yes", "MRI"),
+        ("Is this a chest x-ray?", "yes", "X-ray"),
+        ("Is this a CT scan?", "no", None),  # a "no" never names the modality
+        ("Is this a CT or an MRI?", "yes", None),  # ambiguous
+        ("Is there a mass on the CT?", "yes", None),  # not about what the image is
+        ("What imaging modality was used?", "MR - FLAIR", "MRI"),
+        ("Was this image taken with an MRI or CT scanner?", "CT", "CT"),
+        ("What type of image is this?", "PA xray", "X-ray"),
+        ("What organ is shown?", "brain", None),
+        ("What modality is this?", "CT or MRI", None),
+    ],
+)
+def test_modality_stated(question: str, answer: str, modality: str | None) -> None:
+    assert modality_stated(question, answer) == modality
+
+
+def test_image_facts_take_the_modality_the_train_pairs_state(tmp_path: Path) -> None:
+    a, b, c = _png(1), _png(2), _png(3)
+    with DatasetWriter(tmp_path / "v", name="toy", license="CC0-1.0") as writer:
+        writer.add(_vqa("a1", "Is this an MRI?", "yes", "train", body_part="head"), [a])
+        writer.add(_vqa("a2", "Is this a CT?", "no", "train"), [a])
+        writer.add(_vqa("b1", "Is this an MRI?", "yes", "train"), [b])  # the label wins over a statement
+        writer.add(_vqa("b2", "Is there a mass?", "no", "train", modality="ct"), [b])
+        writer.add(_vqa("c1", "Is this a CT scan?", "yes", "train"), [c])  # two modalities stated: none
+        writer.add(_vqa("c2", "Which modality?", "MRI", "train", task=TaskType.OPEN_VQA), [c])
+    facts = collect_image_facts(open_dataset(tmp_path / "v"), "train")
+    by_source = {f.source_ids[0]: f.modality for f in facts.values()}
+    assert by_source == {"a1": "MRI", "b1": "ct", "c1": None}
 
 
 # ------------------------------------------------------------------------------------ build_rule_captions

@@ -115,8 +115,9 @@ class StageConfig(_Strict):
     bf16: bool | None = None
     max_samples: int | None = Field(None, gt=0)  # cap on the mixed sample list of this stage
     # "standardize": re-initialise a from-scratch projector for the frozen tower's feature statistics
-    # before training (emma.train.projector_init); SFT stages only
-    projector_init: Literal["standardize"] | None = None
+    # before training; "concepts": image tokens start as the words of the labelled concepts (body part,
+    # modality) the tower's features show (emma.train.projector_init); SFT stages only
+    projector_init: Literal["standardize", "concepts"] | None = None
     grpo: GRPOSettings | None = None
 
     @field_validator("datasets", mode="before")

@@ -212,10 +212,11 @@ def run_sft_stage(
     else:
         trainable = apply_trainable(model, family, stage.kind, stage.train_vision)
     projector_start = None
-    if stage.projector_init == "standardize" and not (resume and last_checkpoint(ckpt_dir) is not None):
-        from emma.train.projector_init import standardize_projector
+    if stage.projector_init is not None and not (resume and last_checkpoint(ckpt_dir) is not None):
+        from emma.train.projector_init import concept_projector, standardize_projector
 
-        projector_start = standardize_projector(model, processor, family, samples, image_loader, seed=seed)
+        start = concept_projector if stage.projector_init == "concepts" else standardize_projector
+        projector_start = start(model, processor, family, samples, image_loader, seed=seed)
     model.train()
     cache = feature_cache if feature_cache is not None else TowerFeatureCache()
     uncache = cache.attach(model, family)  # a frozen tower: eval mode, each image's features once

@@ -30,6 +30,7 @@ from emma.errors import InputError
 __all__ = [
     "CAPTION_PROMPTS",
     "MODALITY_WORDS",
+    "modality_stated",
     "CaptionBuildReport",
     "ImageFacts",
     "build_rule_captions",
@@ -62,6 +63,21 @@ MODALITY_WORDS = {
     "pt": "PET",
     "nm": "nuclear medicine",
 }
+# What a question or answer says about the modality, by pattern (lower-cased text).
+_MODALITY_PATTERNS = {
+    "CT": re.compile(r"\bct\b|computed tomograph"),
+    "MRI": re.compile(
+        r"\bmri?\b|\bflair\b|\bt[12]\b|\bt[12][- ]weighted|\bdwi\b|diffusion[- ]weighted|\badc\b"
+    ),
+    "X-ray": re.compile(r"\bx-?\s?rays?\b|\bradiograph|\bcxr\b|plain film"),
+    "ultrasound": re.compile(r"ultrasound|sonogra"),
+}
+# "Is this (a|an) CT ...", "Was this image taken with ...": a yes/no question about this image itself
+_ABOUT_THIS = re.compile(r"^(?:is|was) (?:this|it|the image|this image|this study|this film|this scan)\b")
+# An open question that asks for the modality
+_ASKS_MODALITY = re.compile(
+    r"modality|type of (?:image|imaging|scan|study)|kind of (?:image|imaging|scan)|taken with|what imaging"
+)
 _YES = {"yes", "y", "true"}
 _NO = {"no", "n", "false"}
 # "Is there X" / "Are there X" → "There is/are (no) X"
@@ -73,6 +89,23 @@ _COPULA = re.compile(
     r"^(?P<verb>is|are) (?P<subj>the [a-z0-9' -]+?) (?P<rest>(?:normal|abnormal|enlarged|present|visible|seen|located|in|on|at|of|to|larger|smaller|more|less|dilated|displaced|[a-z]+ed)\b.*)$",
     re.IGNORECASE,
 )
+
+
+def _one_modality(text: str) -> str | None:
+    found = [name for name, pattern in _MODALITY_PATTERNS.items() if pattern.search(text)]
+    return found[0] if len(found) == 1 else None
+
+
+def modality_stated(question: str, answer: str) -> str | None:
+    """The modality a question–answer pair states about its image, or None: "Is this a CT scan?" + "yes"
+    → "CT"; "What imaging modality was used?" + "MR - FLAIR" → "MRI". Only a single, unambiguous modality
+    counts ("Is this a CT or an MRI?" + "yes" says nothing; a "no" never names one)."""
+    q, a = " ".join(question.lower().split()), " ".join(answer.lower().split()).rstrip(".")
+    if a in _YES:
+        return _one_modality(q) if _ABOUT_THIS.match(q) and " or " not in q else None
+    if a in _NO:
+        return None
+    return _one_modality(a) if _ASKS_MODALITY.search(q) else None
 
 
 def _clean(text: str) -> str:
@@ -119,6 +152,7 @@ class ImageFacts:
     modality: str | None = None
     statements: list[str] = field(default_factory=list)
     source_ids: list[str] = field(default_factory=list)
+    stated_modalities: set[str] = field(default_factory=set)  # what train QA pairs say (modality_stated)
 
 
 @dataclass(frozen=True)
@@ -158,10 +192,16 @@ def collect_image_facts(dataset: Dataset, split: str) -> dict[str, ImageFacts]:
         facts = by_image.setdefault(ref.sha256, ImageFacts(ref=ref))
         facts.body_part = facts.body_part or sample.meta.body_part
         facts.modality = facts.modality or sample.meta.modality
+        stated = modality_stated(question, answer)
+        if stated is not None and not sample.meta.modality:
+            facts.stated_modalities.add(stated)
         statement = qa_statement(question, answer)
         if statement not in facts.statements:
             facts.statements.append(statement)
             facts.source_ids.append(sample.id)
+    for facts in by_image.values():  # a modality the QA pairs state, when the labels give none
+        if facts.modality is None and len(facts.stated_modalities) == 1:
+            facts.modality = next(iter(facts.stated_modalities))
     return by_image
 
 
