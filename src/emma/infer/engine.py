@@ -31,7 +31,9 @@ class EngineCapabilities:
     (chat template, tokenization, image processing) on the calling thread and keeps it on the request
     (``GenerationRequest.prepared``), raising its input errors (an over-long prompt included) there; a
     later ``generate`` / ``stream`` / ``stream_many`` then only batches and generates, so a server can
-    tokenize on another thread than the one the model runs on.
+    tokenize on another thread than the one the model runs on. ``token_logprobs``: ``generate`` reports
+    each generated token's log-probability and its most likely alternatives when a request sets
+    ``top_logprobs`` (``GenerationResponse.token_logprobs``); a server refuses ``logprobs`` otherwise.
     """
 
     in_process: bool = False
@@ -41,6 +43,7 @@ class EngineCapabilities:
     checks_prompt_tokens: bool = False
     processor: Any = None
     prepares_prompts: bool = False
+    token_logprobs: bool = False
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ kept, as vLLM does; transformers' implicit ``top_k=50`` is not applied). A ``see
 caller's global RNG state is left untouched; the same seed and the same batch give the same text
 (requests with different seeds are never batched together).
 
-Why one file (~820 lines): preparing prompts, batching, generation, streaming and cancellation share
+Why one file (~900 lines): preparing prompts, batching, generation, streaming and cancellation share
 the model, its processor and one lock; each family's differences are data in model/families.py.
 """
 
@@ -31,12 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from emma.errors import InputError
 from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
+    MIN_LOGPROB,
     ErrorKind,
     FinishReason,
     GenerationRequest,
@@ -46,6 +53,7 @@ from emma.infer.types import (
     SamplingParams,
     StreamChunk,
     TextPart,
+    TokenLogprob,
 )
 from emma.model.registry import LoadedModel
 
@@ -165,6 +173,57 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
+class _LogprobRecorder(LogitsProcessor):
+    """Each generation step's log-probabilities from the model's raw logits (what ``generate`` keeps with
+    ``output_logits``: before any logits processor or sampling setting), held small. A forward hook on
+    the model (:meth:`hook`) keeps the latest forward's last-position logits; as a logits processor,
+    called once per step, the recorder takes them as that step's distribution (a chunked prefill's
+    earlier forwards are thus skipped) and leaves the scores as they are. Per step it keeps the ``k``
+    most likely tokens and, once the token chosen there is known (the last input id of the next step;
+    the last step's from the sequences, in :meth:`finish`), that token's log-probability; the whole
+    first-step distribution only with ``keep_first`` (``logprob_words``). So at most one step's full
+    distribution is held, however long the answer (``output_logits`` would hold every step's)."""
+
+    def __init__(self, k: int, *, keep_first: bool) -> None:
+        self.k = k
+        self.keep_first = keep_first
+        self.first: torch.Tensor | None = None  # (batch, vocab) log-probabilities of the first step
+        self.top: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (values, ids), (batch, k)
+        self.chosen: list[torch.Tensor] = []  # per step: (batch,) log-probability of the chosen token
+        self._latest: torch.Tensor | None = None  # the last forward's log-probabilities
+        self._pending: torch.Tensor | None = None  # the last step's, until its chosen token is known
+
+    def hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
+        """``register_forward_hook`` on the model that ``generate`` calls."""
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        self._latest = torch.log_softmax(logits[:, -1].float(), dim=-1)  # a new tensor, not a view
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._latest is None:
+            raise RuntimeError("no logits were seen for this generation step")
+        if self._pending is not None:
+            self._resolve(input_ids[:, -1])
+        logp, self._latest = self._latest, None
+        if self.keep_first and self.first is None:
+            self.first = logp
+        if self.k:
+            values, ids = logp.topk(min(self.k, int(logp.shape[-1])), dim=-1)
+            self.top.append((values.cpu(), ids.cpu()))
+        self._pending = logp
+        return scores
+
+    def _resolve(self, tokens: torch.Tensor) -> None:
+        assert self._pending is not None
+        logp, self._pending = self._pending, None
+        self.chosen.append(logp.gather(-1, tokens.to(logp.device).view(-1, 1)).squeeze(-1).cpu())
+
+    def finish(self, sequences: torch.Tensor, prompt_len: int) -> None:
+        """The last step's chosen tokens, from the generated ``sequences``."""
+        if self._pending is not None and prompt_len + len(self.chosen) < sequences.shape[1]:
+            self._resolve(sequences[:, prompt_len + len(self.chosen)])
+        self._pending = self._latest = None
+
+
 @dataclass
 class _Encoded:
     inputs: dict[str, Any]
@@ -275,6 +334,7 @@ class TransformersEngine:
         self._eos_ids = self._eos_token_ids()
         self._drop_ids = self._special_ids_to_drop()
         self._control_re = self._control_tokens_re(spec)
+        self._vocab_texts: list[str] | None = None  # token id → its text decoded alone
         self._word_index: dict[str, list[int]] | None = None  # token text (stripped, lower) → ids
 
     # ------------------------------------------------------------------------------ properties
@@ -473,6 +533,7 @@ class TransformersEngine:
             checks_prompt_tokens=self.checks_prompt_tokens,
             processor=self.processor,
             prepares_prompts=True,
+            token_logprobs=True,
         )
 
     def close(self) -> None:
@@ -513,10 +574,9 @@ class TransformersEngine:
         sampling: SamplingParams,
         stopper: _RowStopper,
         streamer: BaseStreamer,
-        *,
-        first_logits: bool = False,
-    ) -> Any:
-        """The generated sequences; with ``first_logits``, ``(sequences, raw logits of the first step)``."""
+        recorder: _LogprobRecorder | None = None,
+    ) -> torch.Tensor:
+        """The generated sequences; a ``recorder`` gets every step's log-probabilities."""
         config = self._generation_config(sampling)
         kwargs: dict[str, Any] = {
             **encoded.inputs,
@@ -526,46 +586,82 @@ class TransformersEngine:
         }
         if config.stop_strings:
             kwargs["tokenizer"] = self.tokenizer
-        if first_logits:
-            config.output_logits = True
-            config.return_dict_in_generate = True
-            out = self._generate(kwargs, sampling)
-            return out.sequences, out.logits[0]
-        return self._generate(kwargs, sampling)
+        if recorder is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([recorder])
+        sequences = self._generate(kwargs, sampling, recorder)
+        if recorder is not None:
+            recorder.finish(sequences, encoded.prompt_len)
+        return sequences
 
-    def _generate(self, kwargs: dict[str, Any], sampling: SamplingParams) -> Any:
+    def _generate(
+        self, kwargs: dict[str, Any], sampling: SamplingParams, recorder: _LogprobRecorder | None
+    ) -> torch.Tensor:
         with self._lock, torch.inference_mode():
-            if not sampling.greedy and sampling.seed is not None:
-                devices = [self.model.device] if getattr(self.model.device, "type", "cpu") == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(sampling.seed)
-                    return self.model.generate(**kwargs)
-            return self.model.generate(**kwargs)
+            # The hook lives only while this call holds the lock, so no other call sees it.
+            hook = self.model.register_forward_hook(recorder.hook) if recorder else None
+            try:
+                if not sampling.greedy and sampling.seed is not None:
+                    devices = (
+                        [self.model.device] if getattr(self.model.device, "type", "cpu") == "cuda" else []
+                    )
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(sampling.seed)
+                        return self.model.generate(**kwargs)
+                return self.model.generate(**kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
+
+    def _token_texts(self) -> list[str]:
+        """Every vocabulary id's text decoded alone (special tokens included), built once."""
+        if self._vocab_texts is None:
+            self._vocab_texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return self._vocab_texts
 
     def word_token_ids(self, word: str) -> list[int]:
         """Vocabulary ids whose decoded text, stripped and lower-cased, is ``word`` (stripped, lower-cased)
         (``"yes"`` → the ids of ``yes``, ``Yes``, `` Yes``, ``YES``, ...). The index is built once."""
         if self._word_index is None:
-            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
             index: dict[str, list[int]] = {}
-            for i, text in enumerate(texts):
+            for i, text in enumerate(self._token_texts()):
                 key = text.strip().lower()
                 if key:
                     index.setdefault(key, []).append(i)
             self._word_index = index
         return self._word_index.get(word.strip().lower(), [])
 
-    def _word_logprobs(self, request: GenerationRequest, logits: torch.Tensor) -> dict[str, float] | None:
-        """``request.logprob_words`` → log of the summed probability of each word's tokens, from the raw
-        logits of the first generated position (a word with no token in the vocabulary is absent)."""
+    def _word_logprobs(self, request: GenerationRequest, logp: torch.Tensor) -> dict[str, float] | None:
+        """``request.logprob_words`` → log of the summed probability of each word's tokens, from the
+        log-probabilities (of the raw logits) at the first generated position (a word with no token in
+        the vocabulary is absent)."""
         if not request.logprob_words:
             return None
-        logp = torch.log_softmax(logits.float(), dim=-1)
         out: dict[str, float] = {}
         for word in request.logprob_words:
             ids = [i for i in self.word_token_ids(word) if i < logp.shape[-1]]
             if ids:
                 out[word] = float(torch.logsumexp(logp[ids], dim=0))
+        return out
+
+    def _token_logprobs(
+        self, recorder: _LogprobRecorder, row: int, tokens: Sequence[int], k: int
+    ) -> list[TokenLogprob]:
+        """The recorded log-probabilities of ``tokens`` (the first generated tokens of batch ``row``),
+        each with its ``k`` most likely alternatives."""
+        texts = self._token_texts()
+
+        def entry(token_id: int, logprob: float, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
+            text = texts[token_id] if 0 <= token_id < len(texts) else ""
+            value = logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB  # -inf (and NaN) → the floor
+            return TokenLogprob(token_id, text, value, top)
+
+        out = []
+        for step, token in enumerate(tokens):
+            top: tuple[TokenLogprob, ...] = ()
+            if k:  # then the recorder kept at least k alternatives per step
+                values, ids = recorder.top[step]
+                top = tuple(entry(i, v) for v, i in zip(values[row, :k].tolist(), ids[row, :k].tolist()))
+            out.append(entry(token, float(recorder.chosen[step][row]), top))
         return out
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -627,11 +723,15 @@ class TransformersEngine:
         encoded = self._encode(batch)
         stopper = _RowStopper(batch, encoded.prompt_len)
         clock = _FirstTokenClock(start)
-        first: torch.Tensor | None = None
-        if any(r.logprob_words for r in batch):
-            sequences, first = self._run(encoded, batch[0].sampling, stopper, clock, first_logits=True)
-        else:
-            sequences = self._run(encoded, batch[0].sampling, stopper, clock)
+        asked = [r.top_logprobs for r in batch if r.top_logprobs is not None]
+        if any(k < 0 for k in asked):
+            raise InputError("top_logprobs must be 0 or more")
+        recorder = (
+            _LogprobRecorder(max(asked, default=0), keep_first=any(r.logprob_words for r in batch))
+            if asked or any(r.logprob_words for r in batch)
+            else None
+        )
+        sequences = self._run(encoded, batch[0].sampling, stopper, clock, recorder)
         out = []
         for row, request in enumerate(batch):
             generated = sequences[row, encoded.prompt_len :].tolist()
@@ -643,8 +743,11 @@ class TransformersEngine:
                 start,
                 clock.first_token_s,
             )
-            if first is not None:
-                response.word_logprobs = self._word_logprobs(request, first[row])
+            if recorder is not None and recorder.first is not None:
+                response.word_logprobs = self._word_logprobs(request, recorder.first[row])
+            if recorder is not None and request.top_logprobs is not None:
+                counted = generated[: response.completion_tokens]
+                response.token_logprobs = self._token_logprobs(recorder, row, counted, request.top_logprobs)
             out.append(response)
         return out
 

@@ -89,10 +89,31 @@ class GenerationRequest:
     # ``word_logprobs`` (e.g. ("yes", "no") for the probability of "yes" behind a classification AUROC).
     # A word stands for every vocabulary token whose text, stripped and lower-cased, equals it.
     logprob_words: tuple[str, ...] = ()
+    # Per generated token, its log-probability and the ``top_logprobs`` most likely alternatives at its
+    # position (0: the token's own only), reported in the response's ``token_logprobs`` by engines
+    # whose capabilities say ``token_logprobs``; None: not asked. It never changes what is generated.
+    top_logprobs: int | None = None
 
     @property
     def images(self) -> list[Image.Image]:
         return [im for m in self.messages for im in m.images]
+
+
+# vLLM's floor for a log-probability that is -inf (a token the model rules out): JSON has no infinity.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token (or one alternative at its position): id, text as the tokenizer decodes it
+    alone (special tokens included, a leading space kept), and log-probability from the model's raw
+    logits (before sampling settings), at least :data:`MIN_LOGPROB`. ``top``: the most likely tokens at
+    that position, most likely first (empty for an alternative, or when none were asked)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -111,6 +132,9 @@ class GenerationResponse:
     # server reports its top alternatives only, and a word none of whose tokens is among them is absent.
     # None: not asked, or the engine exposes no log-probabilities.
     word_logprobs: dict[str, float] | None = None
+    # For a request with ``top_logprobs`` set: one entry per generated token counted in
+    # ``completion_tokens``, in order. None: not asked, or the engine cannot report them.
+    token_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
