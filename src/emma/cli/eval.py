@@ -1,5 +1,6 @@
-"""Evaluation commands: ``emma eval`` (generate and score, or score a predictions file),
-``emma eval compare`` and ``emma eval tasks``."""
+"""Evaluation commands: ``emma eval`` (generate and score one task, or score a predictions file; with
+``--tasks``, many tasks as one run through :mod:`emma.cli.suite`), ``emma eval compare`` and
+``emma eval tasks``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from emma.cli.common import err_console, fail, handle_errors, stderr_progress
 
 eval_app = typer.Typer(
     help=(
-        "Evaluate a model on a benchmark task (generate through an engine and score), or score a "
-        "predictions file. Subcommands: compare (two runs, paired tests), tasks (the registry)."
+        "Evaluate a model on a benchmark task (generate through an engine and score), on many tasks "
+        "(--tasks), or score a predictions file. Subcommands: compare (two runs, paired tests), tasks "
+        "(the registry), suite (a named group of tasks)."
     ),
     invoke_without_command=True,
 )
@@ -83,8 +85,26 @@ def _print_zero_shot(console: Console, block: dict[str, Any]) -> None:
 def eval_command(
     ctx: typer.Context,
     task: str | None = typer.Option(None, "--task", help="Task name (see `emma eval tasks`)."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Dataset folder (dataset.json) or the official release folder (imported once)."
+    tasks: str | None = typer.Option(
+        None,
+        "--tasks",
+        help=(
+            "Many tasks as one run: task and suite names, comma-separated (vqa-rad,slake-en or "
+            "radiology-vqa, emma-table, chest-xray); one combined report, missing data skipped."
+        ),
+    ),
+    data: list[str] | None = typer.Option(
+        None,
+        "--data",
+        help=(
+            "Dataset folder (dataset.json) or the official release folder (imported once); with --tasks: "
+            "TASK=DIR (repeatable)."
+        ),
+    ),
+    data_root: Path | None = typer.Option(
+        None,
+        "--data-root",
+        help="--tasks: folder holding one dataset folder per task (<task> or <importer>).",
     ),
     model: str | None = typer.Option(
         None, "--model", help="Model spec: emma-tiny, a model folder, a hub id, or openai:URL#MODEL."
@@ -101,6 +121,12 @@ def eval_command(
         None, "--ablate", help="Also answer with a blank, noise or shuffle (mismatched) image; report deltas."
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests per engine call."),
+    concurrency: int | None = typer.Option(
+        None,
+        "--concurrency",
+        min=1,
+        help="openai: models: requests in flight at most (default 8; each call then sends at least N).",
+    ),
     judge: str | None = typer.Option(
         None, "--judge", help="LLM judge for open questions (openai:URL#MODEL); needs emma.eval.judge."
     ),
@@ -129,14 +155,59 @@ def eval_command(
     and the reports to the run folder. A rerun into the same folder resumes from the cached predictions."""
     if ctx.invoked_subcommand is not None:
         return
-    if task is None or data is None:
+    if tasks is not None:
+        single_only = {
+            "--task": task,
+            "--predictions": predictions,
+            "--split": split,
+            "--ablate": ablate,
+            "--judge": judge,
+            "--train-data": train_data,
+            "--compat": compat,
+            "--family": family,
+            "--temperature": temperature,
+            "--max-new-tokens": max_new_tokens,
+        }
+        given = [flag for flag, value in single_only.items() if value is not None]
+        if given:
+            raise fail(f"{', '.join(given)} apply to one --task, not to --tasks")
+        if model is None:
+            raise fail("--tasks needs a --model")
+        from emma.cli.suite import run_tasks
+
+        run_tasks(
+            tasks,
+            model=model,
+            data_root=data_root,
+            data=data,
+            out=out,
+            limit=limit,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            seed=seed,
+            n_resamples=n_resamples,
+            as_json=as_json,
+        )
+        return
+    if task is None or not data:
         typer.echo(ctx.get_help())
-        raise fail("--task and --data are required (or use a subcommand: compare, tasks)")
+        raise fail("--task and --data are required, or --tasks (or use a subcommand: compare, tasks, suite)")
+    if len(data) != 1:
+        raise fail("--task takes one --data folder (TASK=DIR pairs are for --tasks)")
+    if data_root is not None:
+        raise fail("--data-root applies to --tasks; give one task's folder with --data")
     from emma.eval.runner import EvalOptions, run_eval
 
+    engine = None
+    if concurrency is not None and model is None:
+        raise fail("--concurrency applies to a --model (requests in flight to an openai: server)")
+    if concurrency is not None and model is not None:
+        from emma.eval.suite import open_engine
+
+        engine, batch_size, _ = open_engine(model, batch_size=batch_size, concurrency=concurrency)
     options = EvalOptions(
         task=task,
-        data=data,
+        data=Path(data[0]),
         model=model,
         predictions=predictions,
         split=split,
@@ -153,8 +224,16 @@ def eval_command(
         seed=seed,
         n_resamples=n_resamples,
     )
-    with stderr_progress() as update:
-        run = run_eval(options, progress=lambda done, total: update(f"evaluating {task}", done, total))
+    try:
+        with stderr_progress() as update:
+            run = run_eval(
+                options,
+                engine=engine,
+                progress=lambda done, total: update(f"evaluating {task}", done, total),
+            )
+    finally:
+        if engine is not None:
+            engine.close()
     if as_json:
         typer.echo(json.dumps(run.results, indent=2, ensure_ascii=False))
     else:
