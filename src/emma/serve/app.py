@@ -44,6 +44,7 @@ from emma.infer.types import (
     SamplingParams,
     TextPart,
 )
+from emma.infer.types import TokenLogprob as EngineTokenLogprob
 from emma.io.image import ImageFit, ModelImage
 from emma.io.limits import Limits
 from emma.model.families import image_fit
@@ -69,6 +70,7 @@ from emma.serve.schemas import (
     ChatCompletionResponse,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     EmmaOptions,
@@ -84,6 +86,8 @@ from emma.serve.schemas import (
     PreviewResponse,
     QueueState,
     ReportOut,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from emma.serve.security import APIError, AuditRecord, GuardMiddleware, error_payload, normalise_domains
@@ -288,6 +292,49 @@ def _sampling(body: ChatCompletionRequest, settings: ServeSettings) -> SamplingP
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=stop,
         seed=body.seed,
+    )
+
+
+def _top_logprobs(body: ChatCompletionRequest, engine: Engine) -> int | None:
+    """The alternatives per token the request asks for (None: no log-probabilities), as OpenAI and vLLM
+    read ``logprobs`` / ``top_logprobs``; 400 where they cannot be given."""
+    if not body.logprobs:
+        if body.top_logprobs is not None:
+            raise APIError(
+                400, "top_logprobs needs logprobs: true", code="invalid_request", param="top_logprobs"
+            )
+        return None
+    if body.stream:
+        raise APIError(
+            400,
+            "logprobs are not available with stream: true; ask without streaming",
+            code="unsupported_parameter",
+            param="logprobs",
+        )
+    if not engine.capabilities.token_logprobs:
+        raise APIError(
+            400,
+            "the served model's engine does not report token log-probabilities",
+            code="unsupported_parameter",
+            param="logprobs",
+        )
+    return body.top_logprobs or 0
+
+
+def _token_logprob(entry: EngineTokenLogprob) -> TopLogprob:
+    return TopLogprob(token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode("utf-8")))
+
+
+def _choice_logprobs(response: GenerationResponse) -> ChoiceLogprobs:
+    """The engine's token log-probabilities in OpenAI's ``choices[].logprobs`` shape."""
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                **_token_logprob(entry).model_dump(),
+                top_logprobs=[_token_logprob(alt) for alt in entry.top],
+            )
+            for entry in response.token_logprobs or []
+        ]
     )
 
 
@@ -540,6 +587,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         try:
             _check_text(body, settings)
             sampling = _sampling(body, settings)
+            top_logprobs = _top_logprobs(body, engine)
             options = body.emma or EmmaOptions()
             urls = _image_urls(body.messages)
             groups = await resolver.resolve(urls, options, _memory(request))
@@ -549,7 +597,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         except BaseException:
             arrival.done()
             raise
-        generation = GenerationRequest(messages=messages, sampling=sampling, request_id=record.request_id)
+        generation = GenerationRequest(
+            messages=messages, sampling=sampling, request_id=record.request_id, top_logprobs=top_logprobs
+        )
         completion_id = f"chatcmpl-{record.request_id}"
         if body.stream:
             try:
@@ -577,7 +627,11 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             created=int(time.time()),
             model=model_name,
             choices=[
-                Choice(message=AssistantMessage(content=response.text), finish_reason=response.finish_reason)
+                Choice(
+                    message=AssistantMessage(content=response.text),
+                    finish_reason=response.finish_reason,
+                    logprobs=_choice_logprobs(response) if top_logprobs is not None else None,
+                )
             ],
             usage=_usage(response),
             emma=_emma_result(options, response.text, images, engine, settings),

@@ -1,8 +1,8 @@
 """Request and response models of the serving API (OpenAI chat completions + the ``emma`` extension).
 
 They are the OpenAPI schema FastAPI serves at ``/openapi.json``; docs/serving.md describes the same
-contract in prose. Unknown OpenAI fields (``logprobs``, ``user``, ...) are accepted and ignored, as
-vLLM does; fields EMMA cannot honour (``n`` > 1, ``tools``) are refused with 400 by the handler.
+contract in prose. Unknown OpenAI fields (``user``, ...) are accepted and ignored, as vLLM does; fields
+EMMA cannot honour (``n`` > 1, ``tools``, ``logprobs`` with ``stream``) are refused with 400 by the handler.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 MAX_SLICES = 64
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI and vLLM take it
+MAX_TOP_LOGPROBS = 20  # alternatives per token, OpenAI's bound (and what OpenAIEngine asks for)
 
 Mode = Literal["chat", "structured", "report"]
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -115,6 +116,15 @@ class ChatCompletionRequest(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     tools: list[Any] | None = None
+    logprobs: StrictBool | None = Field(
+        default=None, description="Return each generated token's log-probability (not with stream)."
+    )
+    top_logprobs: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: the most likely tokens to list at each position (default 0).",
+    )
     emma: EmmaOptions | None = None
 
 
@@ -181,11 +191,32 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's text as the tokenizer decodes it alone (leading space kept).")
+    logprob: float = Field(
+        description="Natural log of its probability from the model's raw logits (>= -9999)."
+    )
+    bytes: list[int] | None = Field(description="UTF-8 bytes of ``token``.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(
+        description="The top_logprobs most likely tokens at this position, most likely first."
+    )
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = Field(
+        description="One entry per generated token counted in usage.completion_tokens."
+    )
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
