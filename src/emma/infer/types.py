@@ -90,8 +90,9 @@ class GenerationRequest:
     # A word stands for every vocabulary token whose text, stripped and lower-cased, equals it.
     logprob_words: tuple[str, ...] = ()
     # Per generated token, its log-probability and the ``top_logprobs`` most likely alternatives at its
-    # position (0: the token's own only), reported in the response's ``token_logprobs`` by engines
-    # whose capabilities say ``token_logprobs``; None: not asked. It never changes what is generated.
+    # position (0: the token's own only), reported in ``generate``'s response ``token_logprobs`` by
+    # engines whose capabilities say ``token_logprobs`` (streams carry none); None: not asked. It never
+    # changes what is generated.
     top_logprobs: int | None = None
 
     @property
