@@ -52,6 +52,7 @@ from emma.io.windows import (
     apply_window,
     parse_window,
     percentile_window,
+    window_params,
 )
 
 __all__ = [
@@ -642,15 +643,6 @@ def _file_voi_lut(ds: Dataset) -> _Lut | None:
     return _read_lut(ds, item, _what(ds), "VOILUTSequence")
 
 
-def _window_params(window: Window, source: str) -> dict[str, Any]:
-    return {
-        "source": source,
-        "center": float(window.center),
-        "width": float(window.width),
-        "function": str(window.function),
-    }
-
-
 def _percentile_window(values: np.ndarray, what: str) -> Window:
     flat = values.reshape(-1)
     sample = flat[:: max(1, flat.size // 1_000_000)]
@@ -693,11 +685,11 @@ def apply_voi(
     """
     extra: dict[str, Any] = {}
     if isinstance(window, Window):
-        prov.add("voi", **_window_params(window, "explicit"))
+        prov.add("voi", **window_params(window, "explicit"))
         return _unit_window(values, window)
     if isinstance(window, str):
         parsed, label = parse_window(window)
-        prov.add("voi", **_window_params(parsed, label))
+        prov.add("voi", **window_params(parsed, label))
         return _unit_window(values, parsed)
     if window is not None:
         raise TypeError(f"window must be a Window, a string or None, not {type(window).__name__}")
@@ -716,11 +708,11 @@ def apply_voi(
             return _lut_lookup(values, lut, table)
         file_window, extra = _file_window(ds)
         if file_window is not None:
-            prov.add("voi", **_window_params(file_window, "file:window"))
+            prov.add("voi", **window_params(file_window, "file:window"))
             return _unit_window(values, file_window)
     fallback = _percentile_window(values, prov.source)
     prov.add(
-        "voi", **_window_params(fallback, "percentile"), low=PERCENTILE_LOW, high=PERCENTILE_HIGH, **extra
+        "voi", **window_params(fallback, "percentile"), low=PERCENTILE_LOW, high=PERCENTILE_HIGH, **extra
     )
     return _unit_window(values, fallback)
 

@@ -27,7 +27,15 @@ from emma.errors import CorruptFileError, ImageTooLargeError
 from emma.io.image import ImageFit, ModelImage, fit_array
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance
-from emma.io.windows import Window, apply_window, gray_to_rgb, parse_window, percentile_window, to_uint8
+from emma.io.windows import (
+    Window,
+    apply_window,
+    gray_to_rgb,
+    parse_window,
+    percentile_window,
+    to_uint8,
+    window_params,
+)
 
 __all__ = ["RASTER_FORMATS", "RasterSource", "raster_geometry", "raster_images", "raster_summary"]
 
@@ -115,15 +123,6 @@ def _resolve_window(window: Window | str | None) -> tuple[Window | None, str]:
     return None, ""
 
 
-def _window_params(window: Window, source: str) -> dict[str, Any]:
-    return {
-        "source": source,
-        "center": float(window.center),
-        "width": float(window.width),
-        "function": str(window.function),
-    }
-
-
 def _gray_to_uint8(
     values: np.ndarray, window: Window | None, label: str, prov: Provenance, *, fallback: bool
 ) -> np.ndarray:
@@ -139,7 +138,7 @@ def _gray_to_uint8(
         if sample.size == 0:
             raise CorruptFileError(f"{prov.source}: image has no finite pixel values")
         window, label = percentile_window(sample), "percentile"
-    prov.add("voi", **_window_params(window, label))
+    prov.add("voi", **window_params(window, label))
     unit = apply_window(x, window)
     if has_nonfinite:
         unit = np.nan_to_num(unit, nan=0.0)

@@ -45,6 +45,16 @@ PRESETS: dict[str, Window] = {
 }
 
 
+def window_params(window: Window, source: str) -> dict[str, float | str]:
+    """The provenance parameters of a window applied (``source``: where it came from)."""
+    return {
+        "source": source,
+        "center": float(window.center),
+        "width": float(window.width),
+        "function": str(window.function),
+    }
+
+
 def parse_window(spec: str) -> tuple[Window, str]:
     """Parse ``"lung"`` (a preset) or ``"C,W"`` (explicit); returns the window and a provenance label."""
     key = spec.strip().lower()
