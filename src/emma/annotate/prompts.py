@@ -13,15 +13,14 @@ inside it (as :mod:`emma.infer.prompts` does for clinical context).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from emma.infer import prompts as infer_prompts
 from emma.infer.prompts import box_instruction, coordinate_phrase
 from emma.model.families import FamilySpec, resolve_family
 
 MAX_SAMPLE_TEXT_CHARS = 3000
 FENCE = '"""'
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 MODALITY_CHOICES = (
     "xray",
@@ -109,11 +108,7 @@ CONTEXT = (
 
 def clean_text(text: str, limit: int = MAX_SAMPLE_TEXT_CHARS) -> str:
     """Control characters removed, line ends normalised, bounded to ``limit`` characters."""
-    text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
-    if len(text) > limit:
-        text = text[:limit].rstrip() + " [truncated]"
-    return text
+    return infer_prompts.clean_text(text, limit)
 
 
 def context_block(text: str) -> str:

@@ -48,7 +48,8 @@ _BASE_SYSTEM = (
 )
 
 
-def _clean(text: str, limit: int) -> str:
+def clean_text(text: str, limit: int) -> str:
+    """Control characters removed, line ends normalised, bounded to ``limit`` characters."""
     text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     if len(text) > limit:
@@ -74,7 +75,7 @@ def format_context(context: ContextLike) -> str:
         text = "\n".join(lines)
     else:
         text = str(context)
-    text = _clean(text, MAX_CONTEXT_CHARS).replace(_FENCE, "''")
+    text = clean_text(text, MAX_CONTEXT_CHARS).replace(_FENCE, "''")
     if not text:
         return ""
     return (
@@ -132,7 +133,7 @@ def system_prompt(mode: Mode = "chat", family: FamilyLike = None) -> str:
 
 def question_text(question: str | None, default: str) -> str:
     """The question, cleaned and bounded, or ``default`` when empty."""
-    text = _clean(question or "", MAX_QUESTION_CHARS)
+    text = clean_text(question or "", MAX_QUESTION_CHARS)
     return text or default
 
 
