@@ -73,7 +73,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ from emma.annotate.quality import (
     sanitize_box,
     with_hierarchy,
 )
-from emma.annotate.runner import RunStats, TeacherConfig, check_out_folder, run_pipeline
+from emma.annotate.runner import RunStats, TeacherConfig, check_out_folder, iter_inputs, run_pipeline
 from emma.annotate.steps import Ask, Item, Step, prompt_hash, provenance, record_provenance, reject
 from emma.annotate.teacher import Teacher
 from emma.data.formats import format_boxes
@@ -539,20 +539,15 @@ class RoiLocalisation:
             if not dropped:
                 return [reject(item, INVALID_BOXES, "no boxes in the answer")]
             return [reject(item, _most_common(dropped), f"no valid box ({_counts(dropped)})")]
-        gold = sample.gold.model_copy(update={"boxes": kept})
-        return _annotate(
+        return self._with_boxes(
             item,
-            sample.model_copy(update={"gold": gold}),
-            self.name,
-            self.prompt_hash,
             ask,
+            kept,
             min(1.0, len(kept) / len(findings)),
             "teacher",
+            dropped,
+            len(result.clipped),
             family=family.name,
-            boxes=len(kept),
-            dropped=dict(sorted(dropped.items())),
-            clipped=len(result.clipped),
-            fields=["gold.boxes"],
         )
 
     def _dataset_boxes(self, item: Item, sizes: list[tuple[int, int]], ask: Ask) -> list[Item]:
@@ -569,15 +564,32 @@ class RoiLocalisation:
                 clipped += check.clipped
         if not kept:
             return [reject(item, _most_common(dropped), f"no valid dataset box ({_counts(dropped)})")]
-        gold = sample.gold.model_copy(update={"boxes": kept})
+        return self._with_boxes(
+            item, ask, kept, len(kept) / len(sample.gold.boxes), "dataset", dropped, clipped
+        )
+
+    def _with_boxes(
+        self,
+        item: Item,
+        ask: Ask,
+        kept: list[Box],
+        confidence: float,
+        source: str,
+        dropped: Counter[str],
+        clipped: int,
+        **evidence: Any,
+    ) -> list[Item]:
+        """``item`` accepted with ``kept`` as its gold boxes, and what was dropped and clipped on the way."""
+        gold = item.sample.gold.model_copy(update={"boxes": kept})
         return _annotate(
             item,
-            sample.model_copy(update={"gold": gold}),
+            item.sample.model_copy(update={"gold": gold}),
             self.name,
             self.prompt_hash,
             ask,
-            len(kept) / len(sample.gold.boxes),
-            "dataset",
+            confidence,
+            source,
+            **evidence,
             boxes=len(kept),
             dropped=dict(sorted(dropped.items())),
             clipped=clipped,
@@ -841,17 +853,7 @@ def scan_duplicates(
 ) -> DuplicateScan:
     """:func:`~emma.annotate.quality.find_duplicates` over the inputs of a run, in the runner's order."""
     wanted = list(splits) if splits is not None else source.splits
-
-    def inputs() -> Iterator[Sample]:
-        n = 0
-        for split in wanted:
-            for sample in source.iter_samples(split):
-                if limit is not None and n >= limit:
-                    return
-                n += 1
-                yield sample
-
-    return find_duplicates(inputs(), source.open_image, threshold=threshold)
+    return find_duplicates(iter_inputs(source, wanted, limit), source.open_image, threshold=threshold)
 
 
 def _check_out(out: Path) -> None:

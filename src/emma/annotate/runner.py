@@ -752,7 +752,8 @@ def worker_threads(concurrency: int) -> int:
     return concurrency + max(2, concurrency // 4)
 
 
-def _inputs(src: Dataset, splits: list[str], limit: int | None) -> Iterator[Sample]:
+def iter_inputs(src: Dataset, splits: Sequence[str], limit: int | None) -> Iterator[Sample]:
+    """The samples of ``splits`` in order, the first ``limit`` of them when given: a run's inputs."""
     n = 0
     for split in splits:
         for sample in src.iter_samples(split):
@@ -781,7 +782,7 @@ def _run_local(
     pending: deque[Future[_Outcome] | _Outcome] = deque()
     # at most `concurrency` teacher calls asked and not yet stored: a kill loses at most that many answers
     flight = threading.BoundedSemaphore(concurrency)
-    inputs = enumerate(_inputs(src, splits, limit))
+    inputs = enumerate(iter_inputs(src, splits, limit))
     exhausted = False
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emma-annotate")
     try:
