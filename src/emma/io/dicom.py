@@ -62,6 +62,7 @@ __all__ = [
     "decode_frames",
     "dicom_images",
     "dicom_summary",
+    "finite_float",
     "is_monochrome1",
     "modality_values",
     "read_dataset",
@@ -226,11 +227,14 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
-    """First value of a numeric element as float; None when absent, empty or not a finite number."""
+def _value(ds: Dataset, keyword: str) -> Any:
+    """First value of an element; None when absent or empty."""
     value = _first(_get(ds, keyword))
-    if value is None or value == "":
-        return None
+    return None if value is None or value == "" else value
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float; None when it is not one."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -238,25 +242,28 @@ def _float(ds: Dataset, keyword: str) -> float | None:
     return out if np.isfinite(out) else None
 
 
+def _float(ds: Dataset, keyword: str) -> float | None:
+    """First value of a numeric element as float; None when absent, empty or not a finite number."""
+    value = _value(ds, keyword)
+    return None if value is None else finite_float(value)
+
+
 def _number(ds: Dataset, keyword: str, what: str) -> float | None:
     """First value of a numeric element that the pixel values depend on (rescale slope / intercept):
     None when absent or empty, CorruptFileError when it is not a finite number. Unlike a window, which
     has a standard fallback, a wrong rescale would silently change every value (Hounsfield units)."""
-    value = _first(_get(ds, keyword))
-    if value is None or value == "":
+    value = _value(ds, keyword)
+    if value is None:
         return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        out = float("nan")
-    if not np.isfinite(out):
+    out = finite_float(value)
+    if out is None:
         raise CorruptFileError(f"{what}: invalid {keyword} element (not a number)")
     return out
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    value = _first(_get(ds, keyword))
-    if value is None or value == "":
+    value = _value(ds, keyword)
+    if value is None:
         return None
     try:
         return int(value)

@@ -383,14 +383,6 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 def _spacing_pair(value: Any) -> tuple[float, float] | None:
     arr = _vec(value, 2)
     if arr is None or np.any(arr <= 0):
@@ -468,7 +460,7 @@ def _slice_refs(path: Path, ds: Dataset) -> list[_SliceRef]:
 
 def _slice_thickness(ds: Dataset) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _float(ds.get(keyword))
+        value = dicom.finite_float(ds.get(keyword))
         if value is not None and value > 0:
             return value
     return None
