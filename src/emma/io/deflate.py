@@ -21,11 +21,11 @@ from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from emma.errors import CorruptFileError, ImageTooLargeError
+from emma.io.deid_tables import PIXEL_TAGS
 
 __all__ = ["BoundedInflater", "read_deflated"]
 
 CHUNK_BYTES = 1024 * 1024  # compressed bytes read from the file at a time
-_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # FloatPixelData, DoubleFloatPixelData, PixelData
 
 
 class BoundedInflater(io.RawIOBase):
@@ -125,7 +125,7 @@ class BoundedInflater(io.RawIOBase):
 
 
 def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return int(tag) in _PIXEL_TAGS
+    return int(tag) in PIXEL_TAGS
 
 
 def _not_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
