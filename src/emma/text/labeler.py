@@ -598,18 +598,25 @@ def _n_words(text: str) -> int:
     return len(re.findall(r"[\w/-]+", text))
 
 
+def _post_trigger(sentence: str, end: int, hi: int, triggers: list[_Trigger]) -> _Trigger | None:
+    """The first trigger after a mention ending at ``end`` within its clause (up to ``hi``), when no
+    blocker and at most ``_POST_WINDOW_WORDS`` words stand between them; pseudo-triggers never count."""
+    post = [t for t in triggers if t.post and t.start >= end and t.end <= hi and t.kind != "pseudo"]
+    if not post:
+        return None
+    between = sentence[end : post[0].start]
+    if _n_words(between) > _POST_WINDOW_WORDS or _POST_BLOCKERS.search(between):
+        return None
+    return post[0]
+
+
 def _decide(
     sentence: str, start: int, end: int, clause: tuple[int, int], triggers: list[_Trigger]
 ) -> tuple[int | None, str, str | None]:
     lo, hi = clause
-    post = [t for t in triggers if t.post and t.start >= end and t.end <= hi and t.kind != "pseudo"]
-    for t in post:
-        between = sentence[end : t.start]
-        if _n_words(between) > _POST_WINDOW_WORDS or _POST_BLOCKERS.search(between):
-            break
-        if t.kind == "uncertain":
-            return UNCERTAIN, "uncertain", t.text
-        break
+    after = _post_trigger(sentence, end, hi, triggers)
+    if after is not None and after.kind == "uncertain":
+        return UNCERTAIN, "uncertain", after.text
     pre = [
         t
         for t in triggers
@@ -629,13 +636,8 @@ def _decide(
         if nearest.kind == "hypothetical":
             return None, "hypothetical", nearest.text
         return POSITIVE, "positive", None  # a pseudo-negation ("no change in ...") asserts presence
-    for t in post:
-        between = sentence[end : t.start]
-        if _n_words(between) > _POST_WINDOW_WORDS or _POST_BLOCKERS.search(between):
-            break
-        if t.kind == "negation":
-            return NEGATIVE, "negated", t.text
-        break
+    if after is not None and after.kind == "negation":
+        return NEGATIVE, "negated", after.text
     return POSITIVE, "positive", None
 
 
