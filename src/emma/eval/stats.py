@@ -52,6 +52,22 @@ def _check_level(level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
+def _check_resamples(n_resamples: int) -> None:
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+
+
+def _percentiles(reps: ArrayLike, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates."""
+    lo, hi = np.quantile(np.asarray(reps), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _stat_of(stat: Stat, values: NDArray[np.float64]) -> float:
+    """``stat`` of one sample."""
+    return float(_apply(stat, values[None, :])[0])
+
+
 def _apply(stat: Stat, rows: NDArray[np.float64]) -> NDArray[np.float64]:
     """``stat`` of each row of a 2-D array."""
     try:
@@ -77,8 +93,7 @@ def bootstrap_distribution(
 ) -> NDArray[np.float64]:
     """The ``n_resamples`` bootstrap replicates of ``stat(values)``."""
     arr = _as_values(values)
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
+    _check_resamples(n_resamples)
     rng = np.random.default_rng(seed)
     n = arr.size
     out = []
@@ -98,8 +113,7 @@ def bootstrap_ci(
     """Percentile bootstrap confidence interval ``(lo, hi)`` of ``stat(values)``."""
     _check_level(level)
     reps = bootstrap_distribution(values, stat, n_resamples, seed)
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return _percentiles(reps, level)
 
 
 DIRECT_BOOTSTRAP_LIMIT = 20_000_000  # values resampled (n x resamples) before the level-count shortcut
@@ -128,8 +142,7 @@ def bootstrap_mean_ci(
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(arr.size, counts / arr.size, size=n_resamples)
     means = draws @ levels / arr.size
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return _percentiles(means, level)
 
 
 def bootstrap_cis(
@@ -168,19 +181,14 @@ def cluster_bootstrap_cis(
     _check_level(level)
     if n_clusters < 1:
         raise ValueError("no clusters")
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
+    _check_resamples(n_resamples)
     rng = np.random.default_rng(seed)
     reps: dict[str, list[float]] = {}
     for _ in range(n_resamples):
         counts = np.bincount(rng.integers(0, n_clusters, size=n_clusters), minlength=n_clusters)
         for name, value in stat(counts.astype(np.int64)).items():
             reps.setdefault(name, []).append(float(value))
-    out: dict[str, tuple[float, float]] = {}
-    for name, values in reps.items():
-        lo, hi = np.quantile(np.asarray(values), [(1 - level) / 2, (1 + level) / 2])
-        out[name] = (float(lo), float(hi))
-    return out
+    return {name: _percentiles(values, level) for name, values in reps.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,10 +228,36 @@ def _paired_arrays(a: ArrayLike, b: ArrayLike) -> tuple[NDArray[np.float64], NDA
 def _interval_and_p(d: np.ndarray, delta: float, level: float) -> tuple[float, float, float]:
     """Percentile interval of bootstrap differences ``d`` and the two-sided p-value of ``delta`` (the
     share of resampled differences at least as far from ``delta`` as zero is, with +1 smoothing)."""
-    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = _percentiles(d, level)
     tol = 1e-12 * max(1.0, abs(delta))
     extreme = np.count_nonzero(np.abs(d - delta) >= abs(delta) - tol)
-    return float(lo), float(hi), min(1.0, (1 + extreme) / (1 + d.size))
+    return lo, hi, float(min(1.0, (1 + extreme) / (1 + d.size)))
+
+
+def _bootstrap_delta(
+    xa: NDArray[np.float64],
+    xb: NDArray[np.float64],
+    stat: Stat,
+    n_resamples: int,
+    seed: int,
+    level: float,
+    *,
+    paired: bool,
+) -> tuple[float, float, float, float, float, float, float]:
+    """``stat(a)``, ``stat(b)``, ``delta = stat(b) - stat(a)``, its percentile interval, p-value and
+    ``level``; each replicate resamples both, with the same indices when ``paired``."""
+    _check_level(level)
+    _check_resamples(n_resamples)
+    sa, sb = _stat_of(stat, xa), _stat_of(stat, xb)
+    delta = sb - sa
+    rng = np.random.default_rng(seed)
+    reps = []
+    for size in _chunks(n_resamples, max(xa.size, xb.size)):
+        ia = rng.integers(0, xa.size, size=(size, xa.size), dtype=_index_dtype(xa.size))
+        ib = ia if paired else rng.integers(0, xb.size, size=(size, xb.size), dtype=_index_dtype(xb.size))
+        reps.append(_apply(stat, xb[ib]) - _apply(stat, xa[ia]))
+    lo, hi, p = _interval_and_p(np.concatenate(reps), delta, level)
+    return sa, sb, delta, lo, hi, p, level
 
 
 def paired_bootstrap(
@@ -235,20 +269,8 @@ def paired_bootstrap(
     level: float = 0.95,
 ) -> PairedComparison:
     """Paired bootstrap of ``stat(b) - stat(a)``: the same resampled sample indices for both runs."""
-    _check_level(level)
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
     xa, xb = _paired_arrays(a, b)
-    n = xa.size
-    sa, sb = float(_apply(stat, xa[None, :])[0]), float(_apply(stat, xb[None, :])[0])
-    delta = sb - sa
-    rng = np.random.default_rng(seed)
-    reps = []
-    for size in _chunks(n_resamples, n):
-        idx = rng.integers(0, n, size=(size, n), dtype=_index_dtype(n))
-        reps.append(_apply(stat, xb[idx]) - _apply(stat, xa[idx]))
-    lo, hi, p = _interval_and_p(np.concatenate(reps), delta, level)
-    return PairedComparison(n, sa, sb, delta, float(lo), float(hi), float(p), level)
+    return PairedComparison(xa.size, *_bootstrap_delta(xa, xb, stat, n_resamples, seed, level, paired=True))
 
 
 def permutation_test(
@@ -259,13 +281,12 @@ def permutation_test(
     seed: int = 0,
 ) -> float:
     """Two-sided paired permutation p-value for ``stat(b) - stat(a)`` (random swaps within pairs)."""
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
+    _check_resamples(n_resamples)
     xa, xb = _paired_arrays(a, b)
     n = xa.size
     rng = np.random.default_rng(seed)
     is_mean = stat is np.mean
-    observed = abs(float(_apply(stat, xb[None, :])[0]) - float(_apply(stat, xa[None, :])[0]))
+    observed = abs(_stat_of(stat, xb) - _stat_of(stat, xa))
     tol = 1e-12 * max(1.0, observed)
     diff = xb - xa
     extreme = 0
@@ -305,17 +326,7 @@ def two_sample_bootstrap(
     level: float = 0.95,
 ) -> TwoSampleComparison:
     """Unpaired bootstrap of ``stat(b) - stat(a)``: ``a`` and ``b`` are resampled independently."""
-    _check_level(level)
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
     xa, xb = _as_values(a, "a"), _as_values(b, "b")
-    sa, sb = float(_apply(stat, xa[None, :])[0]), float(_apply(stat, xb[None, :])[0])
-    delta = sb - sa
-    rng = np.random.default_rng(seed)
-    reps = []
-    for size in _chunks(n_resamples, max(xa.size, xb.size)):
-        ia = rng.integers(0, xa.size, size=(size, xa.size), dtype=_index_dtype(xa.size))
-        ib = rng.integers(0, xb.size, size=(size, xb.size), dtype=_index_dtype(xb.size))
-        reps.append(_apply(stat, xb[ib]) - _apply(stat, xa[ia]))
-    lo, hi, p = _interval_and_p(np.concatenate(reps), delta, level)
-    return TwoSampleComparison(xa.size, xb.size, sa, sb, delta, float(lo), float(hi), float(p), level)
+    return TwoSampleComparison(
+        xa.size, xb.size, *_bootstrap_delta(xa, xb, stat, n_resamples, seed, level, paired=False)
+    )
