@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 
 from emma.errors import DataFormatError
 from emma.eval.extract import Extraction, extract_findings, extract_yes_no
-from emma.eval.score_adapters import CI_LEVEL, MISSING, Adapter, Scored
+from emma.eval.score_adapters import CI_LEVEL, MISSING, Adapter, Scored, Texts, WordLogprobs
 from emma.eval.scorers import precision_recall_f1, roc_auc
 from emma.eval.tasks import EvalItem
 from emma.eval.tasks.findings import IMAGE_KEY
@@ -184,10 +184,7 @@ class FindingsAdapter(Adapter):
         return "exact_match" if self.multi else "accuracy"
 
     def score_batch(
-        self,
-        items: Sequence[EvalItem],
-        texts: Mapping[str, str | None],
-        logprobs: Mapping[str, Mapping[str, float] | None] | None = None,
+        self, items: Sequence[EvalItem], texts: Texts, logprobs: WordLogprobs | None = None
     ) -> list[Scored]:
         return [self.score(item, texts.get(item.id), (logprobs or {}).get(item.id)) for item in items]
 

@@ -27,6 +27,10 @@ from emma.errors import DataFormatError, InputError
 from emma.eval.tasks import EvalItem, TaskDef
 
 CI_LEVEL = 0.95
+# The runner's answers by sample id (None: no prediction) and each answer's word_logprobs by sample id.
+Texts = Mapping[str, str | None]
+WordLogprobs = Mapping[str, Mapping[str, float] | None]
+
 MISSING = "missing"  # parse status of an evaluated sample without a prediction
 
 
@@ -74,10 +78,7 @@ class Adapter:
         return self.headline
 
     def score_batch(
-        self,
-        items: Sequence[EvalItem],
-        texts: Mapping[str, str | None],
-        logprobs: Mapping[str, Mapping[str, float] | None] | None = None,
+        self, items: Sequence[EvalItem], texts: Texts, logprobs: WordLogprobs | None = None
     ) -> list[Scored]:
         """Score every item; ``logprobs`` (id → the engine's word_logprobs) is read by the adapters that
         use it (finding classification: AUROC) and ignored by the others."""
@@ -223,10 +224,7 @@ class ReportAdapter(Adapter):
         self.unavailable: dict[str, str] = {}
 
     def score_batch(
-        self,
-        items: Sequence[EvalItem],
-        texts: Mapping[str, str | None],
-        logprobs: Mapping[str, Mapping[str, float] | None] | None = None,
+        self, items: Sequence[EvalItem], texts: Texts, logprobs: WordLogprobs | None = None
     ) -> list[Scored]:
         preds = [texts.get(it.id) or "" for it in items]
         refs = [it.sample.gold.answer or "" for it in items]
