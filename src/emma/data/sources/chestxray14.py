@@ -31,16 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Unpack
 
+from emma.data.sources import _cxr
 from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
-from emma.data.sources._cxr import (
-    FRONTAL,
-    add_image_sample,
-    find_table,
-    finding_sample,
-    iter_table,
-    patient_split,
-    safe_relpath,
-)
 from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
 
@@ -104,7 +96,7 @@ def image_dirs(src: Path) -> list[Path]:
 def import_chestxray14(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
     """Import ChestX-ray14 from its release folder ``src`` (Data_Entry CSV, lists, images) into ``out``."""
     src, out = Path(src), Path(out)
-    table = find_table(source_folder(src, NAME), TABLES)
+    table = _cxr.find_table(source_folder(src, NAME), TABLES)
     if table is None:
         raise DataFormatError(f"{NAME}: missing {' or '.join(TABLES)} in {src}")
     dirs = image_dirs(src)
@@ -118,23 +110,23 @@ def import_chestxray14(src: Path, out: Path, **options: Unpack[ImportKwargs]) ->
         name = clean_text(row["Image Index"])
         patient = clean_text(row["Patient ID"])
         findings = parse_findings(row["Finding Labels"])
-        rel_name = safe_relpath(name)
+        rel_name = _cxr.safe_relpath(name)
         if findings is None or not patient or rel_name is None or len(rel_name.parts) != 1:
             run.skip(INVALID_RECORD)
             return
         if not have_lists:
-            split = patient_split(NAME, patient, FALLBACK_SPLIT)
+            split = _cxr.patient_split(NAME, patient, FALLBACK_SPLIT)
         elif name in test:
             split = "test"
         elif name in train_val:
-            split = patient_split(NAME, patient, VALIDATION_SPLIT)
+            split = _cxr.patient_split(NAME, patient, VALIDATION_SPLIT)
         else:
             run.filter(NOT_LISTED)
             return
         folder = next((d for d in dirs if (d / name).is_file()), dirs[0])
         rel = (folder / name).relative_to(src).as_posix()
         follow_up = clean_text(row.get("Follow-up #")) or "0"
-        sample = finding_sample(
+        sample = _cxr.finding_sample(
             dataset=NAME,
             license=LICENSE,
             sid=name.rsplit(".", 1)[0],
@@ -144,13 +136,13 @@ def import_chestxray14(src: Path, out: Path, **options: Unpack[ImportKwargs]) ->
             split=split,
             patient=patient,
             study=f"{patient}/{follow_up}",
-            view=FRONTAL,
+            view=_cxr.FRONTAL,
             projection=clean_text(row["View Position"]) or None,
             extra={"follow_up": follow_up},
         )
-        add_image_sample(run, sample, NAME, folder / name, rel)
+        _cxr.add_image_sample(run, sample, NAME, folder / name, rel)
 
-    rows = (row for _, row in iter_table(table, REQUIRED))
+    rows = (row for _, row in _cxr.iter_table(table, REQUIRED))
     report = import_records(INFO, src, out, options, rows, add_record)
     if have_lists:
         report.notes.append(

@@ -39,16 +39,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Unpack
 
+from emma.data.sources import _cxr
 from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
-from emma.data.sources._cxr import (
-    FRONTAL,
-    LATERAL,
-    add_image_sample,
-    find_table,
-    finding_sample,
-    iter_table,
-    safe_relpath,
-)
 from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
 from emma.text.labeler import CHEXPERT_FINDINGS
@@ -105,7 +97,7 @@ def apply_policy(raw: dict[str, int | None], policy: UncertaintyPolicy) -> tuple
 
 def release_relpath(path: str) -> str | None:
     """The image path inside ``src``: the CSV's ``Path`` without the release folder component."""
-    rel = safe_relpath(path)
+    rel = _cxr.safe_relpath(path)
     if rel is None:
         return None
     parts = rel.parts
@@ -121,7 +113,9 @@ def import_chexpert(
     src, out = Path(src), Path(out)
     policy = check_policy(uncertainty)
     source_folder(src, NAME)
-    tables = [(path, split) for name, split in SPLIT_FILES if (path := find_table(src, [name])) is not None]
+    tables = [
+        (path, split) for name, split in SPLIT_FILES if (path := _cxr.find_table(src, [name])) is not None
+    ]
     if not tables:
         raise DataFormatError(f"{NAME}: neither train.csv nor valid.csv in {src}")
     n_uncertain = 0
@@ -140,7 +134,7 @@ def import_chexpert(
         n_uncertain += bool(uncertain)
         positives = [f for f in OBSERVATIONS if labels.get(f) == 1 and f != "No Finding"]
         view_text = clean_text(row.get("Frontal/Lateral")).lower()
-        sample = finding_sample(
+        sample = _cxr.finding_sample(
             dataset=NAME,
             license=LICENSE,
             sid=rel.rsplit(".", 1)[0],
@@ -150,14 +144,14 @@ def import_chexpert(
             split=split,
             patient=parts[-3],
             study=f"{parts[-3]}/{parts[-2]}",
-            view=FRONTAL if view_text == "frontal" else LATERAL if view_text == "lateral" else None,
+            view=_cxr.FRONTAL if view_text == "frontal" else _cxr.LATERAL if view_text == "lateral" else None,
             projection=clean_text(row.get("AP/PA")) or None,
             uncertain=uncertain if policy == "u-ignore" else (),
             extra={"raw_labels": values, "uncertain": uncertain, "uncertainty_policy": policy},
         )
-        add_image_sample(run, sample, NAME, src / rel, rel)
+        _cxr.add_image_sample(run, sample, NAME, src / rel, rel)
 
-    rows = ((split, row) for path, split in tables for _, row in iter_table(path, REQUIRED))
+    rows = ((split, row) for path, split in tables for _, row in _cxr.iter_table(path, REQUIRED))
     report = import_records(INFO, src, out, options, rows, add_record)
     report.notes.append(f"uncertainty policy {policy}; blank labels (not mentioned) read as 0")
     if n_uncertain:

@@ -35,17 +35,8 @@ import ast
 from pathlib import Path
 from typing import Unpack
 
+from emma.data.sources import _cxr
 from emma.data.sources._common import INVALID_RECORD, clean_text, source_folder, source_ref
-from emma.data.sources._cxr import (
-    FRONTAL,
-    LATERAL,
-    add_image_sample,
-    find_table,
-    finding_sample,
-    iter_table,
-    patient_split,
-    safe_relpath,
-)
 from emma.data.sources._importer import DatasetInfo, ImportKwargs, ImportReport, ImportRun, import_records
 from emma.errors import DataFormatError
 
@@ -87,7 +78,7 @@ FREQUENT_FINDINGS: tuple[str, ...] = (
     "apical pleural thickening",
     "kyphosis",
 )
-_VIEWS = {"PA": FRONTAL, "AP": FRONTAL, "AP_HORIZONTAL": FRONTAL, "L": LATERAL}
+_VIEWS = {"PA": _cxr.FRONTAL, "AP": _cxr.FRONTAL, "AP_HORIZONTAL": _cxr.FRONTAL, "L": _cxr.LATERAL}
 
 
 def parse_labels(value: str) -> list[str] | None:
@@ -112,7 +103,7 @@ def parse_labels(value: str) -> list[str] | None:
 
 def image_path(src: Path, image_dir: str, image_id: str) -> tuple[Path, str] | None:
     """Where an image is: ``<ImageDir>/<ImageID>``, else ``images/<ImageID>``, else ``<ImageID>``."""
-    rel_id = safe_relpath(image_id)
+    rel_id = _cxr.safe_relpath(image_id)
     if rel_id is None or len(rel_id.parts) != 1:
         return None
     candidates = []
@@ -128,7 +119,7 @@ def image_path(src: Path, image_dir: str, image_id: str) -> tuple[Path, str] | N
 def import_padchest(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> ImportReport:
     """Import PadChest from its release folder ``src`` (labels CSV + image folders) into ``out``."""
     src, out = Path(src), Path(out)
-    table = find_table(source_folder(src, NAME), [LABELS_CSV])
+    table = _cxr.find_table(source_folder(src, NAME), [LABELS_CSV])
     if table is None:
         raise DataFormatError(f"{NAME}: missing {LABELS_CSV}[.gz] in {src}")
 
@@ -147,14 +138,14 @@ def import_padchest(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> Im
         path, rel = located
         gold = {label: 1 for label in labels} | {f: 0 for f in FREQUENT_FINDINGS if f not in labels}
         projection = clean_text(row["Projection"]) or None
-        sample = finding_sample(
+        sample = _cxr.finding_sample(
             dataset=NAME,
             license=LICENSE,
             sid=image_id.rsplit(".", 1)[0],
             image=source_ref(NAME, rel),
             labels=gold,
             positives=[label for label in labels if label not in NON_FINDINGS],
-            split=patient_split(NAME, patient, SPLITS),
+            split=_cxr.patient_split(NAME, patient, SPLITS),
             patient=patient,
             study=study,
             view=_VIEWS.get((projection or "").upper()),
@@ -164,9 +155,9 @@ def import_padchest(src: Path, out: Path, **options: Unpack[ImportKwargs]) -> Im
                 "image_dir": clean_text(row["ImageDir"]) or None,
             },
         )
-        add_image_sample(run, sample, NAME, path, rel)
+        _cxr.add_image_sample(run, sample, NAME, path, rel)
 
-    rows = (row for _, row in iter_table(table, REQUIRED))
+    rows = (row for _, row in _cxr.iter_table(table, REQUIRED))
     report = import_records(INFO, src, out, options, rows, add_record)
     report.notes.append(
         "no official split: patients split 80/10/10 (train/validation/test) by a hash of PatientID"
