@@ -32,7 +32,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
@@ -48,9 +48,11 @@ ImagePathFn = Callable[[ImageRef], str]
 
 IMAGE_TAG = "<image>"
 _LLAVA_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
+_R = TypeVar("_R", bound=str)
 _LLAVA_ROLE = {"system": "system", "human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 Role = Literal["system", "user", "assistant"]
 _ROLE_FROM_LLAVA: dict[str, Role] = {"system": "system", "human": "user", "gpt": "assistant"}
+_TRL_ROLE: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
 _OPENAI_ROLE: dict[str, Role] = {
     "system": "system",
     "developer": "system",
@@ -112,6 +114,29 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
+def _message_role(
+    message: Any, roles: Mapping[str, _R], where: str, key: str = "role", what: str = "role"
+) -> _R:
+    """``roles[message[key]]`` of one chat message; DataFormatError for a non-object or another value."""
+    if not isinstance(message, Mapping):
+        raise DataFormatError(f"{where}: expected an object")
+    role = roles.get(str(message.get(key)))
+    if role is None:
+        raise DataFormatError(f"{where}: unsupported {what} {str(message.get(key))[:20]!r}")
+    return role
+
+
+def _parts(message: Mapping[str, Any], where: str) -> list[tuple[Any, Mapping[str, Any]]]:
+    """A chat message's content as ``(type, part)`` pairs (a string content: one text part; a part that
+    is not an object: type None); DataFormatError for other content."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [("text", {"type": "text", "text": content})]
+    if not isinstance(content, list):
+        raise DataFormatError(f"{where}: content must be text or a list of parts")
+    return [(part.get("type"), part) if isinstance(part, Mapping) else (None, {}) for part in content]
+
+
 # ---------------------------------------------------------------------------------------------- TRL
 
 
@@ -152,27 +177,16 @@ def from_trl(
     shown = 0
     for k, message in enumerate(messages):
         where = f"record {sample_id!r} message {k}"
-        if not isinstance(message, Mapping):
-            raise DataFormatError(f"{where}: expected an object")
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise DataFormatError(f"{where}: unsupported role {role!r}")
-        content = message.get("content")
+        role = _message_role(message, _TRL_ROLE, where)
         texts: list[str] = []
         n_images = 0
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind == "image":
-                    n_images += 1
-                elif kind == "text":
-                    texts.append(_text(part.get("text"), where))
-                else:
-                    raise DataFormatError(f"{where}: unsupported content part {kind!r}")
-        else:
-            raise DataFormatError(f"{where}: content must be text or a list of parts")
+        for kind, part in _parts(message, where):
+            if kind == "image":
+                n_images += 1
+            elif kind == "text":
+                texts.append(_text(part.get("text"), where))
+            else:
+                raise DataFormatError(f"{where}: unsupported content part {kind!r}")
         turns.append(Turn(role=role, content="\n".join(texts), images=list(range(shown, shown + n_images))))
         shown += n_images
     if shown != len(pil_images):
@@ -274,11 +288,7 @@ def from_llava(
     shown = 0
     for k, message in enumerate(conversations):
         where = f"record {sid!r} turn {k}"
-        if not isinstance(message, Mapping):
-            raise DataFormatError(f"{where}: expected an object")
-        speaker = _LLAVA_ROLE.get(str(message.get("from")))
-        if speaker is None:
-            raise DataFormatError(f"{where}: unsupported speaker {message.get('from')!r}")
+        speaker = _message_role(message, _LLAVA_ROLE, where, key="from", what="speaker")
         value = _text(message.get("value"), where)
         n = value.count(IMAGE_TAG)
         turns.append(
@@ -373,32 +383,21 @@ def from_openai_messages(
     refs: list[ImageRef] = []
     for k, message in enumerate(messages):
         where = f"message {k}"
-        if not isinstance(message, Mapping):
-            raise DataFormatError(f"{where}: expected an object")
-        role = _OPENAI_ROLE.get(str(message.get("role")))
-        if role is None:
-            raise DataFormatError(f"{where}: unsupported role {str(message.get('role'))[:20]!r}")
-        content = message.get("content")
+        role = _message_role(message, _OPENAI_ROLE, where)
         texts: list[str] = []
         indices: list[int] = []
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind == "text":
-                    texts.append(_text(part.get("text"), where))
-                elif kind == "image_url":
-                    spec = part.get("image_url")
-                    url = spec.get("url") if isinstance(spec, Mapping) else spec
-                    data = decode_data_url(_text(url, where), limits=limits)
-                    refs.append(_bytes_ref(data, limits, f"{where} image"))
-                    indices.append(len(images))
-                    images.append(data)
-                else:
-                    raise DataFormatError(f"{where}: unsupported content part {str(kind)[:30]!r}")
-        else:
-            raise DataFormatError(f"{where}: content must be text or a list of parts")
+        for kind, part in _parts(message, where):
+            if kind == "text":
+                texts.append(_text(part.get("text"), where))
+            elif kind == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, Mapping) else spec
+                data = decode_data_url(_text(url, where), limits=limits)
+                refs.append(_bytes_ref(data, limits, f"{where} image"))
+                indices.append(len(images))
+                images.append(data)
+            else:
+                raise DataFormatError(f"{where}: unsupported content part {str(kind)[:30]!r}")
         turns.append(Turn(role=role, content="\n".join(texts), images=indices))
     return _make_sample(sample_id, task, refs, turns, gold, meta), images
 
