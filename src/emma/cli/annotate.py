@@ -34,13 +34,8 @@ def annotate_command(
         None, "--split", help="Input split to annotate (repeat for several; default: all, in order)."
     ),
     store: opts.Store = None,
-    limit: int | None = typer.Option(None, "--limit", min=0, help="Annotate the first N inputs only."),
-    family: str | None = typer.Option(
-        None,
-        "--family",
-        help="The teacher's model family, for its box syntax and coordinates (qwen2_5_vl, qwen3_vl, internvl, "
-        "...); default: the teacher's own, EMMA's 0-1000 <box> form when unknown (remote servers).",
-    ),
+    limit: opts.Limit = None,
+    family: opts.Family = None,
     timeout: opts.Timeout = 120.0,
     dedup: bool = typer.Option(
         True,

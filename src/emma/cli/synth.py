@@ -30,13 +30,8 @@ def synth_command(
         "Outputs keep their input's split: use --split train to make training data only.",
     ),
     store: opts.Store = None,
-    limit: int | None = typer.Option(None, "--limit", min=0, help="Read the first N inputs only."),
-    family: str | None = typer.Option(
-        None,
-        "--family",
-        help="The teacher's model family, for box coordinates in verification (qwen2_5_vl, qwen3_vl, "
-        "internvl, ...); default: the teacher's own, EMMA's 0-1000 <box> form when unknown (servers).",
-    ),
+    limit: opts.Limit = None,
+    family: opts.Family = None,
     timeout: opts.Timeout = 120.0,
     n_options: int = typer.Option(4, "--options", min=2, max=8, help="Options per multiple-choice question."),
     max_rewrites: int = typer.Option(

@@ -41,6 +41,15 @@ Store = Annotated[
         help="Durable teacher-answer store (default OUT/teacher_store); share one between runs to reuse answers.",
     ),
 ]
+Limit = Annotated[int | None, typer.Option("--limit", min=0, help="Read the first N inputs only.")]
+Family = Annotated[
+    str | None,
+    typer.Option(
+        "--family",
+        help="The teacher's model family, for its box syntax and coordinates (qwen2_5_vl, qwen3_vl, internvl, "
+        "...); default: the teacher's own, EMMA's 0-1000 <box> form when unknown (remote servers).",
+    ),
+]
 Timeout = Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds per teacher request (servers).")]
 Fsync = Annotated[str, typer.Option("--fsync", help="Store durability: always, batch or never.")]
 RayAddress = Annotated[
