@@ -550,18 +550,28 @@ def _rules() -> str:
     return _COMMON_RULES
 
 
+def _teacher_record(
+    ctx: _Context, task: SynthTask, kind: AnswerKind, obj: dict[str, Any], **fields: Any
+) -> SynthRecord:
+    """A record of ``task`` made from the teacher's JSON ``obj``: its bounded context and question (unless
+    ``fields`` give the question), and ``fields``."""
+    context = text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False)
+    if "question" not in fields:
+        fields["question"] = text_field(obj, "question", limit=MAX_QUESTION_CHARS)
+    return SynthRecord(task=task, kind=kind, source_id=ctx.sample.id, context=context, **fields)
+
+
 def _qa_record(
     ctx: _Context, task: SynthTask, obj: dict[str, Any], *, rationale: bool, focus: list[int] | None = None
 ) -> SynthRecord:
     """The record of a question–answer task from the teacher's JSON (question, context, answer and,
     with ``rationale``, the rationale), each field bounded."""
     answer = text_field(obj, "answer", limit=MAX_SHORT_ANSWER_CHARS)
-    return SynthRecord(
-        task=task,
-        kind=_answer_kind(obj, answer),
-        source_id=ctx.sample.id,
-        context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-        question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
+    return _teacher_record(
+        ctx,
+        task,
+        _answer_kind(obj, answer),
+        obj,
         answer=answer,
         rationale=text_field(obj, "rationale", limit=MAX_RATIONALE_CHARS) if rationale else "",
         focus=focus or [],
@@ -600,12 +610,11 @@ def _gen_bbox(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
     if locate:
         obj = ctx.ask_json("bbox_vqa", ctx.images, PROMPTS["bbox_locate"].format(label=label, where=where))
         return (
-            SynthRecord(
-                task="bbox_vqa",
-                kind="grounding",
-                source_id=ctx.sample.id,
-                context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-                question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
+            _teacher_record(
+                ctx,
+                "bbox_vqa",
+                "grounding",
+                obj,
                 answer=box_text(box),
                 label=label,
                 boxes=[box],
@@ -622,11 +631,11 @@ def _gen_bbox(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
     if question.count(REGION) != 1:
         raise SynthReject("invalid_value", f"the question must hold {REGION} exactly once")
     return (
-        SynthRecord(
-            task="bbox_vqa",
-            kind="open",
-            source_id=ctx.sample.id,
-            context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
+        _teacher_record(
+            ctx,
+            "bbox_vqa",
+            "open",
+            obj,
             question=question,
             answer=label,
             region=box.model_copy(update={"label": None}),
@@ -690,12 +699,11 @@ def _gen_mc(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]:
     if options is None:
         raise SynthReject("few_distractors", f"fewer than {ctx.n_options - 1} usable distractors")
     return (
-        SynthRecord(
-            task="mc_subimage",
-            kind="choice",
-            source_id=ctx.sample.id,
-            context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-            question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
+        _teacher_record(
+            ctx,
+            "mc_subimage",
+            "choice",
+            obj,
             answer=options.options[options.answer_index],
             options=options.options,
             answer_index=options.answer_index,
@@ -747,12 +755,11 @@ def _gen_compound(ctx: _Context) -> tuple[SynthRecord, list[Image.Image] | None]
     if letter is not None:
         answer = letter  # "Panel B" → "B": a panel answer is checked as a letter
     return (
-        SynthRecord(
-            task="compound_figure",
-            kind="closed" if letter is not None else _answer_kind(obj, answer),
-            source_id=ctx.sample.id,
-            context=text_field(obj, "context", limit=MAX_CONTEXT_CHARS, required=False),
-            question=text_field(obj, "question", limit=MAX_QUESTION_CHARS),
+        _teacher_record(
+            ctx,
+            "compound_figure",
+            "closed" if letter is not None else _answer_kind(obj, answer),
+            obj,
             answer=answer,
             focus=sorted(focus),
             panels=panels,
