@@ -439,19 +439,23 @@ def _sections(
 # ---------------------------------------------------------------------------------------- rendering
 
 
+# The text blocks of a report (heading, warning, paragraph) in each output format.
+_MD_TEXT = {"h1": "# {}\n", "h2": "## {}\n", "warn": "> **Warning.** {}\n", "p": "{}\n"}
+_HTML_TEXT = {
+    "h1": "<h1>{}</h1>",
+    "h2": "<h2>{}</h2>",
+    "warn": "<p class='warn'><strong>Warning.</strong> {}</p>",
+    "p": "<p>{}</p>",
+}
+
+
 def render_markdown(
     results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], plots: Mapping[str, bytes]
 ) -> str:
     out: list[str] = []
     for kind, payload in _sections(results, rows, plots):
-        if kind == "h1":
-            out.append(f"# {payload}\n")
-        elif kind == "h2":
-            out.append(f"## {payload}\n")
-        elif kind == "warn":
-            out.append(f"> **Warning.** {payload}\n")
-        elif kind == "p":
-            out.append(f"{payload}\n")
+        if kind in _MD_TEXT:
+            out.append(_MD_TEXT[kind].format(payload))
         elif kind == "kv":
             out.append("\n".join(f"- **{k}**: {_md_cell(v)}" for k, v in payload) + "\n")
         elif kind == "list":
@@ -487,14 +491,8 @@ def render_html(
         f"<style>{_CSS}</style></head><body>",
     ]
     for kind, payload in _sections(results, rows, plots):
-        if kind == "h1":
-            out.append(f"<h1>{e(payload)}</h1>")
-        elif kind == "h2":
-            out.append(f"<h2>{e(payload)}</h2>")
-        elif kind == "warn":
-            out.append(f"<p class='warn'><strong>Warning.</strong> {e(payload)}</p>")
-        elif kind == "p":
-            out.append(f"<p>{e(payload)}</p>")
+        if kind in _HTML_TEXT:
+            out.append(_HTML_TEXT[kind].format(e(payload)))
         elif kind == "kv":
             out.append(
                 "<ul>"
