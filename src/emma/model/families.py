@@ -77,7 +77,7 @@ class SmartResize:
         return self.patch_size * self.merge_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     """What EMMA needs to know about one model family.
 
@@ -95,11 +95,11 @@ class FamilySpec:
     box_convention: BoxConvention
     box_syntax: BoxSyntax
     box_syntax_example: str
-    supports_system_role: bool
     image_tokens: tuple[str, ...]
     max_images: int
-    max_image_pixels: int | None
     notes: str
+    supports_system_role: bool = True
+    max_image_pixels: int | None = None
     smart_resize: SmartResize | None = None
     base_view: tuple[int, int] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -126,19 +126,28 @@ _EMMA_BOXES: dict[str, Any] = {
     "box_syntax_example": "<box>[[x1,y1,x2,y2]]</box>",
 }
 
+# What the Qwen-VL families share: image tokens, image cap, vision tower; Qwen2-VL and Qwen2.5-VL also
+# their resize parameters, Qwen2.5-VL and Qwen3-VL their JSON box syntax.
+_QWEN: dict[str, Any] = {
+    "image_tokens": _QWEN_IMAGE_TOKENS,
+    "max_images": 16,
+    "vision_modules": ("model.visual",),
+}
+_QWEN2_RESIZE = SmartResize(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)
+_QWEN_JSON = {
+    "box_syntax": BoxSyntax.QWEN_JSON,
+    "box_syntax_example": '```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]\n```',
+}
+
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
         box_convention=BoxConvention.RESIZED_PIXELS,
-        box_syntax=BoxSyntax.QWEN_JSON,
-        box_syntax_example='```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]\n```',
-        supports_system_role=True,
-        image_tokens=_QWEN_IMAGE_TOKENS,
-        max_images=16,
-        max_image_pixels=12845056,
-        smart_resize=SmartResize(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056),
-        vision_modules=("model.visual",),
+        **_QWEN_JSON,
+        **_QWEN,
+        max_image_pixels=_QWEN2_RESIZE.max_pixels,
+        smart_resize=_QWEN2_RESIZE,
         projector_modules=("model.visual.merger",),
         gguf_name="Qwen2.5-VL",
         notes=(
@@ -152,14 +161,10 @@ FAMILIES: dict[str, FamilySpec] = {
         name="qwen3_vl",
         model_types=("qwen3_vl", "qwen3_vl_moe"),
         box_convention=BoxConvention.NORM1000,
-        box_syntax=BoxSyntax.QWEN_JSON,
-        box_syntax_example='```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]\n```',
-        supports_system_role=True,
-        image_tokens=_QWEN_IMAGE_TOKENS,
-        max_images=16,
+        **_QWEN_JSON,
+        **_QWEN,
         max_image_pixels=16777216,
         smart_resize=SmartResize(patch_size=16, merge_size=2, min_pixels=65536, max_pixels=16777216),
-        vision_modules=("model.visual",),
         projector_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
         gguf_name="Qwen3-VL",
         notes=(
@@ -174,12 +179,9 @@ FAMILIES: dict[str, FamilySpec] = {
         box_convention=BoxConvention.NORM1000,
         box_syntax=BoxSyntax.QWEN2_TOKENS,
         box_syntax_example="<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>",
-        supports_system_role=True,
-        image_tokens=_QWEN_IMAGE_TOKENS,
-        max_images=16,
-        max_image_pixels=12845056,
-        smart_resize=SmartResize(patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056),
-        vision_modules=("model.visual",),
+        **_QWEN,
+        max_image_pixels=_QWEN2_RESIZE.max_pixels,
+        smart_resize=_QWEN2_RESIZE,
         projector_modules=("model.visual.merger",),
         gguf_name="Qwen2-VL",
         notes=(
@@ -192,10 +194,8 @@ FAMILIES: dict[str, FamilySpec] = {
         model_types=("idefics3", "smolvlm"),
         aliases=("smolvlm",),
         **_EMMA_BOXES,
-        supports_system_role=True,
         image_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
         max_images=8,
-        max_image_pixels=None,
         base_view=(364, 364),
         vision_modules=("model.vision_model",),
         projector_modules=("model.connector",),
@@ -212,10 +212,8 @@ FAMILIES: dict[str, FamilySpec] = {
         model_types=("fast_vlm",),
         aliases=("fastvlm",),
         **_EMMA_BOXES,
-        supports_system_role=True,
         image_tokens=("<image>",),
         max_images=4,
-        max_image_pixels=None,
         base_view=(224, 224),
         notes=(
             "FastVLM: any transformers vision model as the tower (emma-tiny: a ResNet-152), its last "
@@ -228,10 +226,8 @@ FAMILIES: dict[str, FamilySpec] = {
         name="llava",
         model_types=("llava",),
         **_EMMA_BOXES,
-        supports_system_role=True,
         image_tokens=("<image>",),
         max_images=4,
-        max_image_pixels=None,
         base_view=(336, 336),
         gguf_name="LLaVA",
         notes=(
@@ -246,10 +242,8 @@ FAMILIES: dict[str, FamilySpec] = {
         name="llava_onevision",
         model_types=("llava_onevision",),
         **_EMMA_BOXES,
-        supports_system_role=True,
         image_tokens=("<image>",),
         max_images=8,
-        max_image_pixels=None,
         base_view=(384, 384),
         projector_modules=("model.multi_modal_projector", "model.image_newline"),
         notes=(
@@ -263,10 +257,8 @@ FAMILIES: dict[str, FamilySpec] = {
         model_types=("gemma3",),
         aliases=("medgemma",),
         **_EMMA_BOXES,
-        supports_system_role=True,
         image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
         max_images=8,
-        max_image_pixels=None,
         base_view=(896, 896),
         gguf_name="Gemma 3",
         notes=(
@@ -281,10 +273,8 @@ FAMILIES: dict[str, FamilySpec] = {
         box_convention=BoxConvention.NORM1000,
         box_syntax=BoxSyntax.REF_BOX,
         box_syntax_example="<ref>label</ref><box>[[x1, y1, x2, y2]]</box>",
-        supports_system_role=True,
         image_tokens=("<IMG_CONTEXT>", "<img>", "</img>"),
         max_images=8,
-        max_image_pixels=None,
         base_view=(448, 448),
         gguf_name="InternVL",
         notes=(
@@ -545,13 +535,9 @@ def from_canonical(
 GENERIC_FAMILY = FamilySpec(
     name="generic",
     model_types=(),
-    box_convention=BoxConvention.NORM1000,
-    box_syntax=BoxSyntax.EMMA,
-    box_syntax_example="<box>[[x1,y1,x2,y2]]</box>",
-    supports_system_role=True,
+    **_EMMA_BOXES,
     image_tokens=("<image>",),
     max_images=8,
-    max_image_pixels=None,
     notes="Unknown family: EMMA's 0-1000 <box> text form; every native syntax is still parsed.",
 )
 
