@@ -137,8 +137,8 @@ def run_grpo_stage(
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from emma.model.registry import load_model
-    from emma.train.freeze import apply_trainable, lora_config, summarize
+    from emma.train.freeze import summarize
+    from emma.train.prepare import mixed_bf16, prepare_model
     from emma.train.progress import default_report_to
 
     settings = stage.grpo
@@ -149,11 +149,8 @@ def run_grpo_stage(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    quantize = stage.lora.quantize if stage.lora is not None else None
-    if quantize and not cuda:
-        raise GRPOStageError(f"stage {stage.name!r}: QLoRA ({quantize}) needs CUDA (bitsandbytes)")
-    loaded = load_model(str(model_dir), device="auto", dtype="auto", quantization=quantize)
-    model, processor, family = loaded.model, loaded.processor, loaded.family
+    prepared = prepare_model(model_dir, stage, wrap=False)  # TRL applies the LoRA config itself
+    model, processor, family = prepared.model, prepared.processor, prepared.family
     rows = [grpo_row(s, loader, family, processor) for s, loader in _pairs(train_samples)]
     if not rows:
         raise GRPOStageError(f"stage {stage.name!r}: no training samples")
@@ -163,25 +160,9 @@ def run_grpo_stage(
     all_funcs: list[Any] = [*funcs, *extra_rewards]
     all_weights = [*weights, *([1.0] * len(extra_rewards))]
 
-    peft_config = None
-    if stage.lora is not None and stage.lora.trainable_tokens:
-        raise GRPOStageError(f"stage {stage.name!r}: lora.trainable_tokens is for SFT stages only")
-    if stage.lora is not None:
-        peft_config = lora_config(
-            model,
-            family,
-            "grpo",
-            r=stage.lora.r,
-            alpha=stage.lora.alpha,
-            dropout=stage.lora.dropout,
-            target_modules=stage.lora.target_modules,
-            train_vision=stage.train_vision,
-        )
-    else:
-        apply_trainable(model, family, "grpo", stage.train_vision)
+    peft_config = prepared.peft_config
     model.train()
 
-    bf16 = cuda and loaded.dtype == torch.bfloat16
     args = GRPOConfig(
         output_dir=str(out_dir),
         per_device_train_batch_size=stage.batch_size * settings.num_generations,
@@ -201,7 +182,7 @@ def run_grpo_stage(
         save_steps=stage.save_steps,
         seed=seed,
         data_seed=seed,
-        bf16=bf16,
+        bf16=mixed_bf16(stage),
         use_cpu=not cuda,
         report_to=default_report_to(report_to),
         **({"gradient_checkpointing": True} if stage.gradient_checkpointing else {}),

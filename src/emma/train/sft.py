@@ -33,15 +33,8 @@ from emma.errors import InputError
 from emma.train.checkpoints import StrictResumeMixin, last_checkpoint, train_or_restore
 from emma.train.collator import VLCollator
 from emma.train.feature_cache import TowerFeatureCache
-from emma.train.freeze import (
-    TrainableSummary,
-    apply_trainable,
-    lora_config,
-    param_groups,
-    summarize,
-    token_ids,
-    train_token_rows,
-)
+from emma.train.freeze import TrainableSummary, param_groups
+from emma.train.prepare import mixed_bf16, prepare_model
 
 if TYPE_CHECKING:
     from emma.train.recipe import StageConfig
@@ -119,26 +112,6 @@ def _trainer_class() -> type:
     return EmmaSFTTrainer
 
 
-def _load(model_dir: Path, stage: StageConfig) -> Any:
-    import torch
-
-    from emma.model.registry import load_model
-
-    cuda = torch.cuda.is_available()
-    quant = stage.lora.quantize if stage.lora is not None else None
-    # LoRA/QLoRA: frozen base in bf16 on CUDA (adapters stay fp32); full training: fp32 master weights.
-    dtype = "bf16" if cuda and stage.lora is not None else "fp32"
-    return load_model(str(model_dir), device="auto", dtype=dtype, quantization=quant)
-
-
-def _bf16(stage: StageConfig, cuda: bool) -> bool:
-    import torch
-
-    if stage.bf16 is None:
-        return cuda and torch.cuda.is_bf16_supported()
-    return stage.bf16
-
-
 def _train_loss(output: Any) -> float | None:
     """Mean training loss of this ``train()`` call (None when nothing was trained: restored checkpoint)."""
     loss = getattr(output, "training_loss", None)
@@ -170,7 +143,6 @@ def run_sft_stage(
     """
     import datasets
     import torch
-    from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTConfig
 
@@ -186,31 +158,9 @@ def run_sft_stage(
     final_dir = out_dir / FINAL
 
     set_seed(seed)  # before LoRA init: adapter weights are random
-    loaded = _load(Path(model_dir), stage)
-    model, processor, family = loaded.model, loaded.processor, loaded.family
-    if stage.lora is not None:
-        config = lora_config(
-            model,
-            family,
-            stage.kind,
-            r=stage.lora.r,
-            alpha=stage.lora.alpha,
-            dropout=stage.lora.dropout,
-            target_modules=stage.lora.target_modules,
-            train_vision=stage.train_vision,
-        )
-        if stage.lora.quantize is not None:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=stage.gradient_checkpointing
-            )
-        model = get_peft_model(model, config)
-        if stage.lora.trainable_tokens:
-            train_token_rows(model, token_ids(processor, stage.lora.trainable_tokens))
-        trainable = summarize(model, family)
-    else:
-        trainable = apply_trainable(model, family, stage.kind, stage.train_vision)
+    prepared = prepare_model(Path(model_dir), stage)
+    model, processor, family = prepared.model, prepared.processor, prepared.family
+    trainable = prepared.trainable
     projector_start = None
     if stage.projector_init is not None and not (resume and last_checkpoint(ckpt_dir) is not None):
         from emma.train.projector_init import concept_projector, standardize_projector
@@ -240,7 +190,7 @@ def run_sft_stage(
         save_steps=stage.save_steps,
         save_only_model=False,
         report_to=report_to if report_to is not None else "none",
-        bf16=_bf16(stage, cuda),
+        bf16=mixed_bf16(stage),
         use_cpu=not cuda,
         max_length=None,  # the collator truncates (and refuses to cut image tokens)
         packing=False,
