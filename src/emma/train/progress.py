@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from emma.io.dicom import finite_float
 
 SUMMARY_FILE = "training_summary.json"
 LOSS_PLOT = "loss.png"
@@ -51,19 +52,11 @@ def default_report_to(requested: Sequence[str] | None = None) -> list[str]:
     return out
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def loss_points(log_history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
     """``(step, loss)`` of every training log entry carrying a finite loss."""
     points: list[tuple[int, float]] = []
     for entry in log_history:
-        loss = _finite(entry.get("loss"))
+        loss = finite_float(entry.get("loss"))
         if loss is not None and "step" in entry:
             points.append((int(entry["step"]), loss))
     return points
@@ -113,10 +106,10 @@ def write_summary(
         "first_loss": points[0][1] if points else None,
         "last_loss": points[-1][1] if points else None,
         "min_loss": min((p[1] for p in points), default=None),
-        "train_loss": _finite(final.get("train_loss")),
-        "train_runtime_s": _finite(final.get("train_runtime")),
-        "train_samples_per_second": _finite(final.get("train_samples_per_second")),
-        "train_steps_per_second": _finite(final.get("train_steps_per_second")),
+        "train_loss": finite_float(final.get("train_loss")),
+        "train_runtime_s": finite_float(final.get("train_runtime")),
+        "train_samples_per_second": finite_float(final.get("train_samples_per_second")),
+        "train_steps_per_second": finite_float(final.get("train_steps_per_second")),
         "loss_curve": [{"step": s, "loss": v} for s, v in points],
         "log_history": [dict(e) for e in log_history],
     }
@@ -199,10 +192,10 @@ class RichProgressCallback(TrainerCallback):
         if self._progress is None or not logs:
             return
         fields: dict[str, str] = {}
-        loss = _finite(logs.get("loss"))
+        loss = finite_float(logs.get("loss"))
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
-        lr = _finite(logs.get("learning_rate"))
+        lr = finite_float(logs.get("learning_rate"))
         if lr is not None:
             fields["lr"] = f"{lr:.2e}"
         if fields:
