@@ -520,6 +520,22 @@ class Batcher:
         exceeded = [b for b in limits if isinstance(b, int) and n > b]
         return PromptError(message, n_tokens=n, limit=min(exceeded) if exceeded else None)
 
+    @contextlib.contextmanager
+    def _running(self, live: list[_Job]) -> Iterator[None]:
+        """``live`` in the engine (a batch or a batch of streams): counted, held as ``_active`` while it
+        runs, its requests cancelled when the awaiting task is."""
+        self._active = live
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(live))
+        try:
+            yield
+        except asyncio.CancelledError:
+            for job in live:
+                job.request.cancel.set()
+            raise
+        finally:
+            self._active = []
+
     async def _run_batch(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         live = []
@@ -530,20 +546,11 @@ class Batcher:
                 live.append(job)
         if not live:
             return
-        self._active = live
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(live))
-        try:
+        with self._running(live):
             assert self._executor is not None
             results = await loop.run_in_executor(
                 self._executor, self._generate_sync, [j.request for j in live]
             )
-        except asyncio.CancelledError:
-            for job in live:
-                job.request.cancel.set()
-            raise
-        finally:
-            self._active = []
         for job, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 _fail(job, result)
@@ -633,20 +640,11 @@ class Batcher:
             return emit
 
         emits = [emitter(job.events) for job in live if job.events is not None]
-        self._active = live
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(live))
-        try:
+        with self._running(live):
             if len(live) == 1:
                 await loop.run_in_executor(self._executor, self._stream_sync, live[0], emits[0])
             else:
                 await loop.run_in_executor(self._executor, self._stream_many_sync, live, emits)
-        except asyncio.CancelledError:
-            for job in live:
-                job.request.cancel.set()
-            raise
-        finally:
-            self._active = []
 
 
 @dataclass
