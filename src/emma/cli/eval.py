@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,35 +31,42 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
+def _table(title: str, columns: Sequence[str], left: Sequence[str] = ("metric",)) -> Table:
+    """A table of numbers: the ``left`` columns left-aligned, the others right-aligned."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def _value_cells(value: float | None, ci: Sequence[float] | None) -> tuple[str, str]:
+    """A metric's value and its 95% CI as shown ("null" and "-" when absent)."""
+    return "null" if value is None else f"{value:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"
+
+
+def _delta_cells(d: dict[str, Any]) -> tuple[str, str]:
+    """A difference between two runs and its 95% CI, signed."""
+    return f"{d['delta']:+.4f}", f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+
+
 def _print_results(results: dict[str, Any], out: Path) -> None:
     console = _console()
     title = f"{results['task']} ({results['split']}), {results['model']}: n={results['n']}"
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_column("95% CI", justify="right")
+    table = _table(title, ("metric", "value", "95% CI"))
     for name, value in results["metrics"].items():
-        ci = results["ci95"].get(name)
-        shown = "null" if value is None else f"{value:.4f}"
-        table.add_row(name, shown, f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
+        table.add_row(name, *_value_cells(value, results["ci95"].get(name)))
     console.print(table)
     zero_shot = results.get("zero_shot")
     if zero_shot:
         _print_zero_shot(console, zero_shot)
     ablation = results.get("ablation")
     if ablation:
-        t = Table(title=f"ablation {ablation['mode']}: delta = ablated - real image (paired)")
-        for col in ("metric", "real", "ablated", "delta", "95% CI", "p (perm.)"):
-            t.add_column(col, justify="left" if col == "metric" else "right")
+        t = _table(
+            f"ablation {ablation['mode']}: delta = ablated - real image (paired)",
+            ("metric", "real", "ablated", "delta", "95% CI", "p (perm.)"),
+        )
         for name, d in ablation["delta"].items():
-            t.add_row(
-                name,
-                f"{d['a']:.4f}",
-                f"{d['b']:.4f}",
-                f"{d['delta']:+.4f}",
-                f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
-                f"{d['p_permutation']:.4f}",
-            )
+            t.add_row(name, f"{d['a']:.4f}", f"{d['b']:.4f}", *_delta_cells(d), f"{d['p_permutation']:.4f}")
         console.print(t)
     for note in results.get("notes", []):
         console.print(f"note: {note}", markup=False)
@@ -66,17 +74,17 @@ def _print_results(results: dict[str, Any], out: Path) -> None:
 
 
 def _print_zero_shot(console: Console, block: dict[str, Any]) -> None:
-    t = Table(title=f"zero-shot protocol: {block['held_out']} held out; evaluated split is {block['role']}")
-    for col in ("group", "n", "metric", "value", "95% CI"):
-        t.add_column(col, justify="left" if col in ("group", "metric") else "right")
+    t = _table(
+        f"zero-shot protocol: {block['held_out']} held out; evaluated split is {block['role']}",
+        ("group", "n", "metric", "value", "95% CI"),
+        left=("group", "metric"),
+    )
     for group in ("zero_shot", "in_distribution"):
         g = block.get(group)
         if not g:
             continue
         for name, value in g["metrics"].items():
-            ci = g["ci95"].get(name)
-            shown = "null" if value is None else f"{value:.4f}"
-            t.add_row(group, str(g["n"]), name, shown, f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-")
+            t.add_row(group, str(g["n"]), name, *_value_cells(value, g["ci95"].get(name)))
     console.print(t)
 
 
@@ -278,16 +286,16 @@ def compare_command(
         typer.echo(text)
         return
     console = _console()
-    table = Table(title=f"{result['task']}: B - A on {result['n_shared']} shared samples")
-    for col in ("metric", "A", "B", "delta", "95% CI", "p (boot.)", "p (perm.)"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+    table = _table(
+        f"{result['task']}: B - A on {result['n_shared']} shared samples",
+        ("metric", "A", "B", "delta", "95% CI", "p (boot.)", "p (perm.)"),
+    )
     for name, d in result["metrics"].items():
         table.add_row(
             name,
             f"{d['a']:.4f}",
             f"{d['b']:.4f}",
-            f"{d['delta']:+.4f}",
-            f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+            *_delta_cells(d),
             f"{d['p_bootstrap']:.4f}",
             f"{d['p_permutation']:.4f}",
         )
@@ -312,16 +320,16 @@ def _print_zero_shot_compare(console: Console, zs: dict[str, Any] | None) -> Non
     )
     if not zs["gap"]:
         return
-    table = Table(title="B - A on different samples (unpaired two-sample bootstrap)")
-    for col in ("metric", "A", "B", "delta", "95% CI", "p (boot.)"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
+    table = _table(
+        "B - A on different samples (unpaired two-sample bootstrap)",
+        ("metric", "A", "B", "delta", "95% CI", "p (boot.)"),
+    )
     for name, d in zs["gap"].items():
         table.add_row(
             name,
             f"{d['a']:.4f} (n={d['n_a']})",
             f"{d['b']:.4f} (n={d['n_b']})",
-            f"{d['delta']:+.4f}",
-            f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]",
+            *_delta_cells(d),
             f"{d['p_bootstrap']:.4f}",
         )
     console.print(table)
