@@ -46,3 +46,9 @@ class DataFormatError(InputError):
 
 class OutputError(EmmaError):
     """An output that cannot be written where asked (permissions, a file in the way, a full disk)."""
+
+
+def require_at_least(name: str, value: float, minimum: float) -> None:
+    """Raise ValueError (a caller's mistake, not bad input) unless ``value >= minimum``."""
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Self
 
+from emma.errors import require_at_least
+
 __all__ = [
     "Fault",
     "LoopbackRequest",
@@ -89,8 +91,7 @@ def fail_first(n: int, fault: Fault) -> FaultFn:
 def fail_every(k: int, fault: Fault, *, offset: int = 0) -> FaultFn:
     """``fault`` for every ``k``-th request (indices ``offset``, ``offset + k``, ...)."""
     _check_fault(fault)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    require_at_least("k", k, 1)
     return lambda r: fault if r.index >= offset and (r.index - offset) % k == 0 else None
 
 

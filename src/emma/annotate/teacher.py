@@ -44,7 +44,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from emma.errors import EmmaError
+from emma.errors import EmmaError, require_at_least
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, GenerationResponse, Message, SamplingParams
 
@@ -96,8 +96,7 @@ class RetryPolicy:
     max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        require_at_least("max_retries", self.max_retries, 0)
         if self.base_s < 0 or self.max_s < 0:
             raise ValueError("backoff times must be >= 0")
 
@@ -113,10 +112,8 @@ class CircuitPolicy:
     cooldown_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.failures < 1:
-            raise ValueError(f"failures must be >= 1, got {self.failures}")
-        if self.cooldown_s < 0:
-            raise ValueError(f"cooldown_s must be >= 0, got {self.cooldown_s}")
+        require_at_least("failures", self.failures, 1)
+        require_at_least("cooldown_s", self.cooldown_s, 0)
 
 
 class CircuitBreaker:
@@ -324,8 +321,7 @@ class Teacher:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        require_at_least("concurrency", concurrency, 1)
         self.engine = engine
         self.spec = spec
         self.name = name or teacher_name(spec)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emma.data.durable import append_lines, cut_torn_tail
+from emma.errors import require_at_least
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, GenerationResponse, Message, SamplingParams
 
@@ -189,8 +190,7 @@ class Judge:
         max_new_tokens: int = 16,
         batch_size: int = 64,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        require_at_least("batch_size", batch_size, 1)
         self.engine = engine
         self.cache = VerdictCache(cache_path)
         self.max_new_tokens = max_new_tokens

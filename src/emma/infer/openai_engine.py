@@ -20,6 +20,7 @@ import numpy as np
 import openai
 
 from emma.data.formats import image_data_url
+from emma.errors import require_at_least
 from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
     FinishReason,
@@ -105,10 +106,8 @@ class OpenAIEngine:
         timeout: float = 120,
         family: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        require_at_least("concurrency", concurrency, 1)
+        require_at_least("max_retries", max_retries, 0)
         self._model = model
         self._family = family
         self._concurrency = concurrency

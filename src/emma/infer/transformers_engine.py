@@ -40,7 +40,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from emma.errors import InputError
+from emma.errors import InputError, require_at_least
 from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
     MIN_LOGPROB,
@@ -319,8 +319,7 @@ class TransformersEngine:
         max_batch_size: int = 8,
         max_prompt_tokens: int | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        require_at_least("max_batch_size", max_batch_size, 1)
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor

@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from emma.errors import EmmaError
+from emma.errors import EmmaError, require_at_least
 from emma.infer.engine import Engine
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
 
@@ -144,12 +144,9 @@ class Batcher:
         poll_s: float = DEFAULT_POLL_S,
         count_prompts: bool = True,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if queue_capacity < 1:
-            raise ValueError(f"queue_capacity must be >= 1, got {queue_capacity}")
-        if batch_wait_ms < 0:
-            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        require_at_least("max_batch_size", max_batch_size, 1)
+        require_at_least("queue_capacity", queue_capacity, 1)
+        require_at_least("batch_wait_ms", batch_wait_ms, 0)
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0

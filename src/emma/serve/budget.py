@@ -31,6 +31,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from emma.errors import require_at_least
+
 BODY_COPIES = 3  # request bytes + parsed JSON strings + one decoded image's bytes
 HELD_BYTES_PER_PIXEL = 3 + 4 + 12  # RGB uint8 array + PIL RGB(X) image + float32 CHW tensor
 TRIM_AFTER_BYTES = 64 * 1024**2  # reservations since the last trim that make one worth its few ms
@@ -101,8 +103,7 @@ class MemoryBudget:
     """A thread-safe count of reserved bytes against ``total_bytes``."""
 
     def __init__(self, total_bytes: int) -> None:
-        if total_bytes < 1:
-            raise ValueError(f"total_bytes must be >= 1, got {total_bytes}")
+        require_at_least("total_bytes", total_bytes, 1)
         self.total = total_bytes
         self._used = 0
         self._peak = 0
