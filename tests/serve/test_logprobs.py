@@ -115,8 +115,12 @@ def test_openai_engine_word_logprobs_through_the_real_server(
             messages = [Message.text("system", SYSTEM), Message.text("user", question)]
             request = GenerationRequest(messages, SamplingParams(max_new_tokens=2), logprob_words=words)
             (response,) = remote.generate([request])
+            # a stream never asks for logprobs (emma serve refuses them with a stream): it still answers
+            chunks = list(remote.stream(request))
         finally:
             remote.close()
+    final = chunks[-1].response
+    assert final is not None and final.finish_reason != "error", final.error
     assert response.finish_reason != "error", response.error
     assert response.word_logprobs is not None
     for word in words:

@@ -139,7 +139,11 @@ class OpenAIEngine:
     def close(self) -> None:
         self._client.close()
 
-    def _params(self, request: GenerationRequest, *, max_tokens: int | None = None) -> dict[str, Any]:
+    def _params(
+        self, request: GenerationRequest, *, max_tokens: int | None = None, stream: bool = False
+    ) -> dict[str, Any]:
+        """Chat-completion parameters; first-token logprobs only when asked for and not streaming (OpenAI's
+        and EMMA's servers give logprobs on whole completions; ``emma serve`` refuses them with a stream)."""
         s = request.sampling
         params: dict[str, Any] = {
             "model": self._model,
@@ -152,7 +156,7 @@ class OpenAIEngine:
             params["stop"] = list(s.stop)
         if s.seed is not None:
             params["seed"] = s.seed
-        if request.logprob_words and max_tokens is None:
+        if request.logprob_words and max_tokens is None and not stream:
             params["logprobs"] = True
             params["top_logprobs"] = TOP_LOGPROBS
         return params
@@ -210,7 +214,7 @@ class OpenAIEngine:
             yield StreamChunk("", GenerationResponse(request.request_id, "", "cancelled"))
             return
         try:
-            params = self._params(request)
+            params = self._params(request, stream=True)
             with self._slots:
                 events = self._client.chat.completions.create(
                     **params, stream=True, stream_options={"include_usage": True}
