@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -276,7 +276,11 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``emma serve`` (the real CLI) in a subprocess on a free loopback port; its log goes to a file."""
+    """``emma serve`` (the real CLI) in a subprocess on a free loopback port; its log goes to a file.
+
+    The server gets this process's environment without ``EMMA_API_KEY`` (no key unless asked), then
+    ``env`` (e.g. ``{"EMMA_API_KEY": key}``: requests then carry it in :attr:`headers`); ``extra_args``
+    are more ``emma serve`` options (e.g. ``["--memory-budget-mb", "1024"]``)."""
 
     def __init__(
         self,
@@ -288,15 +292,20 @@ class ServerProcess:
         dtype: str,
         log_dir: Path,
         threads: int | None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.label = label
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{label}.log"
-        env = {k: v for k, v in os.environ.items() if k != "EMMA_API_KEY"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        server_env = {k: v for k, v in os.environ.items() if k != "EMMA_API_KEY"}
+        server_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         if threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op thread count in the server
+            server_env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op thread count in the server
+        server_env.update(env or {})
+        key = server_env.get("EMMA_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         command = [
             sys.executable,
             "-c",
@@ -314,9 +323,10 @@ class ServerProcess:
             device,
             "--dtype",
             dtype,
+            *extra_args,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env)
         self.model_name = ""
         self.rss_after_start_mib: float | None = None
         self.peak_rss_mib: float | None = None
@@ -328,7 +338,7 @@ class ServerProcess:
                 raise RuntimeError(f"server {self.label} exited ({self.proc.returncode}): {self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    models = httpx.get(f"{self.url}/v1/models", timeout=5.0).json()
+                    models = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=5.0).json()
                     self.model_name = str(models["data"][0]["id"])
                     self.rss_after_start_mib = _mib(_proc_status_kib(self.proc.pid, "VmRSS"))
                     return

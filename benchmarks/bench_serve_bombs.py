@@ -45,10 +45,7 @@ import json
 import os
 import platform
 import secrets
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,6 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import bombs  # noqa: E402  (tests/bombs.py: the hostile inputs the tests use too)
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_serve import ServerProcess, _proc_status_kib  # noqa: E402  (the sibling benchmark's launcher)
+
 MIB = 1024**2
 BOMB_LATENCY_TARGET_S = 1.0
 BOMB_RSS_TARGET_MB = 200.0
@@ -76,69 +76,41 @@ SERVER_START_TIMEOUT_S = 180.0
 # ------------------------------------------------------------------------------------------ server
 
 
-def _proc_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``emma serve --model FOLDER`` in a subprocess, its key in ``EMMA_API_KEY``."""
+class Server(ServerProcess):
+    """``emma serve --model FOLDER --memory-budget-mb N`` through bench_serve's launcher (the serve
+    defaults for batch size, device and dtype; torch on 1 thread), its key in ``EMMA_API_KEY``."""
 
     def __init__(self, model: str, memory_budget_mb: int, log_dir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.key = secrets.token_urlsafe(24)
         self.memory_budget_mb = memory_budget_mb
-        env = dict(os.environ)
-        env.update(EMMA_API_KEY=self.key, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-        command = [
-            sys.executable,
-            "-c",
-            "from emma.cli import app; app()",
-            "serve",
-            "--model",
+        super().__init__(
+            "server",
             model,
-            "--port",
-            str(self.port),
-            "--memory-budget-mb",
-            str(memory_budget_mb),
-        ]
-        self.log_path = log_dir / "server.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+            max_batch_size=8,
+            device="auto",
+            dtype="auto",
+            log_dir=log_dir,
+            threads=1,
+            extra_args=["--memory-budget-mb", str(memory_budget_mb)],
+            env={"EMMA_API_KEY": self.key},
+        )
+        self.headers = {**self.headers, "Content-Type": "application/json"}
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
+    def _mb(self, key: str) -> float:
+        kib = _proc_status_kib(self.proc.pid, key)
+        if kib is None:
+            raise RuntimeError(f"no {key} of the server (exited?): {self.log_tail()}")
+        return kib / 1024.0
 
     def rss_mb(self) -> float:
-        return _proc_kib(self.proc.pid, "VmRSS") / 1024.0
+        return self._mb("VmRSS")
 
     def reset_peak(self) -> None:
         with open(f"/proc/{self.proc.pid}/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current RSS
 
     def peak_mb(self) -> float:
-        return _proc_kib(self.proc.pid, "VmHWM") / 1024.0
+        return self._mb("VmHWM")
 
     def post(self, body: bytes, timeout: float = 300.0) -> tuple[int, str | None, float]:
         """``(status, error code, seconds)`` of one chat completion."""
@@ -152,16 +124,6 @@ class Server:
             except (ValueError, KeyError, TypeError):
                 code = "?"
         return r.status_code, code, elapsed
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -489,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="emma-bench-bombs-") as tmp:
         server = Server(model, args.memory_budget_mb, Path(tmp))
         try:
-            server.wait_ready()
+            server.wait_ready(SERVER_START_TIMEOUT_S)
             result["api_key_from_env_required"] = _check_key_from_env(server)
             _warm_up(server)
             result["idle_rss_mb"] = round(server.rss_mb(), 1)
