@@ -140,7 +140,10 @@ def _run_converter(script: Path, folder: Path, outfile: Path, outtype: str, *, m
 
 
 def requantize(source: str | Path, dest: str | Path, qtype: str = "q4_0") -> Path:
-    """Re-quantise a converter-written F16 GGUF: F16 tensors -> ``qtype``, token_embd/output -> Q8_0."""
+    """Re-quantise a converter-written F16 GGUF: F16 tensors -> ``qtype``, token_embd/output -> Q8_0.
+
+    A tensor whose rows are not whole blocks of 32 stays F16 (as llama-quantize falls back).
+    """
     import gguf
     import numpy as np
 
@@ -149,6 +152,7 @@ def requantize(source: str | Path, dest: str | Path, qtype: str = "q4_0") -> Pat
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(str(dest), arch=arch, endianess=reader.endianess)
+    writer.data_alignment = reader.alignment  # general.alignment, when present, is copied below
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue
@@ -160,7 +164,7 @@ def requantize(source: str | Path, dest: str | Path, qtype: str = "q4_0") -> Pat
     f16 = gguf.GGMLQuantizationType.F16
     for tensor in reader.tensors:
         data, kind = tensor.data, tensor.tensor_type
-        if kind == f16:
+        if kind == f16 and data.shape[-1] % 32 == 0:  # rows of whole 32-value blocks
             kind = gguf.GGMLQuantizationType.Q4_0
             if tensor.name in ("token_embd.weight", "output.weight"):
                 kind = gguf.GGMLQuantizationType.Q8_0
