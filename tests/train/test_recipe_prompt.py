@@ -12,8 +12,8 @@ from PIL import Image
 from emma.data.schema import Gold, Meta, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
 from emma.train.data import stage_data
+from emma.train.prepare import mixed_bf16
 from emma.train.recipe import RecipeError, StageConfig, load_recipe, parse_recipe
-from emma.train.sft import _bf16
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 
@@ -197,10 +197,10 @@ def test_bf16_default_and_override() -> None:
     assert _error(_raw(bf16="sometimes")).startswith("invalid recipe: stages.0.bf16:")
 
 
-def test_bf16_resolution_in_sft() -> None:
+def test_bf16_resolution_in_training() -> None:
     def stage(value: bool | None) -> StageConfig:
         return parse_recipe(_raw(bf16=value), check_paths=False).stages[0]
 
-    assert _bf16(stage(None), cuda=False) is False  # auto: off without CUDA
-    assert _bf16(stage(True), cuda=False) is True  # explicit: also on CPU
-    assert _bf16(stage(False), cuda=False) is False
+    assert mixed_bf16(stage(None), cuda=False) is False  # auto: off without CUDA
+    assert mixed_bf16(stage(True), cuda=False) is True  # explicit: also on CPU
+    assert mixed_bf16(stage(False), cuda=False) is False

@@ -48,14 +48,17 @@ def training_dtype(stage: StageConfig) -> str:
     return "bf16" if torch.cuda.is_available() and stage.lora is not None else "fp32"
 
 
-def mixed_bf16(stage: StageConfig) -> bool:
+def mixed_bf16(stage: StageConfig, *, cuda: bool | None = None) -> bool:
     """bf16 autocast: the stage's ``bf16`` when set, else on CUDA GPUs that support it (never on a CPU by
-    default: without AVX512-BF16 it is many times slower, benchmarks/bench_cpu_bf16.py)."""
-    import torch
+    default: without AVX512-BF16 it is many times slower, benchmarks/bench_cpu_bf16.py). ``cuda``
+    overrides the detection (tests)."""
+    if stage.bf16 is not None:
+        return stage.bf16
+    if cuda is None:
+        import torch
 
-    if stage.bf16 is None:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return stage.bf16
+        cuda = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cuda
 
 
 def prepare_model(model_dir: str | Path, stage: StageConfig, *, wrap: bool = True) -> PreparedModel:

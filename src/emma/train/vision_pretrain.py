@@ -42,6 +42,7 @@ from emma.data.formats import ImageLoader
 from emma.data.schema import ImageRef, Sample
 from emma.errors import InputError
 from emma.train.freeze import part_of, summarize
+from emma.train.prepare import mixed_bf16
 
 if TYPE_CHECKING:
     from emma.train.recipe import StageConfig
@@ -299,7 +300,7 @@ def run_vision_stage(
     def image(i: int) -> Image.Image:  # read when needed: memory stays bounded by the batch
         return image_loader(refs[i]).convert("RGB")
 
-    use_bf16 = stage.bf16 if stage.bf16 is not None else torch.cuda.is_available()  # as SFT stages
+    use_bf16 = mixed_bf16(stage)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     bar = Progress(
