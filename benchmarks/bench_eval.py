@@ -54,7 +54,7 @@ def generation_runs(
     from emma.eval.tasks import get_task
     from emma.eval.tasks.base import Decoding
     from emma.infer.transformers_engine import TransformersEngine
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     run_importer("vqa-rad", data, tmp / "vqa-rad")
     dataset = open_dataset(tmp / "vqa-rad")

@@ -10,10 +10,10 @@ Claims measured (issue 3, "Measured"):
 - time to first token (``engine.stream`` in-process; ``stream: true`` SSE through the server), p50/p95
   latency, requests/s, completion tokens/s at concurrency 1, 4 and 16, and peak RSS of each process.
 
-Set-up. One model: a tiny random-weight model of ``--family`` from :mod:`emma.model.tiny` (the tiniest
-real-architecture model available until emma-tiny lands), saved to its cache folder. The in-process
-engine and both servers load that same folder the same way (``emma serve --model FOLDER``, the real CLI,
-each server in its own subprocess on a free 127.0.0.1 port). One fixed request, repeated: a system
+Set-up. One model: a tiny random-weight model of ``--family`` from :mod:`emma.model.tiny_families`
+(the tiniest real-architecture model available until emma-tiny lands), saved to its cache folder. The
+in-process engine and both servers load that same folder the same way (``emma serve --model FOLDER``,
+the real CLI, each server in its own subprocess on a free 127.0.0.1 port). One fixed request, repeated: a system
 message, one small PNG (pydicom's ``CT_small.dcm`` through emma.io, saved as PNG) and a short question;
 greedy, ``max_tokens`` fixed. There is no ``ignore_eos``: the completion tokens actually generated are
 reported (a random model rarely stops early). The in-process request carries the same PIL image emma.io
@@ -1274,7 +1274,7 @@ def build_random_qwen25_vl(
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     processor = load_tiny("qwen2_5_vl").processor
     processor.image_processor = Qwen2VLImageProcessorPil(
@@ -1310,7 +1310,7 @@ def check_3b_config(console: Console) -> int:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     config = qwen25_vl_config(
         load_tiny("qwen2_5_vl").processor.tokenizer, QWEN25_VL_3B_TEXT, QWEN25_VL_3B_VISION
@@ -1330,7 +1330,7 @@ def check_3b_config(console: Console) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from emma.model.tiny import TINY_FAMILIES
+    from emma.model.tiny_families import TINY_FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1417,7 +1417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     if args.gpu and not torch.cuda.is_available():
         console.print(

@@ -1,7 +1,7 @@
 """Serving memory and fairness under hostile and oversized requests (issue 14, section 2).
 
 Claims measured, against the real ``emma serve`` (the CLI, in a subprocess on a free 127.0.0.1 port,
-serving a tiny random-weight model folder of ``--family`` from :mod:`emma.model.tiny`, its API key
+serving a tiny random-weight model folder of ``--family`` from :mod:`emma.model.tiny_families`, its API key
 given the documented way, in ``EMMA_API_KEY``):
 
 1. Bombs: each answered 4xx within 1 s, the server's RSS growing by less than 200 MB while it
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     model = str(build_tiny(args.family))
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}

@@ -6,8 +6,8 @@ with assistant-only labels and the image-truncation guard) is no slower in sampl
 ``SFTTrainer`` on the same data, the same model folder, the same LoRA adapters, the same steps and batch
 size, in the same process.
 
-- Model: a tiny random model of ``--family`` (:func:`emma.model.tiny.build_tiny`); both sides load the
-  same saved folder in fp32.
+- Model: a tiny random model of ``--family`` (:func:`emma.model.tiny_families.build_tiny`); both sides
+  load the same saved folder in fp32.
 - Stage: the ``vqa`` stage of ``recipes/smoke.yaml`` (LoRA r=4, all-linear, projector as
   ``modules_to_save``) with ``max_steps``/``batch_size`` from the command line and no intermediate saves.
 - Data: ``--n`` VQA-RAD samples imported with ``run_importer("vqa-rad", --data, ..., limit=--n)``, only
@@ -396,7 +396,7 @@ def collate_profile(
 
 def cpu_main(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from emma.data.formats import to_trl
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
     samples, loader, data_desc = load_samples(Path(args.data), args.n, tmp)
@@ -526,7 +526,7 @@ def build_3b(tmp: Path, family: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     if family != "qwen2_5_vl":
         raise SystemExit("--gpu benchmarks the Qwen2.5-VL-3B config; use --family qwen2_5_vl")

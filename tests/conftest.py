@@ -1,11 +1,11 @@
 """Session-wide fixtures shared by every test package: tiny random-weight models of each family.
 
 - ``tiny_model_dir("qwen2_5_vl")`` → the saved folder of a tiny model (built once, then reused from the
-  on-disk cache of :mod:`emma.model.tiny`, also across pytest-xdist workers and runs).
+  on-disk cache of :mod:`emma.model.tiny_families`, also across pytest-xdist workers and runs).
 - ``tiny_loaded("qwen2_5_vl")`` → a :class:`emma.model.registry.LoadedModel` on CPU (fp32), loaded once
   per session and shared: do not modify the model, processor or tokenizer you get (copy what you change).
 
-Families: :data:`emma.model.tiny.TINY_FAMILIES`.
+Families: :data:`emma.model.tiny_families.TINY_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Callable[[str], Path]:
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     def get(family: str) -> Path:
         return build_tiny(family)
@@ -34,7 +34,7 @@ def tiny_model_dir() -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def tiny_loaded() -> Callable[[str], LoadedModel]:
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     loaded: dict[str, LoadedModel] = {}
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from emma.cli import app
 from emma.infer.prompts import NOTICE
-from emma.model.tiny import build_tiny
+from emma.model.tiny_families import build_tiny
 
 runner = CliRunner()
 CT = get_testdata_file("CT_small.dcm")

@@ -104,7 +104,7 @@ def test_scores_a_predictions_file_and_compares_runs(
 
 
 def test_generates_with_a_model_folder(vqa_rad: Path, tmp_path: Path) -> None:
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     model = build_tiny("llava_onevision")
     args = [

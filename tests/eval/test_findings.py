@@ -252,7 +252,7 @@ def test_padchest_task_keeps_physician_labelled_frontal_images(tmp_path: Path) -
 @pytest.fixture(scope="module")
 def tiny_engine() -> Any:
     from emma.infer.transformers_engine import TransformersEngine
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     return TransformersEngine(load_tiny(TINY_FAMILY), max_batch_size=4)
 

@@ -43,7 +43,7 @@ def test_items(vqa_rad: Path) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def tiny_loaded() -> Any:
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     return load_tiny(TINY_FAMILY)
 

@@ -62,7 +62,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_engine() -> Any:
     from emma.infer.transformers_engine import TransformersEngine
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     return TransformersEngine(load_tiny(TINY_FAMILY), max_batch_size=4)
 
@@ -136,7 +136,7 @@ def test_suite_checks_its_arguments(data_root: Path, tmp_path: Path) -> None:
 
 
 def test_cli_suite_with_a_model_folder(data_root: Path, tmp_path: Path) -> None:
-    from emma.model.tiny import build_tiny
+    from emma.model.tiny_families import build_tiny
 
     model = build_tiny(TINY_FAMILY)
     args = [

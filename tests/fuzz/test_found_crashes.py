@@ -146,7 +146,7 @@ def test_a_vanishing_temperature_decodes_greedily() -> None:
     # < 0"): logits divided by temperature 7.6e-123 overflow float32
     from emma.infer.transformers_engine import TransformersEngine
     from emma.infer.types import GenerationRequest, Message, SamplingParams
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     assert SamplingParams(temperature=7.57e-123).greedy and SamplingParams(temperature=float("nan")).greedy
     assert not SamplingParams(temperature=0.7).greedy
@@ -172,7 +172,7 @@ def test_the_server_answers_a_panicking_decoder_with_400(tmp_path: Path) -> None
     from fastapi.testclient import TestClient
 
     from emma.infer.transformers_engine import TransformersEngine
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
     from emma.serve.app import ServeSettings, create_app
 
     path = mutated(tmp_path, "MR_small_RLE.dcm", Mutation("Rows", Value("US", [7])))
@@ -192,7 +192,7 @@ def test_a_lone_surrogate_in_the_text_is_refused_plainly() -> None:
     from emma.errors import InputError
     from emma.infer.transformers_engine import TransformersEngine
     from emma.infer.types import GenerationRequest, Message
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     engine = TransformersEngine(load_tiny("llava"), max_batch_size=1)
     with pytest.raises(InputError, match="not valid Unicode"):

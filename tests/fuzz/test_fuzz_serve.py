@@ -36,7 +36,7 @@ from PIL import Image
 
 from emma.infer.transformers_engine import TransformersEngine
 from emma.io.limits import Limits
-from emma.model.tiny import load_tiny
+from emma.model.tiny_families import load_tiny
 from emma.serve.app import ServeSettings, create_app
 
 CHAT = "/v1/chat/completions"

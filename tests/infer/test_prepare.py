@@ -11,7 +11,7 @@ from PIL import Image
 from emma.errors import InputError
 from emma.infer.transformers_engine import PromptTooLongError, TransformersEngine, _collate
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
-from emma.model.tiny import TINY_FAMILIES, load_tiny
+from emma.model.tiny_families import TINY_FAMILIES, load_tiny
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
-from emma.model.tiny import load_tiny
+from emma.model.tiny_families import load_tiny
 
 TOL = 1e-4
 

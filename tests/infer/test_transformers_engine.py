@@ -13,7 +13,7 @@ from emma.infer.engine import Engine
 from emma.infer.transformers_engine import PromptTooLongError, TransformersEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, StreamChunk, TextPart
 from emma.model.registry import LoadedModel
-from emma.model.tiny import load_tiny
+from emma.model.tiny_families import load_tiny
 
 FAMILIES = ("qwen2_5_vl", "idefics3")
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from emma.errors import InputError
 from emma.model.registry import load_model
-from emma.model.tiny import TINY_FAMILIES, build_tiny
+from emma.model.tiny_families import TINY_FAMILIES, build_tiny
 
 # What each family's chat format renders for: user(image + question), assistant(answer), user(question).
 _QWEN2_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -2,8 +2,8 @@
 
 Servers run the real app under uvicorn in a background thread, on a socket bound to a free loopback
 port. The engine is a real TransformersEngine over a tiny random-weight LLaVA built in-process
-(emma.model.tiny); :class:`InstrumentedEngine` wraps it transparently to record calls and, for the
-queue tests, to hold ``generate`` at a gate until the test releases it.
+(emma.model.tiny_families); :class:`InstrumentedEngine` wraps it transparently to record calls and, for
+the queue tests, to hold ``generate`` at a gate until the test releases it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, GenerationResponse, StreamChunk
 from emma.io.image import ImageFit
 from emma.model.families import image_fit
-from emma.model.tiny import load_tiny
+from emma.model.tiny_families import load_tiny
 from emma.serve.app import ServeSettings, create_app
 
 TINY_FAMILY = "llava"  # the fastest tiny family to generate with on CPU

@@ -20,7 +20,7 @@ from emma.infer import prompts
 from emma.infer.structured import structured_prompt
 from emma.infer.transformers_engine import TransformersEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
-from emma.model.tiny import load_tiny
+from emma.model.tiny_families import load_tiny
 from emma.serve.app import _apply_mode, create_app
 from emma.serve.batcher import Batcher, ClientGone, PromptError, QueueFullError
 from emma.serve.schemas import EmmaOptions

@@ -212,7 +212,7 @@ def relative_rect(pg: Any, frame_index: int, box_nth: int) -> tuple[float, float
 @pytest.fixture(scope="module")
 def tiny_server() -> Iterator[str]:
     from emma.infer.transformers_engine import TransformersEngine
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     engine = TransformersEngine(load_tiny("qwen2_vl"))
     with running_server(engine, ServeSettings(api_key=None)) as url:
@@ -238,7 +238,7 @@ def test_upload_png_and_dicom_and_chat_with_tiny_model(
     )
     # the CT preview is the model-ready slice: the 128x128 CT downscaled to what the tiny Qwen2-VL uses
     from emma.model.families import image_fit
-    from emma.model.tiny import load_tiny
+    from emma.model.tiny_families import load_tiny
 
     fit = image_fit("qwen2_vl", load_tiny("qwen2_vl").processor)
     assert fit is not None and sizes[0][0] > 0 and sizes[1] == list(fit.size_for(128, 128)) != [128, 128]

@@ -127,7 +127,7 @@ def parse_spec(spec: str) -> ModelSpec:
     if text.lower() == EMMA_TINY_INIT:
         return ModelSpec(kind="emma-tiny-init")
     if text.lower().startswith(TINY_PREFIX):
-        from emma.model.tiny import TINY_FAMILIES
+        from emma.model.tiny_families import TINY_FAMILIES
 
         family = text[len(TINY_PREFIX) :]
         if family not in TINY_FAMILIES:
@@ -254,7 +254,7 @@ def resolve_folder(spec: ModelSpec, *, allow_download: bool = True, trust_remote
         return init_dir()
     if spec.kind == "tiny":
         assert spec.family is not None
-        from emma.model.tiny import build_tiny
+        from emma.model.tiny_families import build_tiny
 
         return build_tiny(spec.family)
     if spec.kind == "hub":

@@ -5,7 +5,7 @@ GGUF support. This module finds that file, saves its tokenizer once (parsing the
 holds the on-disk cache helpers that every build of a model from it uses: the cache root
 (``$EMMA_CACHE/tiny`` or ``~/.cache/emma/tiny``), an inter-process file lock and an atomic publish of a
 finished build folder. It is product code: :mod:`emma.model.emma_tiny` (the shipped model) and
-:mod:`emma.model.tiny` (test support) both import it, and it imports neither.
+:mod:`emma.model.tiny_families` (test support) both import it, and it imports neither.
 """
 
 from __future__ import annotations

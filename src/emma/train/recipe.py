@@ -1,10 +1,10 @@
 """Training recipes: a YAML file → a validated :class:`Recipe` (pydantic), before anything loads.
 
 A recipe names an ``output_dir``, a ``base_model`` spec (a local folder, a hub id, ``emma-tiny``, or
-``tiny:<family>`` for a random tiny model built by :mod:`emma.model.tiny`), a ``seed``, the canonical
-datasets it draws on (``{name: {path, split, weight, tasks, limit}}``) and an ordered list of stages.
-Unknown keys, bad stage kinds, stages naming undefined datasets and missing dataset folders are
-:class:`RecipeError` s with one-line messages.
+``tiny:<family>`` for a random tiny model built by :mod:`emma.model.tiny_families`), a ``seed``, the
+canonical datasets it draws on (``{name: {path, split, weight, tasks, limit}}``) and an ordered list
+of stages. Unknown keys, bad stage kinds, stages naming undefined datasets and missing dataset folders
+are :class:`RecipeError` s with one-line messages.
 
 Overrides (``--set key=value``) are applied to the raw YAML before validation: dotted keys walk mappings
 and lists (``stages.0.learning_rate=1e-3``; a list item may also be named by its ``name``:

@@ -1,4 +1,6 @@
-"""Tiny random-weight vision-language models of every supported family, for tests and benchmarks.
+"""Test and demo support, not the shipped model: tiny random-weight VLMs of every family (``tiny:<family>``).
+
+The shipped product model is :mod:`emma.model.emma_tiny`; these serve tests, benchmarks and smoke recipes.
 
 Each builder makes the family's real transformers model class from a shrunken config (text hidden size
 64, 2 layers; vision towers of 2 layers at hidden size 32 and a few patches per image) and the family's
