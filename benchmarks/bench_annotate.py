@@ -2,9 +2,9 @@
 
 Claims measured (issue 6):
 
-1. **Throughput.** Against a loopback teacher that serves ``K`` concurrent requests with a fixed latency
+1. **Throughput.** Against a scripted teacher that serves ``K`` concurrent requests with a fixed latency
    ``L`` (capacity ``K / L`` requests/s; requests beyond ``K`` wait), the pipeline reaches >= 90 % of
-   that capacity. The teacher (:mod:`emma.annotate.loopback`) runs in its own process, as a real
+   that capacity. The teacher (:mod:`emma.annotate.scripted_teacher`) runs in its own process, as a real
    teacher would, so its CPU does not share the pipeline's interpreter. The pipeline runs one realistic
    step per input (image + prompt to the teacher, JSON answer parsed, provenance recorded, sample and
    image written) with ``concurrency = K`` (the strict setting: the client never has more requests out
@@ -139,17 +139,17 @@ def build_source(root: Path, n: int, *, distinct: int = 256, size: int = 64) -> 
 
 
 class TeacherProcess:
-    """The loopback teacher in its own process (``python -m emma.annotate.loopback``)."""
+    """The scripted teacher in its own process (``python -m emma.annotate.scripted_teacher``)."""
 
     def __init__(self, k: int | None, latency: float) -> None:
-        cmd = [sys.executable, "-m", "emma.annotate.loopback", "--latency", str(latency)]
+        cmd = [sys.executable, "-m", "emma.annotate.scripted_teacher", "--latency", str(latency)]
         if k is not None:
             cmd += ["--max-concurrent", str(k)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.spec = self.proc.stdout.readline().strip()
         if not self.spec.startswith("openai:"):
-            raise RuntimeError("the loopback teacher did not start")
+            raise RuntimeError("the scripted teacher did not start")
 
     def close(self) -> dict[str, Any]:
         self.proc.send_signal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""``emma annotate`` end to end: the real CLI, runner and store against a loopback OpenAI-compatible teacher."""
+"""``emma annotate`` end to end: the real CLI, runner and store against a scripted OpenAI-compatible teacher on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 import emma.cli.annotate  # noqa: F401 — registers the command on the app
-from emma.annotate.loopback import LoopbackRequest, LoopbackTeacher
+from emma.annotate.scripted_teacher import ScriptedRequest, ScriptedTeacher
 from emma.cli import app
 from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
@@ -20,7 +20,7 @@ from emma.io.load import load_images
 CT_REPORT = "Small left pneumothorax. No pleural effusion."
 
 
-def teacher_answer(request: LoopbackRequest) -> str:
+def teacher_answer(request: ScriptedRequest) -> str:
     """Deterministic answers by stage (from the prompt) and by sample (from its text in the prompt)."""
     prompt = request.last_user_text
     if "classify the study" in prompt:
@@ -77,7 +77,7 @@ def _invoke(*args: str) -> tuple[int, str, str]:
 
 def test_annotate_cli_end_to_end_and_resume(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with LoopbackTeacher(teacher_answer, max_concurrent=2) as server:
+    with ScriptedTeacher(teacher_answer, max_concurrent=2) as server:
         args = ["--teacher", server.spec, "--family", "qwen3_vl", "--in", str(source), "--out", str(out)]
         code, stdout, stderr = _invoke(*args, "--concurrency", "2", "--json")
         assert code == 0, stderr
@@ -114,7 +114,7 @@ def test_annotate_cli_end_to_end_and_resume(source: Path, tmp_path: Path) -> Non
 
 def test_annotate_cli_single_stage_keeps_the_sample_task(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "coarse-only"
-    with LoopbackTeacher(teacher_answer) as server:
+    with ScriptedTeacher(teacher_answer) as server:
         code, stdout, stderr = _invoke(
             "--teacher", server.spec, "--in", str(source), "--out", str(out), "--stages", "coarse",
             "--no-dedup", "--limit", "2", "--quiet",

@@ -2,7 +2,7 @@
 
 Unit tests call each step with a small Ask double that answers from a function of the prompt (the steps
 only see ``ask(messages) -> str``); the last tests run the stages through the real runner against the
-real loopback HTTP teacher.
+real scripted HTTP teacher on loopback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from emma.annotate.loopback import LoopbackRequest, LoopbackTeacher
 from emma.annotate.pipeline import (
     INVALID_BOXES,
     INVALID_JSON,
@@ -32,6 +31,7 @@ from emma.annotate.pipeline import (
     sample_text,
 )
 from emma.annotate.quality import BOX_OUT_OF_RANGE, BOX_WHOLE_IMAGE, DISAGREEMENT
+from emma.annotate.scripted_teacher import ScriptedRequest, ScriptedTeacher
 from emma.annotate.steps import Item
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
@@ -344,10 +344,10 @@ def test_build_steps_order_and_validation() -> None:
     assert RoiLocalisation(family="qwen2_5_vl").prompt_hash != RoiLocalisation().prompt_hash
 
 
-# --------------------------------------------------------------------- real runner, loopback teacher
+# --------------------------------------------------------------------- real runner, scripted teacher
 
 
-def scripted_teacher(request: LoopbackRequest) -> str:
+def scripted_teacher(request: ScriptedRequest) -> str:
     """A deterministic teacher: stage from the prompt, content from the sample text in it."""
     prompt = request.last_user_text
     if "classify the study" in prompt:
@@ -366,7 +366,7 @@ def _source(root: Path, reports: list[tuple[str, str]], images: list[Image.Image
     return root
 
 
-def test_annotate_through_the_runner_and_loopback_teacher(tmp_path: Path) -> None:
+def test_annotate_through_the_runner_and_scripted_teacher(tmp_path: Path) -> None:
     a = _image()
     b = _image(300, 300).rotate(45)
     c = Image.new("RGB", (320, 240), (90, 10, 10))
@@ -376,7 +376,7 @@ def test_annotate_through_the_runner_and_loopback_teacher(tmp_path: Path) -> Non
         [("s1", REPORT), ("s2", "GARBLED. " + REPORT), ("s3", REPORT), ("s4", "No acute abnormality.")],
         [a, b, a.copy(), c],
     )
-    with LoopbackTeacher(scripted_teacher) as server:
+    with ScriptedTeacher(scripted_teacher) as server:
         stats = annotate(src, tmp_path / "out", server.spec, progress=False, concurrency=2)
         requests = server.stats.requests
         again = annotate(src, tmp_path / "out", server.spec, progress=False, concurrency=2)

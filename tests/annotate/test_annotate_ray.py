@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from annotate_test_steps import make_source, make_steps
 
-from emma.annotate.loopback import LoopbackTeacher
 from emma.annotate.runner import REJECTED_SPLIT, Teacher, TeacherConfig, run_pipeline
+from emma.annotate.scripted_teacher import ScriptedTeacher
 from emma.errors import InputError
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'emma-med[ray]')")
@@ -43,7 +43,7 @@ def _lines(out: Path, split: str) -> list[str]:
 
 def test_ray_backend_matches_local_and_resumes(tmp_path: Path, local_ray: None) -> None:
     src = make_source(tmp_path / "src", 36, splits=("train", "test"))
-    with LoopbackTeacher(max_concurrent=4, latency_s=0.002) as lb:
+    with ScriptedTeacher(max_concurrent=4, latency_s=0.002) as lb:
         local = run_pipeline(make_steps(), src, tmp_path / "local", lb.spec, concurrency=4, progress=False)
         # a first run stopped after 10 inputs, then the rest on Ray: the 10 are skipped by the workers
         run_pipeline(make_steps(), src, tmp_path / "ray", lb.spec, concurrency=4, limit=10, progress=False)
@@ -73,7 +73,7 @@ def test_ray_backend_matches_local_and_resumes(tmp_path: Path, local_ray: None) 
 
 def test_ray_backend_needs_a_teacher_spec(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 2)
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         from emma.annotate.teacher import load_teacher
 
         teacher: Teacher = load_teacher(lb.spec)

@@ -16,8 +16,8 @@ import pytest
 from annotate_test_steps import Coarse, Synth, Verify, make_source, make_steps
 from PIL import Image
 
-from emma.annotate.loopback import LoopbackTeacher
 from emma.annotate.runner import REJECTED_SPLIT, run_pipeline, worker_threads
+from emma.annotate.scripted_teacher import ScriptedTeacher
 from emma.annotate.steps import Item, item_hash, prompt_hash, seeded_rng
 from emma.annotate.store import ResultStore, result_key
 from emma.annotate.teacher import CircuitPolicy, RetryPolicy, load_teacher
@@ -38,13 +38,13 @@ def _images(out: Path) -> set[str]:
     return {p.name for p in (out / "images").rglob("*.png")}
 
 
-def _teacher(lb: LoopbackTeacher, **kw: object) -> object:
+def _teacher(lb: ScriptedTeacher, **kw: object) -> object:
     return load_teacher(lb.spec, retry=FAST_RETRY, **kw)  # type: ignore[arg-type]
 
 
 def test_run_writes_in_order_with_provenance_and_rejections(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 40, splits=("train", "test"))
-    with LoopbackTeacher(max_concurrent=3, latency_s=0.002) as lb, _teacher(lb, concurrency=4) as teacher:  # type: ignore[attr-defined]
+    with ScriptedTeacher(max_concurrent=3, latency_s=0.002) as lb, _teacher(lb, concurrency=4) as teacher:  # type: ignore[attr-defined]
         stats = run_pipeline(make_steps(), src, tmp_path / "out", teacher, concurrency=4, progress=False)
         assert lb.stats.max_in_flight <= 3
     out = open_dataset(tmp_path / "out")
@@ -76,7 +76,7 @@ def test_run_writes_in_order_with_provenance_and_rejections(tmp_path: Path) -> N
 
 def test_rerun_of_a_finished_run_skips_everything(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 20)
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         first = run_pipeline(make_steps(), src, tmp_path / "out", lb.spec, concurrency=2, progress=False)
         before = _lines(tmp_path / "out", "train"), _lines(tmp_path / "out", REJECTED_SPLIT)
         asked = lb.stats.requests
@@ -89,7 +89,7 @@ def test_rerun_of_a_finished_run_skips_everything(tmp_path: Path) -> None:
 def test_shared_store_reuses_answers_in_a_new_output(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 12)
     store = tmp_path / "answers"
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         run_pipeline([Coarse()], src, tmp_path / "a", lb.spec, store=store, concurrency=2, progress=False)
         asked = lb.stats.requests
         stats = run_pipeline(
@@ -101,7 +101,7 @@ def test_shared_store_reuses_answers_in_a_new_output(tmp_path: Path) -> None:
 
 def test_output_folder_of_another_run_is_refused(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 4)
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         run_pipeline([Coarse()], src, tmp_path / "out", lb.spec, concurrency=1, progress=False)
         with pytest.raises(InputError, match="different annotation run"):
             run_pipeline(make_steps(), src, tmp_path / "out", lb.spec, concurrency=1, progress=False)
@@ -119,7 +119,7 @@ def test_teacher_failures_reject_items_and_never_stop_the_batch(tmp_path: Path) 
     def fault(r):  # type: ignore[no-untyped-def]
         return next((f for marker, f in faults.items() if marker in r.text), None)
 
-    with LoopbackTeacher(faults=fault) as lb, _teacher(lb, concurrency=3, timeout=5) as teacher:  # type: ignore[attr-defined]
+    with ScriptedTeacher(faults=fault) as lb, _teacher(lb, concurrency=3, timeout=5) as teacher:  # type: ignore[attr-defined]
         stats = run_pipeline([Coarse()], src, tmp_path / "out", teacher, concurrency=3, progress=False)
         assert lb.stats.faults == {"500": 3, "drop": 3, "invalid_json": 3}  # 1 try + 2 retries each
     rejected = {
@@ -131,7 +131,7 @@ def test_teacher_failures_reject_items_and_never_stop_the_batch(tmp_path: Path) 
     assert rejected["s00003"]["step"] == "coarse"
     assert stats.inputs == 12 and stats.processed == 12
     # failures are not stored: a later run asks again
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         again = run_pipeline(
             [Coarse()],
             src,
@@ -154,7 +154,7 @@ def test_stalled_teacher_times_out_and_is_retried(tmp_path: Path) -> None:
         return None
 
     with (
-        LoopbackTeacher(faults=stall_once, stall_s=5) as lb,
+        ScriptedTeacher(faults=stall_once, stall_s=5) as lb,
         _teacher(lb, concurrency=2, timeout=0.4) as teacher,
     ):  # type: ignore[attr-defined]
         t0 = time.monotonic()
@@ -192,7 +192,7 @@ def test_circuit_breaker_rejects_fast_then_recovers(tmp_path: Path) -> None:
                         time.sleep(0.25)  # past the cool-down: the next call is the half-open probe
                     raise
 
-    with LoopbackTeacher(faults=outage) as lb:
+    with ScriptedTeacher(faults=outage) as lb:
         teacher = load_teacher(
             lb.spec,
             concurrency=1,
@@ -228,7 +228,7 @@ def test_unreadable_image_and_step_bug_are_rejections(tmp_path: Path) -> None:
     ds = open_dataset(src)
     sample = next(s for s in ds if s.id == "s00002")
     ds.image_path(sample.images[0]).write_bytes(b"not an image at all")
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         stats = run_pipeline(
             [_Boom(), Coarse()], src, tmp_path / "out", lb.spec, concurrency=2, progress=False
         )
@@ -259,7 +259,7 @@ def test_look_ahead_is_bounded_by_the_window(tmp_path: Path) -> None:
                 release.wait(10)
             return [item]
 
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         done: list[object] = []
         runner = threading.Thread(
             target=lambda: done.append(
@@ -288,7 +288,7 @@ def _lines_part(out: Path) -> list[str]:
 
 def test_parquet_source_and_output(tmp_path: Path) -> None:
     src = make_source(tmp_path / "src", 30, fmt="parquet")
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         stats = run_pipeline(make_steps(), src, tmp_path / "out", lb.spec, concurrency=4, progress=False)
     out = open_dataset(tmp_path / "out")
     assert out.format == "parquet"
@@ -357,7 +357,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     n = 150
     src = make_source(tmp_path / "src", n)
     out = tmp_path / "killed"
-    with LoopbackTeacher(max_concurrent=4, latency_s=0.003) as lb:
+    with ScriptedTeacher(max_concurrent=4, latency_s=0.003) as lb:
         script = _CHILD.format(here=str(HERE), src=str(src), out=str(out), spec=lb.spec)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         # kill twice at different points, then finish
@@ -387,7 +387,7 @@ def test_provenance_time_is_the_time_of_the_stored_answer(tmp_path: Path) -> Non
     """A run that finds its answers in the store writes their original times, not the time of the run."""
     src = make_source(tmp_path / "src", 5)
     store = tmp_path / "answers"
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         run_pipeline([Coarse()], src, tmp_path / "a", lb.spec, store=store, progress=False)
         for seg in (store / "segments").glob("*.jsonl"):  # as if asked long ago
             seg.write_text(_TIME_RE.sub('"time":"x"', seg.read_text()).replace('"t":"20', '"t":"19'))
@@ -400,7 +400,7 @@ def test_provenance_time_is_the_time_of_the_stored_answer(tmp_path: Path) -> Non
 def test_store_key_names_the_item_step_teacher_and_request(tmp_path: Path) -> None:
     """The answer of the first kill-test step is found under the documented key parts."""
     src = make_source(tmp_path / "src", 1)
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         run_pipeline([Coarse()], src, tmp_path / "out", lb.spec, progress=False)
     sample = next(iter(open_dataset(src)))
     store = ResultStore(tmp_path / "out" / "teacher_store")
@@ -424,7 +424,7 @@ def test_items_returned_keep_unknown_images_out(tmp_path: Path) -> None:
             s = item.sample.model_copy(update={"images": [ImageRef(sha256="f" * 64)]})
             return [Item(s)]
 
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         stats = run_pipeline([Alien(), Verify()], src, tmp_path / "out", lb.spec, progress=False)
     assert stats.rejected == {"step_error": 2}
 
@@ -441,7 +441,7 @@ def test_synth_images_are_kept_for_later_steps(tmp_path: Path) -> None:
             seen.append((item.sample.id, images[0].width))
             return [Item(item.sample)]
 
-    with LoopbackTeacher() as lb:
+    with ScriptedTeacher() as lb:
         run_pipeline([Synth(), Look()], src, tmp_path / "out", lb.spec, progress=False)
     assert ("s00000~q1", 6) in seen and ("s00000~q0", 12) in seen
     assert isinstance(Image.new("RGB", (1, 1)), Image.Image)

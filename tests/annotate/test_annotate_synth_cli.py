@@ -1,5 +1,5 @@
 """``emma synth`` end to end: the real CLI, the real runner and a real OpenAI-compatible HTTP teacher on
-loopback (:class:`emma.annotate.loopback.LoopbackTeacher`) whose scripted answers exercise every task,
+loopback (:class:`emma.annotate.scripted_teacher.ScriptedTeacher`) whose scripted answers exercise every task,
 a rewrite, each rejection reason, and a rerun that reuses the store."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import emma.cli.synth  # noqa: F401 — registers `emma synth` (also registered by emma.cli itself)
-from emma.annotate.loopback import LoopbackRequest, LoopbackTeacher
+from emma.annotate.scripted_teacher import ScriptedRequest, ScriptedTeacher
 from emma.annotate.synth import record_of
 from emma.annotate.verify import VERIFY_SYSTEM
 from emma.cli import app
@@ -145,7 +145,7 @@ VERIFIED = {
 _OPTION_RE = re.compile(r"^([A-H])\. (.+)$", re.MULTILINE)
 
 
-def teacher_answer(request: LoopbackRequest) -> str:
+def teacher_answer(request: ScriptedRequest) -> str:
     text = request.last_user_text
     if VERIFY_SYSTEM in request.text:
         if "Options:" in text:  # multiple choice: the option that is the finding of the report
@@ -171,7 +171,7 @@ def test_synth_end_to_end(tmp_path: Path) -> None:
     source = _source(tmp_path / "src")
     out = tmp_path / "out"
     store = tmp_path / "store"
-    with LoopbackTeacher(teacher_answer) as teacher:
+    with ScriptedTeacher(teacher_answer) as teacher:
         args = [
             "synth",
             "--teacher",

@@ -1,4 +1,4 @@
-"""The teacher (retries, backoff, circuit breaker, batching), the durable store and the loopback server."""
+"""The teacher (retries, backoff, circuit breaker, batching), the durable store and the scripted teacher server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from emma.annotate.loopback import LoopbackTeacher, echo_answer, fail_every, fail_first, fail_when
+from emma.annotate.scripted_teacher import ScriptedTeacher, echo_answer, fail_every, fail_first, fail_when
 from emma.annotate.store import ResultStore, result_key
 from emma.annotate.teacher import (
     CircuitBreaker,
@@ -33,11 +33,11 @@ def _ask(teacher: Teacher, text: str = "hello") -> str:
     return teacher.ask([Message.text("user", text)])
 
 
-# ------------------------------------------------------------------------------------------- loopback
+# ------------------------------------------------------------------------------------ scripted teacher
 
 
-def test_loopback_serves_openai_chat_and_bounds_concurrency() -> None:
-    with LoopbackTeacher(latency_s=0.05, max_concurrent=2, model="m") as lb:
+def test_scripted_teacher_serves_openai_chat_and_bounds_concurrency() -> None:
+    with ScriptedTeacher(latency_s=0.05, max_concurrent=2, model="m") as lb:
         assert lb.spec == f"openai:{lb.url}#m" and lb.capacity == 40
         models = httpx.get(f"{lb.url}/models").json()
         assert models["data"][0]["id"] == "m"
@@ -55,16 +55,16 @@ def test_loopback_serves_openai_chat_and_bounds_concurrency() -> None:
         assert httpx.post(f"{lb.url}/chat/completions", json={"nope": 1}).status_code == 400
 
 
-def test_loopback_faults() -> None:
+def test_scripted_teacher_faults() -> None:
     faults = fail_when(lambda r: "boom" in r.text, "503")
-    with LoopbackTeacher(faults=faults) as lb:
+    with ScriptedTeacher(faults=faults) as lb:
         ok = {"model": "x", "messages": [{"role": "user", "content": "fine"}]}
         bad = {"model": "x", "messages": [{"role": "user", "content": "boom"}]}
         assert httpx.post(f"{lb.url}/chat/completions", json=ok).status_code == 200
         assert httpx.post(f"{lb.url}/chat/completions", json=bad).status_code == 503
-    with LoopbackTeacher(faults=fail_first(1, "drop")) as lb, pytest.raises(httpx.RemoteProtocolError):
+    with ScriptedTeacher(faults=fail_first(1, "drop")) as lb, pytest.raises(httpx.RemoteProtocolError):
         httpx.post(f"{lb.url}/chat/completions", json=ok)
-    with LoopbackTeacher(faults=fail_first(1, "invalid_json")) as lb:
+    with ScriptedTeacher(faults=fail_first(1, "invalid_json")) as lb:
         r = httpx.post(f"{lb.url}/chat/completions", json=ok)
         with pytest.raises(json.JSONDecodeError):
             r.json()
@@ -80,7 +80,7 @@ def test_loopback_faults() -> None:
 
 @pytest.mark.parametrize("fault", ["429", "500", "503", "drop", "invalid_json"])
 def test_retryable_faults_are_retried_once_each_layer(fault: str) -> None:
-    with LoopbackTeacher(faults=fail_first(2, fault)) as lb:  # type: ignore[arg-type]
+    with ScriptedTeacher(faults=fail_first(2, fault)) as lb:  # type: ignore[arg-type]
         with load_teacher(lb.spec, retry=NO_WAIT, timeout=5) as teacher:
             answer = _ask(teacher)
         assert json.loads(answer)["echo"]
@@ -90,7 +90,7 @@ def test_retryable_faults_are_retried_once_each_layer(fault: str) -> None:
 
 
 def test_gives_up_after_the_retries_with_the_reason() -> None:
-    with LoopbackTeacher(faults=fail_first(100, "429")) as lb:
+    with ScriptedTeacher(faults=fail_first(100, "429")) as lb:
         with load_teacher(lb.spec, retry=NO_WAIT) as teacher, pytest.raises(TeacherError) as err:
             _ask(teacher, "secret patient text")
         assert lb.stats.requests == 4
@@ -100,7 +100,7 @@ def test_gives_up_after_the_retries_with_the_reason() -> None:
 
 
 def test_stall_times_out_and_is_retried() -> None:
-    with LoopbackTeacher(faults=fail_first(1, "stall"), stall_s=5) as lb:
+    with ScriptedTeacher(faults=fail_first(1, "stall"), stall_s=5) as lb:
         with load_teacher(lb.spec, retry=NO_WAIT, timeout=0.3) as teacher:
             t0 = time.monotonic()
             assert json.loads(_ask(teacher))["echo"]
@@ -116,7 +116,7 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         assert all(0 <= d <= cap for d in delays)
         assert max(delays) > cap * 0.8 and min(delays) < cap * 0.2  # spread over the whole range
     slept: list[float] = []
-    with LoopbackTeacher(faults=fail_first(3, "500")) as lb:
+    with ScriptedTeacher(faults=fail_first(3, "500")) as lb:
         teacher = load_teacher(lb.spec, retry=RetryPolicy(max_retries=3, base_s=0.01, max_s=1.0), seed=1)
         teacher._sleep = slept.append  # record the waits instead of sleeping
         with teacher:
@@ -192,7 +192,7 @@ def test_open_circuit_fails_fast_without_requests() -> None:
     now = [0.0]
     down = threading.Event()
     down.set()
-    with LoopbackTeacher(faults=lambda r: "500" if down.is_set() else None) as lb:
+    with ScriptedTeacher(faults=lambda r: "500" if down.is_set() else None) as lb:
         teacher = Teacher(
             load_teacher(lb.spec).engine,
             spec=lb.spec,
@@ -215,7 +215,7 @@ def test_open_circuit_fails_fast_without_requests() -> None:
 
 
 def test_remote_concurrency_is_bounded() -> None:
-    with LoopbackTeacher(latency_s=0.03) as lb:
+    with ScriptedTeacher(latency_s=0.03) as lb:
         with load_teacher(lb.spec, concurrency=3) as teacher, ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: _ask(teacher, f"q{i}"), range(16)))
         assert lb.stats.max_in_flight == 3

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emma.annotate.loopback import LoopbackTeacher
+from emma.annotate.scripted_teacher import ScriptedTeacher
 from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.data.store import DatasetWriter, open_dataset
 
@@ -60,7 +60,7 @@ def _command() -> list[str]:
 
 
 def run_with_kills(
-    args: list[str], server: LoopbackTeacher, tmp: Path, *, seed: int, max_delay_s: float
+    args: list[str], server: ScriptedTeacher, tmp: Path, *, seed: int, max_delay_s: float
 ) -> KillRun:
     """Start ``emma ARGS`` ``KILLS`` times, each SIGKILLed a seeded random delay after it first asked the
     teacher; then run it once more to the end."""
@@ -93,7 +93,7 @@ def run_with_kills(
     return report
 
 
-def clean_requests(args: list[str], server: LoopbackTeacher) -> int:
+def clean_requests(args: list[str], server: ScriptedTeacher) -> int:
     """Teacher requests of one uninterrupted run (into its own folder)."""
     before = server.stats.requests
     done = subprocess.run([*_command(), *args], capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
@@ -176,7 +176,7 @@ def synth_source(root: Path, n: int) -> Path:
 def test_annotate_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     n = 40
     src = noise_source(tmp_path / "src", n)
-    with LoopbackTeacher(annotate_answer, latency_s=0.2) as server:
+    with ScriptedTeacher(annotate_answer, latency_s=0.2) as server:
 
         def args(out: Path) -> list[str]:
             return [
@@ -211,7 +211,7 @@ def test_annotate_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
 
 def test_synth_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     src = synth_source(tmp_path / "src", 16)
-    with LoopbackTeacher(synth_answer, latency_s=0.2) as server:
+    with ScriptedTeacher(synth_answer, latency_s=0.2) as server:
 
         def args(out: Path) -> list[str]:
             return [
@@ -248,7 +248,7 @@ def test_eval_is_exactly_once_under_repeated_kill_9(tmp_path: Path) -> None:
     data = tmp_path / "vqa-rad"
     run_importer("vqa-rad", REAL_VQA_RAD, data)
     n, batch = 48, 4
-    with LoopbackTeacher(latency_s=0.3) as server:
+    with ScriptedTeacher(latency_s=0.3) as server:
 
         def args(out: Path) -> list[str]:
             return [
@@ -295,7 +295,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path: Path) -> 
 
     src = noise_source(tmp_path / "src", 2)
     out = tmp_path / "out"
-    with LoopbackTeacher(annotate_answer) as server, exclusive_folder(out):
+    with ScriptedTeacher(annotate_answer) as server, exclusive_folder(out):
         args = ["annotate", "--teacher", server.spec, "--in", str(src), "--out", str(out), "--quiet"]
         done = subprocess.run([*_command(), *args], capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
         assert server.stats.requests == 0

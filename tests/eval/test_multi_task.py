@@ -16,7 +16,7 @@ from cxr_releases import chexpert_release
 from PIL import Image
 from typer.testing import CliRunner
 
-from emma.annotate.loopback import LoopbackRequest, LoopbackTeacher
+from emma.annotate.scripted_teacher import ScriptedRequest, ScriptedTeacher
 from emma.cli import app
 from emma.errors import InputError
 from emma.eval.suite import (
@@ -129,7 +129,7 @@ def test_cli_tasks_skip_then_import_then_run_and_resume(tmp_path: Path, tiny_mod
 def oracle(answers: dict[str, str]) -> Any:
     """A served model that knows VQA-RAD's answers by question, and says "no" to finding questions."""
 
-    def answer(request: LoopbackRequest) -> str:
+    def answer(request: ScriptedRequest) -> str:
         question = request.last_user_text.splitlines()[0].strip()
         return answers.get(question, "no")
 
@@ -143,7 +143,7 @@ def test_remote_engine_runs_the_same_tasks_with_bounded_concurrency(tmp_path: Pa
     shutil.move(src, root / "chexpert")
     rows = json.loads(VQA_RAD_JSON.read_text())
     answers = {" ".join(r["question"].split()): str(r["answer"]).strip() for r in rows}
-    with LoopbackTeacher(oracle(answers), latency_s=0.3, model="served-7b") as server:
+    with ScriptedTeacher(oracle(answers), latency_s=0.3, model="served-7b") as server:
         suite = run_suite(
             "vqa-rad,chexpert,pathvqa",
             out=tmp_path / "remote",
@@ -166,7 +166,7 @@ def test_remote_engine_runs_the_same_tasks_with_bounded_concurrency(tmp_path: Pa
     assert json.loads((tmp_path / "remote" / "suite.json").read_text())["concurrency"] == 3
 
     # `emma eval --task` (one task) takes the same bound
-    with LoopbackTeacher(oracle(answers), latency_s=0.3) as server:
+    with ScriptedTeacher(oracle(answers), latency_s=0.3) as server:
         single = invoke(
             "eval",
             "--task",

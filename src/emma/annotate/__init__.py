@@ -12,8 +12,8 @@
   refinement and generator–verifier checks.
 - The report labeler (report → findings, with negation and uncertainty) is shared with the evaluation
   harness and so lives below both, in :mod:`emma.text.labeler`.
-- :mod:`~emma.annotate.loopback`: a scripted OpenAI-compatible teacher on loopback for tests, benchmarks and trying a pipeline
-  and ``benchmarks/bench_annotate.py``.
+- :mod:`~emma.annotate.scripted_teacher`: a scripted OpenAI-compatible teacher on loopback, for tests,
+  ``benchmarks/bench_annotate.py`` and trying a pipeline without a real teacher.
 
 See ``docs/annotation.md``.
 """

@@ -1,6 +1,6 @@
 """A scripted, deterministic OpenAI-compatible teacher server on 127.0.0.1 (tests, benchmarks, trying a pipeline).
 
-``LoopbackTeacher(answer, latency_s=L, max_concurrent=K)`` serves ``POST /v1/chat/completions`` (not
+``ScriptedTeacher(answer, latency_s=L, max_concurrent=K)`` serves ``POST /v1/chat/completions`` (not
 streamed), ``GET /v1/models`` and ``GET /health`` on a free loopback port. It models a real teacher's
 capacity: at most ``K`` requests are served at once, each holding its slot for ``L`` seconds, and
 requests beyond ``K`` wait in line, so the server answers at most ``K / L`` requests per second. The
@@ -37,8 +37,8 @@ from emma.errors import require_at_least
 
 __all__ = [
     "Fault",
-    "LoopbackRequest",
-    "LoopbackTeacher",
+    "ScriptedRequest",
+    "ScriptedTeacher",
     "echo_answer",
     "fail_every",
     "fail_first",
@@ -51,7 +51,7 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class LoopbackRequest:
+class ScriptedRequest:
     """A chat request as the answer and fault functions see it."""
 
     index: int  # arrival order, 0-based
@@ -72,11 +72,11 @@ class LoopbackRequest:
         return ""
 
 
-AnswerFn = Callable[[LoopbackRequest], str]
-FaultFn = Callable[[LoopbackRequest], "Fault | None"]
+AnswerFn = Callable[[ScriptedRequest], str]
+FaultFn = Callable[[ScriptedRequest], "Fault | None"]
 
 
-def echo_answer(request: LoopbackRequest) -> str:
+def echo_answer(request: ScriptedRequest) -> str:
     """The default answer: a JSON object with a hash of the request text and the image count."""
     digest = hashlib.sha256(request.text.encode("utf-8")).hexdigest()[:16]
     return json.dumps({"echo": digest, "images": request.n_images})
@@ -95,7 +95,7 @@ def fail_every(k: int, fault: Fault, *, offset: int = 0) -> FaultFn:
     return lambda r: fault if r.index >= offset and (r.index - offset) % k == 0 else None
 
 
-def fail_when(predicate: Callable[[LoopbackRequest], bool], fault: Fault) -> FaultFn:
+def fail_when(predicate: Callable[[ScriptedRequest], bool], fault: Fault) -> FaultFn:
     """``fault`` for every request ``predicate`` holds for (e.g. a marker in the prompt)."""
     _check_fault(fault)
     return lambda r: fault if predicate(r) else None
@@ -126,7 +126,7 @@ def _count_images(messages: list[dict[str, Any]]) -> int:
 
 
 @dataclass
-class LoopbackStats:
+class ScriptedStats:
     requests: int = 0  # chat requests received
     answered: int = 0  # answered with a completion
     faults: Counter[str] = field(default_factory=Counter)
@@ -139,7 +139,7 @@ class LoopbackStats:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # listen backlog: a burst of new connections must not be dropped
-    teacher: LoopbackTeacher
+    teacher: ScriptedTeacher
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (timed out, dropped) is normal here: no traceback on stderr."""
@@ -200,12 +200,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "invalid chat request")
             return
         if body.get("stream"):
-            self._error(400, "streaming is not supported by the loopback teacher")
+            self._error(400, "streaming is not supported by the scripted teacher")
             return
         self.server.teacher._serve(self, body, messages)
 
 
-class LoopbackTeacher:
+class ScriptedTeacher:
     """The scripted teacher server (see the module doc). Use as a context manager or start()/stop()."""
 
     def __init__(
@@ -236,18 +236,21 @@ class LoopbackTeacher:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._next_index = 0
-        self.stats = LoopbackStats()
+        self.stats = ScriptedStats()
 
     # -- lifecycle
 
-    def start(self) -> LoopbackTeacher:
+    def start(self) -> ScriptedTeacher:
         if self._server is not None:
             return self
         server = _Server(("127.0.0.1", self._port), _Handler)
         server.teacher = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="emma-loopback", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="emma-scripted-teacher",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -271,7 +274,7 @@ class LoopbackTeacher:
     @property
     def port(self) -> int:
         if self._server is None:
-            raise RuntimeError("the loopback teacher is not running")
+            raise RuntimeError("the scripted teacher is not running")
         return int(self._server.server_address[1])
 
     @property
@@ -298,7 +301,7 @@ class LoopbackTeacher:
             index = self._next_index
             self._next_index += 1
             self.stats.requests += 1
-        request = LoopbackRequest(
+        request = ScriptedRequest(
             index=index,
             model=str(body.get("model", "")),
             messages=messages,
@@ -385,7 +388,7 @@ class LoopbackTeacher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m emma.annotate.loopback``: serve the echo teacher until interrupted (prints its spec)."""
+    """``python -m emma.annotate.scripted_teacher``: serve the echo teacher until interrupted (prints its spec)."""
     import argparse
     import signal
 
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with LoopbackTeacher(
+    with ScriptedTeacher(
         latency_s=args.latency, max_concurrent=args.max_concurrent, port=args.port, model=args.model
     ) as lb:
         print(lb.spec, flush=True)
