@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from emma.cli import app
 from emma.cli.common import fail, handle_errors
 
+if TYPE_CHECKING:
+    from emma.infer.engine import Engine
+    from emma.serve.app import ServeSettings
+
 DEFAULT_MODEL = "emma-tiny"
+BACKENDS = ("transformers", "llamacpp", "vllm")
 
 
 def _audit_to_stderr() -> None:
@@ -78,6 +87,33 @@ def serve(
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto, float32, bfloat16, float16 (in-process models)."
     ),
+    backend: str = typer.Option(
+        "transformers",
+        "--backend",
+        help="transformers (in-process), llamacpp (--model a .gguf file) or vllm (--model a folder or hub "
+        "id): EMMA starts that engine server on loopback, stays in front of it and stops it on exit.",
+    ),
+    mmproj: Path | None = typer.Option(
+        None, "--mmproj", help="llamacpp: the vision projector GGUF (emma export --to gguf); else text-only."
+    ),
+    family: str | None = typer.Option(
+        None, "--family", help="llamacpp/vllm: the model family (prompt and box conventions, vLLM limits)."
+    ),
+    max_model_len: int | None = typer.Option(
+        None,
+        "--max-model-len",
+        min=1,
+        help="llamacpp: context tokens (4096); vllm: --max-model-len (family's).",
+    ),
+    backend_command: str | None = typer.Option(
+        None, "--backend-command", help="The engine server's executable (e.g. a vllm in another environment)."
+    ),
+    backend_arg: list[str] = typer.Option(
+        [], "--backend-arg", help="One more argument for the engine server's command line; repeatable."
+    ),
+    startup_timeout_s: float = typer.Option(
+        600.0, "--startup-timeout-s", min=1.0, help="Longest wait for the engine server to answer."
+    ),
 ) -> None:
     """Serve MODEL as an OpenAI-compatible API (/v1/chat/completions) with the web UI at /.
 
@@ -96,10 +132,7 @@ def serve(
     if domains and not allow_remote_images:
         raise fail("--allowed-domain has no effect without --allow-remote-images")
 
-    import uvicorn
-
-    from emma.infer.factory import load_engine
-    from emma.serve.app import ServeSettings, create_app
+    from emma.serve.app import ServeSettings
     from emma.serve.budget import bound_allocator
 
     bound_allocator()  # freed image memory goes back to the system (see emma.serve.budget)
@@ -120,10 +153,86 @@ def serve(
         max_text_chars=max_text_chars,
     )
     typer.echo(f"loading {model} ...", err=True)
-    if model.strip().lower().startswith("openai:"):
-        engine = load_engine(model)
-    else:
-        engine = load_engine(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    engine = _engine(
+        backend,
+        model,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        mmproj=mmproj,
+        family=family,
+        max_images=max_images,
+        max_model_len=max_model_len,
+        backend_command=backend_command,
+        backend_args=backend_arg,
+        startup_timeout_s=startup_timeout_s,
+    )
+    # uvicorn ends on SIGTERM by raising it again once it has shut down; exiting through SystemExit
+    # instead lets the engine close (a llama.cpp / vLLM server started here is stopped with it).
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _serve(engine, settings, host=host, port=port, api_key=api_key)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _engine(
+    backend: str,
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    max_batch_size: int,
+    mmproj: Path | None,
+    family: str | None,
+    max_images: int,
+    max_model_len: int | None,
+    backend_command: str | None,
+    backend_args: list[str],
+    startup_timeout_s: float,
+) -> Engine:
+    """The engine behind the server: in-process, an openai: peer, or a llama.cpp / vLLM server started here."""
+    from emma.infer.factory import load_engine
+
+    if backend not in BACKENDS:
+        raise fail(f"--backend must be one of {', '.join(BACKENDS)}; got {backend[:20]!r}")
+    if backend == "transformers":
+        engine_only = (mmproj, family, max_model_len, backend_command, backend_args or None)
+        if any(x is not None for x in engine_only):
+            raise fail(
+                "--mmproj, --family, --max-model-len, --backend-command, --backend-arg need --backend llamacpp or vllm"
+            )
+        if model.strip().lower().startswith("openai:"):
+            return load_engine(model)
+        return load_engine(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+
+    from emma.infer.launch import launch_engine
+
+    typer.echo(f"starting the {backend} server ...", err=True)
+    return launch_engine(
+        backend,
+        model,
+        family=family,
+        mmproj=mmproj,
+        max_images=max_images if backend == "vllm" else None,
+        max_model_len=max_model_len,
+        command=shlex.split(backend_command) if backend_command else None,
+        extra_args=backend_args,
+        startup_timeout_s=startup_timeout_s,
+        concurrency=max_batch_size,
+    )
+
+
+def _serve(engine: Engine, settings: ServeSettings, *, host: str, port: int, api_key: str | None) -> None:
+    import uvicorn
+
+    from emma.serve.app import create_app
+
     application = create_app(engine, settings)
     _audit_to_stderr()
     shown = f"[{host}]" if ":" in host else host

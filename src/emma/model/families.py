@@ -109,6 +109,9 @@ class FamilySpec:
     projector_modules: tuple[str, ...] = ("model.multi_modal_projector",)
     # llama.cpp's name for the family when its convert_hf_to_gguf.py writes text model + mmproj (None: no)
     gguf_name: str | None = None
+    # ``vllm serve --max-model-len``: the family's trained context, capped at 32768 tokens so that the KV
+    # cache of a 2B-8B model fits beside its bf16 weights on one 24 GB card (emma.infer.launch)
+    vllm_max_model_len: int = 32768
 
 
 _QWEN_IMAGE_TOKENS = (
@@ -200,6 +203,7 @@ FAMILIES: dict[str, FamilySpec] = {
         vision_modules=("model.vision_model",),
         projector_modules=("model.connector",),
         gguf_name="Idefics3 / SmolVLM",
+        vllm_max_model_len=8192,  # SmolVLM's text model (SmolLM2) context
         notes=(
             "No trained box convention: EMMA uses 0-1000 <box> text boxes. The template renders roles as "
             "'System:' / 'User:' / 'Assistant:' with <end_of_utterance>. The processor resizes the longest "
@@ -215,6 +219,7 @@ FAMILIES: dict[str, FamilySpec] = {
         image_tokens=("<image>",),
         max_images=4,
         base_view=(224, 224),
+        vllm_max_model_len=8192,  # SmolLM2's context
         notes=(
             "FastVLM: any transformers vision model as the tower (emma-tiny: a ResNet-152), its last "
             "feature map flattened into image tokens through an MLP projector. No trained box convention: "
@@ -230,6 +235,7 @@ FAMILIES: dict[str, FamilySpec] = {
         max_images=4,
         base_view=(336, 336),
         gguf_name="LLaVA",
+        vllm_max_model_len=4096,  # Vicuna / Llama 2 context
         notes=(
             "No trained box convention: EMMA uses 0-1000 <box> text boxes (relative to the whole original "
             "image). The LLaVA-1.5 template ('USER: <image>\\n... ASSISTANT:') writes a system message as "
