@@ -21,7 +21,7 @@
    A dataset cut by ``emma data holdout`` adds a ``zero_shot`` block: the recipe, the split's role and
    metrics by group (:mod:`emma.eval.zero_shot`).
 4. **Outputs** (written atomically): ``results.json``, ``per_sample.jsonl`` and the Markdown / HTML
-   reports with plots (:mod:`emma.eval.report`).
+   reports with plots (:mod:`emma.eval.run_report`).
 
 :func:`compare_runs` compares two run folders on the samples they share (paired bootstrap and
 permutation test per metric).
@@ -764,7 +764,7 @@ def _score_and_write(
     atomic_write(out / PER_SAMPLE_FILE, "".join(dumps(r, None) + "\n" for r in rows))
     atomic_write(out / RESULTS_FILE, dumps(results) + "\n")
     if options.write_report:
-        from emma.eval.report import write_reports
+        from emma.eval.run_report import write_reports
 
         write_reports(out, results, rows)
     return EvalRun(out, results, rows)

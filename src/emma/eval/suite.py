@@ -337,7 +337,7 @@ def plot_headlines(suite: SuiteRun) -> bytes | None:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    from emma.eval.report import plot_breakdown
+    from emma.eval.run_report import plot_breakdown
 
     table = {
         f"{t.task}: {t.headline}": {"value": t.value, "ci95": t.ci95, "n": t.n}
