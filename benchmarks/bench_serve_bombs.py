@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import bombs  # noqa: E402  (tests/bombs.py: the hostile inputs the tests use too)
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_serve import ServerProcess, _proc_status_kib  # noqa: E402  (the sibling benchmark's launcher)
+from serve_client import ServerProcess, proc_status_kib  # noqa: E402  (the serving benchmarks' launcher)
 
 MIB = 1024**2
 BOMB_LATENCY_TARGET_S = 1.0
@@ -77,7 +77,7 @@ SERVER_START_TIMEOUT_S = 180.0
 
 
 class Server(ServerProcess):
-    """``emma serve --model FOLDER --memory-budget-mb N`` through bench_serve's launcher (the serve
+    """``emma serve --model FOLDER --memory-budget-mb N`` through serve_client's launcher (the serve
     defaults for batch size, device and dtype; torch on 1 thread), its key in ``EMMA_API_KEY``."""
 
     def __init__(self, model: str, memory_budget_mb: int, log_dir: Path) -> None:
@@ -97,7 +97,7 @@ class Server(ServerProcess):
         self.headers = {**self.headers, "Content-Type": "application/json"}
 
     def _mb(self, key: str) -> float:
-        kib = _proc_status_kib(self.proc.pid, key)
+        kib = proc_status_kib(self.proc.pid, key)
         if kib is None:
             raise RuntimeError(f"no {key} of the server (exited?): {self.log_tail()}")
         return kib / 1024.0

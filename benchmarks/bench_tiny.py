@@ -30,9 +30,9 @@ again and ``emma-tiny`` is rebuilt from the GGUF base + Astra's weights + the sh
 spec there is nothing to materialize: that row then equals a cold load.)
 
 Serving (``--runs`` runs): each run starts a fresh ``emma serve --model MODEL`` (the real CLI, in a
-subprocess on a free loopback port, via benchmarks/bench_serve.py's ``ServerProcess``), waits for
+subprocess on a free loopback port, via benchmarks/serve_client.py's ``ServerProcess``), waits for
 ``/health`` (server ready time), sends one unrecorded request, then ``--serve-requests`` streamed
-requests from 4 concurrent clients (closed loop, bench_serve's ``_closed_loop`` and ``openai_call``).
+requests from 4 concurrent clients (closed loop, serve_client's ``closed_loop`` and ``openai_call``).
 Per request: time to first token, tokens/s end to end (completion tokens over latency: prefill and
 queueing included, since per-token times are not observable in a word-by-word text stream); per run:
 aggregate completion tokens/s; the server's peak RSS is ``VmHWM`` of its process. Baseline in the same
@@ -58,7 +58,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
@@ -66,15 +65,15 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import (  # the sibling benchmark's helpers
+from serve_client import (  # the serving benchmarks' shared helpers
     SERVER,
     Phase,
     Sample,
     ServerProcess,
-    _closed_loop,
-    _openai_client,
+    closed_loop,
     environment,
     openai_call,
+    openai_client,
     stream_request,
 )
 
@@ -105,7 +104,7 @@ def demo_image() -> Path:
 
 
 def stream_once(engine: Any, request: Any) -> Sample:
-    """One ``engine.stream`` call (bench_serve's ``stream_request``); a failed generation stops the run."""
+    """One ``engine.stream`` call (serve_client's ``stream_request``); a failed generation stops the run."""
     sample = stream_request(engine, request)
     if sample.error is not None:
         raise SystemExit(f"generation failed: {sample.error}")
@@ -250,13 +249,13 @@ def serve_run(
     try:
         server.wait_ready()
         ready_s = time.perf_counter() - t0
-        client = _openai_client(server.url, SimpleNamespace(concurrency=[CONCURRENCY]))
+        client = openai_client(server.url, CONCURRENCY)
         try:
             warm = openai_call(client, server.model_name, workload, stream=True)  # type: ignore[arg-type]
             if warm.error is not None:
                 raise RuntimeError(f"server request failed: {warm.error}: {server.log_tail()}")
             phase = Phase(SERVER, "stream", CONCURRENCY, run, args.serve_requests)
-            phase.wall_s, phase.samples = _closed_loop(
+            phase.wall_s, phase.samples = closed_loop(
                 args.serve_requests,
                 CONCURRENCY,
                 args.phase_timeout_s,
