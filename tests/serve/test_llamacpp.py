@@ -1,0 +1,118 @@
+"""llama.cpp for real: a GGUF that ``emma export --to gguf`` writes, served by llama-cpp-python's server
+that emma.infer.launch starts, with EMMA's server in front.
+
+Needs the ``llamacpp`` extra (llama-cpp-python, built from source) and llama.cpp's converter
+(``emma export --install-converter``); skipped without them. The model is the tiny random FastVLM
+(emma-tiny's architecture): llama.cpp runs its language model alone, text-only; a tiny Qwen2.5-VL with
+its vision projector covers images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from emma.infer.types import GenerationRequest, Message, SamplingParams
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp.server.app")  # the [server] part: fastapi, sse-starlette, pydantic-settings
+
+from emma.infer.launch import LaunchedEngine, launch_engine  # noqa: E402
+from emma.train.export import export_gguf  # noqa: E402
+from emma.train.gguf_export import find_converter  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    find_converter() is None or importlib.util.find_spec("sentencepiece") is None,
+    reason="llama.cpp's converter is not installed: pip install 'emma-med[gguf]'; emma export --install-converter",
+)
+
+
+def _request(text: str, max_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[Message.text("system", "Answer briefly."), Message.text("user", text)],
+        sampling=SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def text_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    files = export_gguf(tiny_model_dir("fast_vlm"), tmp_path_factory.mktemp("gguf"), quant="q8_0")
+    assert files.mmproj is None
+    return Path(files.model)
+
+
+@pytest.fixture(scope="module")
+def llama(text_gguf: Path) -> Iterator[LaunchedEngine]:
+    engine = launch_engine("llamacpp", str(text_gguf), family="fast_vlm", threads=1, startup_timeout_s=120)
+    yield engine
+    engine.close()
+
+
+def test_generate_and_stream_agree(llama: LaunchedEngine, text_gguf: Path) -> None:
+    assert llama.model_name == text_gguf.stem and llama.family == "fast_vlm"
+    request = _request("What is a pneumothorax?", 12)
+    (first,) = llama.generate([request])
+    assert first.finish_reason in ("stop", "length"), first.error
+    assert 0 < first.completion_tokens <= 12 and first.prompt_tokens > 0
+    (again,) = llama.generate([_request("What is a pneumothorax?", 12)])
+    assert again.text == first.text  # greedy
+    chunks = list(llama.stream(_request("What is a pneumothorax?", 12)))
+    final = chunks[-1].response
+    assert final is not None and final.finish_reason == first.finish_reason
+    assert "".join(c.delta for c in chunks) == first.text
+    assert final.first_token_s is not None and final.first_token_s <= final.latency_s
+
+
+def test_cancel_ends_the_stream_and_the_server_goes_on(llama: LaunchedEngine) -> None:
+    request = _request("Tell a long story.", 3000)
+    seen = 0
+    final = None
+    for chunk in llama.stream(request):
+        if chunk.delta:
+            seen += 1
+            if seen == 3:
+                request.cancel.set()
+        if chunk.response is not None:
+            final = chunk.response
+    assert final is not None and final.finish_reason == "cancelled" and seen == 3
+    start = time.perf_counter()
+    (after,) = llama.generate([_request("Next question.", 4)])
+    assert after.finish_reason in ("stop", "length") and time.perf_counter() - start < 30
+
+
+def test_emma_in_front_of_llamacpp(llama: LaunchedEngine, serve, make_settings) -> None:
+    """EMMA's server proxies whole and streamed completions; the text matches the engine's own."""
+    from emma.serve.app import create_app
+
+    (direct,) = llama.generate([_request("Name one cause of chest pain.", 10)])
+    with serve(create_app(llama, make_settings())) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        messages = [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name one cause of chest pain."},
+        ]
+        whole = client.chat.completions.create(model=llama.model_name, messages=messages, max_tokens=10)
+        assert whole.choices[0].message.content == direct.text
+        streamed = client.chat.completions.create(
+            model=llama.model_name, messages=messages, max_tokens=10, stream=True
+        )
+        text = "".join(e.choices[0].delta.content or "" for e in streamed if e.choices)
+        assert text == direct.text
+
+
+def test_the_backend_requires_its_launch_key(llama: LaunchedEngine) -> None:
+    client = openai.OpenAI(base_url=llama.server.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_close_stops_the_server(text_gguf: Path) -> None:
+    engine = launch_engine("llamacpp", str(text_gguf), threads=1, startup_timeout_s=120)
+    proc = engine.server.proc
+    engine.close()
+    assert proc.poll() is not None
