@@ -1,7 +1,7 @@
 """Measuring a model server: the records, the fixed request, an ``emma serve`` subprocess and the loops.
 
-Shared by the serving benchmarks (``bench_serve.py``, ``bench_tiny.py``, ``bench_serve_bombs.py``); each
-is run as a script from this folder, which puts this module on ``sys.path``.
+Shared by the serving benchmarks (``bench_serve.py``, ``bench_tiny.py``, ``bench_serve_bombs.py``) and
+``gpu_check.py``; each is run as a script from this folder, which puts this module on ``sys.path``.
 
 - :class:`Sample` (one request) and :class:`Phase` (one measured loop, its raw timings and statistics);
 - :class:`Workload`: pydicom's ``CT_small.dcm`` through emma.io, as a PNG data URL and as the PIL image
