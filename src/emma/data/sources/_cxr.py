@@ -33,8 +33,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
-from emma.data.sources._common import CORRUPT_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, source_ref
+from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType
+from emma.data.sources._common import CORRUPT_IMAGE, IMAGE_TOO_LARGE, MISSING_IMAGE, qa_turns, source_ref
 from emma.data.sources._importer import ImportRun
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 
@@ -102,10 +102,7 @@ def finding_sample(
         id=sid,
         task=TaskType.CLASSIFICATION,
         images=[image],
-        turns=[
-            Turn(role="user", content=FINDINGS_INSTRUCTION, images=[0]),
-            Turn(role="assistant", content=answer),
-        ],
+        turns=qa_turns(FINDINGS_INSTRUCTION, answer),
         gold=Gold(answer=answer, labels=dict(labels)),
         meta=Meta(
             modality="xray",

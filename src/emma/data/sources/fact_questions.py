@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
+from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType
+from emma.data.sources._common import qa_turns
 from emma.data.sources.rule_captions import (
     MODALITY_WORDS,
     collect_image_facts,
@@ -91,7 +92,7 @@ def _question_sample(sample_id: str, ref: ImageRef, question: str, answer: str, 
         id=sample_id,
         task=TaskType.CLOSED_VQA,
         images=[ref],
-        turns=[Turn(role="user", content=question, images=[0]), Turn(role="assistant", content=answer)],
+        turns=qa_turns(question, answer),
         gold=Gold(answer=answer),
         meta=meta,
     )

@@ -23,7 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emma.data.schema import ImageRef, Meta, Sample, TaskType, Turn
+from emma.data.schema import ImageRef, Meta, Sample, TaskType
+from emma.data.sources._common import qa_turns
 from emma.data.store import Dataset, DatasetWriter, open_dataset
 from emma.errors import InputError
 
@@ -222,10 +223,7 @@ def _caption_sample(sample_id: str, ref: ImageRef, caption: str, prompt: str, me
         id=sample_id,
         task=TaskType.CAPTION,
         images=[ref],
-        turns=[
-            Turn(role="user", content=prompt, images=[0]),
-            Turn(role="assistant", content=caption),
-        ],
+        turns=qa_turns(prompt, caption),
         meta=meta,
     )
 
