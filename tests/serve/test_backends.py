@@ -158,7 +158,8 @@ def test_emma_in_front_streams_cancels_and_bounds_images(
         startup_timeout_s=60,
     )
     try:
-        with serve(create_app(engine, make_settings(max_images=2))) as url:
+        assert engine.capabilities.max_images == 2  # what vLLM was started with
+        with serve(create_app(engine, make_settings(max_images=4))) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             words = " ".join(f"w{i}" for i in range(60))
             stream = client.chat.completions.create(

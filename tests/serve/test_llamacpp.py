@@ -3,8 +3,8 @@ that emma.infer.launch starts, with EMMA's server in front.
 
 Needs the ``llamacpp`` extra (llama-cpp-python, built from source) and llama.cpp's converter
 (``emma export --install-converter``); skipped without them. The model is the tiny random FastVLM
-(emma-tiny's architecture): llama.cpp runs its language model alone, text-only; a tiny Qwen2.5-VL with
-its vision projector covers images.
+(emma-tiny's architecture): llama.cpp runs its language model alone, text-only, and EMMA refuses images
+for it; a tiny Idefics3 (SmolVLM) with its vision projector takes images (llama.cpp's mtmd path).
 """
 
 from __future__ import annotations
@@ -87,10 +87,8 @@ def test_cancel_ends_the_stream_and_the_server_goes_on(llama: LaunchedEngine) ->
 
 def test_emma_in_front_of_llamacpp(llama: LaunchedEngine, serve, make_settings) -> None:
     """EMMA's server proxies whole and streamed completions; the text matches the engine's own."""
-    from emma.serve.app import create_app
-
     (direct,) = llama.generate([_request("Name one cause of chest pain.", 10)])
-    with serve(create_app(llama, make_settings())) as url:
+    with serve(create_app_for(llama, make_settings())) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         messages = [
             {"role": "system", "content": "Answer briefly."},
@@ -116,3 +114,67 @@ def test_close_stops_the_server(text_gguf: Path) -> None:
     proc = engine.server.proc
     engine.close()
     assert proc.poll() is not None
+
+
+def test_a_text_only_gguf_refuses_images(llama: LaunchedEngine, serve, make_settings, png_url: str) -> None:
+    """llama.cpp would drop the image and answer anyway; EMMA refuses it, in the engine and the server."""
+    from PIL import Image
+
+    from emma.infer.types import ImagePart, TextPart
+
+    assert llama.capabilities.max_images == 0
+    request = GenerationRequest(
+        messages=[Message("user", [ImagePart(Image.new("RGB", (32, 32))), TextPart("What is shown?")])],
+        sampling=SamplingParams(max_new_tokens=4, temperature=0.0),
+    )
+    (refused,) = llama.generate([request])
+    assert (refused.finish_reason, refused.error_kind) == ("error", "input")
+    assert "takes no images" in (refused.error or "")
+    with serve(create_app_for(llama, make_settings())) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        content = [{"type": "image_url", "image_url": {"url": png_url}}, {"type": "text", "text": "What?"}]
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            client.chat.completions.create(
+                model=llama.model_name, messages=[{"role": "user", "content": content}], max_tokens=4
+            )
+
+
+def create_app_for(engine: LaunchedEngine, settings: object) -> object:
+    from emma.serve.app import create_app
+
+    return create_app(engine, settings)
+
+
+def test_images_through_emma_io_reach_llamacpp_with_a_projector(
+    tiny_model_dir, tmp_path: Path, serve, make_settings, dicom_url: str
+) -> None:
+    """A DICOM data URL → emma.io (modality LUT, window, 8-bit) → PNG → llama.cpp's vision projector: the
+    image's tokens are in the prompt llama.cpp counted."""
+    files = export_gguf(tiny_model_dir("idefics3"), tmp_path / "gguf", quant="q8_0")
+    assert files.mmproj is not None
+    engine = launch_engine(
+        "llamacpp", str(files.model), mmproj=files.mmproj, family="idefics3", threads=1, startup_timeout_s=120
+    )
+    try:
+        assert engine.capabilities.max_images is None
+        with serve(create_app_for(engine, make_settings())) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            text = {"type": "text", "text": "What is shown?"}
+            with_image = client.chat.completions.create(
+                model=engine.model_name,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": dicom_url}}, text],
+                    }
+                ],
+                max_tokens=4,
+            )
+            without = client.chat.completions.create(
+                model=engine.model_name, messages=[{"role": "user", "content": [text]}], max_tokens=4
+            )
+        assert with_image.choices[0].finish_reason in ("stop", "length")
+        assert with_image.usage is not None and without.usage is not None
+        assert with_image.usage.prompt_tokens > without.usage.prompt_tokens
+    finally:
+        engine.close()

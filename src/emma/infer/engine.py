@@ -34,6 +34,8 @@ class EngineCapabilities:
     tokenize on another thread than the one the model runs on. ``token_logprobs``: ``generate`` reports
     each generated token's log-probability and its most likely alternatives when a request sets
     ``top_logprobs`` (``GenerationResponse.token_logprobs``); a server refuses ``logprobs`` otherwise.
+    ``max_images``: the most images one request may carry (0: a text-only model, e.g. a language-model
+    GGUF in llama.cpp, which would otherwise drop images silently); None: no bound known to EMMA.
     """
 
     in_process: bool = False
@@ -44,6 +46,7 @@ class EngineCapabilities:
     processor: Any = None
     prepares_prompts: bool = False
     token_logprobs: bool = False
+    max_images: int | None = None
 
 
 @runtime_checkable

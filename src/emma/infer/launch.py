@@ -33,6 +33,7 @@ the arguments stay the same.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -159,7 +160,7 @@ def vllm_command(
     argv += ["--served-model-name", served_name or (folder.name if folder.is_dir() else model)]
     if images is not None:
         require_at_least("max_images", images, 0)
-        argv += ["--limit-mm-per-prompt", f'{{"image": {images}}}']
+        argv += ["--limit-mm-per-prompt", json.dumps({"image": images})]
     if length is not None:
         require_at_least("max_model_len", length, 1)
         argv += ["--max-model-len", str(length)]
@@ -352,6 +353,7 @@ def launch_engine(
             command=command,
         )
         env = {"API_KEY": key}
+        images = None if mmproj is not None else 0  # a language model alone would drop images silently
     else:
         if mmproj is not None:
             raise InputError("--mmproj is for llama.cpp; vLLM reads the vision tower from the model")
@@ -364,6 +366,7 @@ def launch_engine(
             command=command,
         )
         env = {"VLLM_API_KEY": key}
+        images = _limit_flag(argv, "--limit-mm-per-prompt")
     argv += list(extra_args)
     server = ServerProcess(argv, base_url=f"http://{LOOPBACK}:{port}/v1", api_key=key, env=env, label=backend)
     try:
@@ -372,8 +375,21 @@ def launch_engine(
         server.stop()
         raise
     return LaunchedEngine(
-        server, model_id, api_key=key, family=family, concurrency=concurrency, timeout=timeout
+        server,
+        model_id,
+        api_key=key,
+        family=family,
+        concurrency=concurrency,
+        timeout=timeout,
+        max_images=images,
     )
+
+
+def _limit_flag(argv: Sequence[str], flag: str) -> int | None:
+    """The image count of vLLM's ``--limit-mm-per-prompt '{"image": N}'`` in ``argv``, or None."""
+    if flag not in argv:
+        return None
+    return int(json.loads(argv[argv.index(flag) + 1])["image"])
 
 
 def _has_module(name: str) -> bool:

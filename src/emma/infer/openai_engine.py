@@ -20,9 +20,10 @@ import numpy as np
 import openai
 
 from emma.data.formats import image_data_url
-from emma.errors import require_at_least
+from emma.errors import InputError, require_at_least
 from emma.infer.engine import EngineCapabilities
 from emma.infer.types import (
+    ErrorKind,
     FinishReason,
     GenerationRequest,
     GenerationResponse,
@@ -105,9 +106,13 @@ class OpenAIEngine:
         max_retries: int = 3,
         timeout: float = 120,
         family: str | None = None,
+        max_images: int | None = None,
     ) -> None:
         require_at_least("concurrency", concurrency, 1)
         require_at_least("max_retries", max_retries, 0)
+        if max_images is not None:
+            require_at_least("max_images", max_images, 0)
+        self._max_images = max_images
         self._model = model
         self._family = family
         self._concurrency = concurrency
@@ -133,8 +138,9 @@ class OpenAIEngine:
     @property
     def capabilities(self) -> EngineCapabilities:
         """A remote server: counting a prompt costs a request, streams go one at a time, and the server
-        bounds prompts itself (its 400 answers become ``error_kind "input"`` responses)."""
-        return EngineCapabilities(in_process=False)
+        bounds prompts itself (its 400 answers become ``error_kind "input"`` responses). ``max_images``:
+        a request with more images gets an ``error_kind "input"`` response without being sent."""
+        return EngineCapabilities(in_process=False, max_images=self._max_images)
 
     def close(self) -> None:
         self._client.close()
@@ -144,6 +150,15 @@ class OpenAIEngine:
     ) -> dict[str, Any]:
         """Chat-completion parameters; first-token logprobs only when asked for and not streaming (OpenAI's
         and EMMA's servers give logprobs on whole completions; ``emma serve`` refuses them with a stream)."""
+        if self._max_images is not None:
+            images = sum(isinstance(p, ImagePart) for m in request.messages for p in m.content)
+            if images > self._max_images:
+                what = (
+                    "takes no images (text-only)"
+                    if self._max_images == 0
+                    else f"takes at most {self._max_images}"
+                )
+                raise InputError(f"{images} images in the request; the model {what}")
         s = request.sampling
         params: dict[str, Any] = {
             "model": self._model,
@@ -191,6 +206,7 @@ class OpenAIEngine:
                 "error",
                 latency_s=time.perf_counter() - start,
                 error=error_message(exc),
+                error_kind="input" if isinstance(exc, InputError) else None,
             )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResponse]:
@@ -210,6 +226,7 @@ class OpenAIEngine:
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = 0
         error: str | None = None
+        kind: ErrorKind | None = None
         if request.cancel.is_set():
             yield StreamChunk("", GenerationResponse(request.request_id, "", "cancelled"))
             return
@@ -242,6 +259,7 @@ class OpenAIEngine:
                     events.close()
         except Exception as exc:  # noqa: BLE001 — reported in the final chunk
             finish, error = "error", error_message(exc)
+            kind = "input" if isinstance(exc, InputError) else None
         yield StreamChunk(
             "",
             GenerationResponse(
@@ -253,6 +271,7 @@ class OpenAIEngine:
                 latency_s=time.perf_counter() - start,
                 first_token_s=first,
                 error=error,
+                error_kind=kind,
             ),
         )
 

@@ -449,9 +449,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     fit: ImageFit | None = (
         image_fit(engine.family, engine.capabilities.processor) if settings.fit_images else None
     )
+    engine_images = engine.capabilities.max_images  # 0 for a text-only model
     resolver = ImageResolver(
         limits=settings.limits,
-        max_images=settings.max_images,
+        max_images=settings.max_images if engine_images is None else min(settings.max_images, engine_images),
         max_request_pixels=settings.max_request_pixels,
         fit=fit,
         allow_remote_images=settings.allow_remote_images,

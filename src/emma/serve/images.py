@@ -227,6 +227,8 @@ class ImageResolver:
         """The images of each URL, in order (a volume or multi-frame file gives several). Every image
         is fetched and planned from its header first, and the request's totals checked, before any of
         them is decoded; each decoding is reserved in ``ledger`` when given."""
+        if urls and self.max_images == 0:
+            raise APIError(400, "the served model takes no images (text-only)", code="images_not_supported")
         if len(urls) > self.max_images:
             raise APIError(
                 413,
