@@ -37,6 +37,7 @@ official release folder (imported once, see :mod:`.data`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -51,6 +52,7 @@ from emma.eval.tasks.base import (
     VQA_TYPES,
     Decoding,
     EvalItem,
+    ScorerName,
     TaskDef,
     TaskKind,
     data_hash,
@@ -79,50 +81,64 @@ WHICH_DECODING = Decoding(max_new_tokens=96)
 _VQA_LAYOUT = "see emma.data.sources.{module} (official release layout)"
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What a task kind asks and how it is scored: the sample task types, their prompt and decoding."""
+
+    scorer: ScorerName
+    task_types: frozenset[TaskType]
+    prompt: str
+    decoding: Decoding
+
+
+_KINDS: Mapping[TaskKind, _Kind] = MappingProxyType(
+    {
+        "vqa": _Kind("vqa", VQA_TYPES, VQA_PROMPT, VQA_DECODING),
+        "mc": _Kind("choice", frozenset({TaskType.MULTIPLE_CHOICE}), MC_PROMPT, MC_DECODING),
+        "report": _Kind("report", frozenset({TaskType.REPORT}), REPORT_PROMPT, REPORT_DECODING),
+        "grounding": _Kind(
+            "grounding", frozenset({TaskType.GROUNDING}), GROUNDING_PROMPT, GROUNDING_DECODING
+        ),
+        "classification": _Kind(
+            "classification", frozenset({TaskType.CLOSED_VQA}), FINDING_PROMPT, FINDING_DECODING
+        ),
+    }
+)
+_WHICH = _Kind("classification", frozenset({TaskType.CLASSIFICATION}), WHICH_PROMPT, WHICH_DECODING)
+
+
+def _task(
+    kind: TaskKind, name: str, importer: str, description: str, *, how: _Kind | None = None, **fields: Any
+) -> TaskDef:
+    """A task of ``kind``: its scorer, one prompt for each of its task types and its decoding come from
+    :data:`_KINDS` (or ``how``); ``fields`` are the other :class:`TaskDef` fields."""
+    how = how or _KINDS[kind]
+    return TaskDef(
+        name=name,
+        kind=kind,
+        importer=importer,
+        description=description,
+        scorer=how.scorer,
+        prompts=MappingProxyType({str(t): how.prompt for t in sorted(how.task_types)}),
+        task_types=how.task_types,
+        decoding=how.decoding,
+        **fields,
+    )
+
+
 def _vqa(
     name: str, importer: str, module: str, description: str, prompt: str = VQA_PROMPT, **kw: Any
 ) -> TaskDef:
-    return TaskDef(
-        name=name,
-        kind="vqa",
-        importer=importer,
-        description=description,
-        scorer="vqa",
-        prompts=MappingProxyType({"closed_vqa": prompt, "open_vqa": prompt}),
-        task_types=VQA_TYPES,
-        decoding=VQA_DECODING,
-        layout=_VQA_LAYOUT.format(module=module),
-        **kw,
-    )
+    how = replace(_KINDS["vqa"], prompt=prompt)
+    return _task("vqa", name, importer, description, how=how, layout=_VQA_LAYOUT.format(module=module), **kw)
 
 
 def _mc(name: str, importer: str, layout: str, description: str, split: str = "test") -> TaskDef:
-    return TaskDef(
-        name=name,
-        kind="mc",
-        importer=importer,
-        description=description,
-        scorer="choice",
-        prompts=MappingProxyType({"multiple_choice": MC_PROMPT}),
-        task_types=frozenset({TaskType.MULTIPLE_CHOICE}),
-        decoding=MC_DECODING,
-        default_split=split,
-        layout=layout,
-    )
+    return _task("mc", name, importer, description, default_split=split, layout=layout)
 
 
 def _report(name: str, description: str) -> TaskDef:
-    return TaskDef(
-        name=name,
-        kind="report",
-        importer=name,
-        description=description,
-        scorer="report",
-        prompts=MappingProxyType({"report": REPORT_PROMPT}),
-        task_types=frozenset({TaskType.REPORT}),
-        decoding=REPORT_DECODING,
-        layout="see emma.data.sources.report_datasets",
-    )
+    return _task("report", name, name, description, layout="see emma.data.sources.report_datasets")
 
 
 def _findings(
@@ -136,20 +152,15 @@ def _findings(
     sample_filter: Any = None,
 ) -> TaskDef:
     """A finding-classification task: one yes/no question per finding, or one which-findings question."""
-    derive = WhichFindings(findings) if which else FindingQuestions(findings)
-    task_type = TaskType.CLASSIFICATION if which else TaskType.CLOSED_VQA
-    return TaskDef(
-        name=name,
-        kind="classification",
-        importer=importer,
-        description=description,
-        scorer="classification",
-        prompts=MappingProxyType({str(task_type): WHICH_PROMPT if which else FINDING_PROMPT}),
-        task_types=frozenset({task_type}),
-        decoding=WHICH_DECODING if which else FINDING_DECODING,
+    return _task(
+        "classification",
+        name,
+        importer,
+        description,
+        how=_WHICH if which else None,
         default_split=split,
         layout=f"see emma.data.sources.{importer}",
-        derive=derive,
+        derive=WhichFindings(findings) if which else FindingQuestions(findings),
         source_task_types=frozenset({TaskType.CLASSIFICATION}),
         sample_filter=sample_filter,
         findings=findings,
@@ -196,15 +207,11 @@ TASKS: Mapping[str, TaskDef] = MappingProxyType(
             ),
             _report("iu-xray", "IU X-ray report generation (findings)"),
             _report("mimic-cxr", "MIMIC-CXR report generation (findings)"),
-            TaskDef(
-                name="slake-grounding",
-                kind="grounding",
-                importer="slake",
-                description="SLAKE organ grounding (one question per image and organ)",
-                scorer="grounding",
-                prompts=MappingProxyType({"grounding": GROUNDING_PROMPT}),
-                task_types=frozenset({TaskType.GROUNDING}),
-                decoding=GROUNDING_DECODING,
+            _task(
+                "grounding",
+                "slake-grounding",
+                "slake",
+                "SLAKE organ grounding (one question per image and organ)",
                 importer_options=_EN,
                 layout="see emma.data.sources.slake (detection.json boxes)",
                 derive=derive_organ_grounding,
