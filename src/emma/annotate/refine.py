@@ -58,9 +58,9 @@ from emma.annotate.synth import (
     SYSTEM_PROMPT,
     SynthRecord,
     SynthReject,
-    record_of,
     render,
     text_field,
+    with_record,
 )
 from emma.eval.scorers import iou
 from emma.infer.types import Message
@@ -289,12 +289,9 @@ class Refine:
             self.box_iou,
         )
 
-    def __call__(self, item: Item, images: list[Image.Image], ask: Ask) -> list[Item]:
+    @with_record
+    def __call__(self, item: Item, record: SynthRecord, images: list[Image.Image], ask: Ask) -> list[Item]:
         sample = item.sample
-        try:
-            record = record_of(sample)
-        except SynthReject as exc:
-            return [reject(item, exc.reason, exc.detail)]
         start = record.rewrites
         leaks = find_leaks(record, box_iou=self.box_iou)
         note = ""

@@ -64,19 +64,20 @@ task is a short function beside the others so that their rules can be compared o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, Field, ValidationError
 
 from emma.annotate import distractors
 from emma.annotate.distractors import VOCABULARIES, make_options
-from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, seeded_rng
+from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, reject, seeded_rng
 from emma.annotate.teacher import TeacherError
 from emma.data.formats import format_boxes
 from emma.data.schema import Box, CoordSpace, Gold, ImageRef, Sample, TaskType, Turn
@@ -518,6 +519,26 @@ def record_of(sample: Sample) -> SynthRecord:
         return SynthRecord.model_validate(raw)
     except ValidationError:
         raise SynthReject("not_synthetic", "the sample's synthetic record is invalid") from None
+
+
+_Step = TypeVar("_Step")
+_RecordCall = Callable[[_Step, Item, SynthRecord, list[Image.Image], Ask], list[Item]]
+_StepCall = Callable[[_Step, Item, list[Image.Image], Ask], list[Item]]
+
+
+def with_record(call: _RecordCall[_Step]) -> _StepCall[_Step]:
+    """A step's ``__call__`` that works on the item's :class:`SynthRecord` (:func:`record_of`): an item
+    without a valid record is rejected with the reason before ``call`` runs."""
+
+    @functools.wraps(call)
+    def step(self: _Step, item: Item, images: list[Image.Image], ask: Ask) -> list[Item]:
+        try:
+            record = record_of(item.sample)
+        except SynthReject as exc:
+            return [reject(item, exc.reason, exc.detail)]
+        return call(self, item, record, images, ask)
+
+    return step
 
 
 # ---------------------------------------------------------------------------------------- generation

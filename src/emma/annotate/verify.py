@@ -37,7 +37,7 @@ from PIL import Image
 
 from emma.annotate.distractors import same_concept
 from emma.annotate.steps import Ask, Item, prompt_hash, provenance, record_provenance, reject
-from emma.annotate.synth import REGION, SynthRecord, SynthReject, panel_letter, record_of, user_text
+from emma.annotate.synth import REGION, SynthRecord, panel_letter, user_text, with_record
 from emma.data.schema import Gold
 from emma.eval.extract import locate_answer
 from emma.eval.scorers import iou, score_choice, score_closed, score_open
@@ -166,12 +166,9 @@ class Verify:
             "verify/1", VERIFY_SYSTEM, ANSWER_FORMS, REGION, self.open_f1, self.box_iou, SAMPLING
         )
 
-    def __call__(self, item: Item, images: list[Image.Image], ask: Ask) -> list[Item]:
+    @with_record
+    def __call__(self, item: Item, record: SynthRecord, images: list[Image.Image], ask: Ask) -> list[Item]:
         sample = item.sample
-        try:
-            record = record_of(sample)
-        except SynthReject as exc:
-            return [reject(item, exc.reason, exc.detail)]
         sizes = [(im.width, im.height) for im in images]
         family = ask.family
         text = verify_prompt(record, sizes, family)
