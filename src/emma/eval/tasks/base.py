@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from emma.data.schema import ImageRef, Sample, TaskType
+from emma.data.schema import Gold, ImageRef, Sample, TaskType, Turn
 from emma.infer.types import SamplingParams
 
 TaskKind = Literal["vqa", "mc", "report", "grounding", "classification"]
@@ -96,6 +96,21 @@ class EvalItem:
 Derive = Callable[[Sample], list[Sample]]
 # A filter keeps a dataset sample (None) or says why the task leaves it out (e.g. a lateral view).
 SampleFilter = Callable[[Sample], str | None]
+
+
+def derived_question(
+    source: Sample, sample_id: str, task: TaskType, question: str, gold: Gold, **meta: Any
+) -> Sample:
+    """A sample a derivation makes from ``source``: ``question`` on its first image, answered by ``gold``;
+    ``source``'s meta with the fields in ``meta`` replaced."""
+    return Sample(
+        id=sample_id,
+        task=task,
+        images=[source.images[0]],
+        turns=[Turn(role="user", content=question, images=[0])],
+        gold=gold,
+        meta=source.meta.model_copy(update=meta),
+    )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from emma.data.schema import Gold, Sample, TaskType, Turn
+from emma.data.schema import Gold, Sample, TaskType
+from emma.eval.tasks.base import derived_question
 
 IMAGE_KEY = "image_sample"
 FINDING_QUESTION = "Does this chest X-ray show {finding}?"
@@ -54,65 +55,58 @@ def finding_question(finding: str) -> str:
 
 
 @dataclass(frozen=True)
-class FindingQuestions:
-    """Derivation: one closed yes/no question per finding of ``findings`` (module docstring)."""
+class _FindingsDerivation:
+    """A derivation asking about ``findings`` on a sample's first image (none from a sample without one)."""
 
     findings: tuple[str, ...]
 
     def __call__(self, sample: Sample) -> list[Sample]:
-        if not sample.images:
-            return []
+        return self.questions(sample) if sample.images else []
+
+    def questions(self, sample: Sample) -> list[Sample]:
+        raise NotImplementedError
+
+
+class FindingQuestions(_FindingsDerivation):
+    """Derivation: one closed yes/no question per finding of ``findings`` (module docstring)."""
+
+    def questions(self, sample: Sample) -> list[Sample]:
         out = []
         for finding in self.findings:
             label = known_label(sample, finding)
+            gold = Gold(
+                answer=None if label is None else ("yes" if label else "no"),
+                labels={} if label is None else {finding: label},
+            )
             out.append(
-                Sample(
-                    id=f"{sample.id}/{finding_slug(finding)}",
-                    task=TaskType.CLOSED_VQA,
-                    images=[sample.images[0]],
-                    turns=[Turn(role="user", content=finding_question(finding), images=[0])],
-                    gold=Gold(
-                        answer=None if label is None else ("yes" if label else "no"),
-                        labels={} if label is None else {finding: label},
-                    ),
-                    meta=sample.meta.model_copy(
-                        update={
-                            "question_type": finding,
-                            "answer_type": "closed",
-                            "extra": {**sample.meta.extra, "finding": finding, IMAGE_KEY: sample.id},
-                        }
-                    ),
+                derived_question(
+                    sample,
+                    f"{sample.id}/{finding_slug(finding)}",
+                    TaskType.CLOSED_VQA,
+                    finding_question(finding),
+                    gold,
+                    question_type=finding,
+                    answer_type="closed",
+                    extra={**sample.meta.extra, "finding": finding, IMAGE_KEY: sample.id},
                 )
             )
         return out
 
 
-@dataclass(frozen=True)
-class WhichFindings:
+class WhichFindings(_FindingsDerivation):
     """Derivation: one multi-label question per image over ``findings`` (module docstring)."""
 
-    findings: tuple[str, ...]
-
-    def __call__(self, sample: Sample) -> list[Sample]:
-        if not sample.images:
-            return []
+    def questions(self, sample: Sample) -> list[Sample]:
         labels = {f: v for f in self.findings if (v := known_label(sample, f)) is not None}
         positives = [display_name(f) for f in self.findings if labels.get(f) == 1]
         question = WHICH_QUESTION.format(findings=", ".join(display_name(f) for f in self.findings))
+        gold = Gold(
+            answer=", ".join(positives) if positives else "none", options=list(self.findings), labels=labels
+        )
+        extra = {**sample.meta.extra, IMAGE_KEY: sample.id}
         return [
-            Sample(
-                id=sample.id,
-                task=TaskType.CLASSIFICATION,
-                images=[sample.images[0]],
-                turns=[Turn(role="user", content=question, images=[0])],
-                gold=Gold(
-                    answer=", ".join(positives) if positives else "none",
-                    options=list(self.findings),
-                    labels=labels,
-                ),
-                meta=sample.meta.model_copy(
-                    update={"question_type": None, "extra": {**sample.meta.extra, IMAGE_KEY: sample.id}}
-                ),
+            derived_question(
+                sample, sample.id, TaskType.CLASSIFICATION, question, gold, question_type=None, extra=extra
             )
         ]
 

@@ -13,7 +13,8 @@ is evaluated once.
 
 from __future__ import annotations
 
-from emma.data.schema import Box, Gold, Sample, TaskType, Turn
+from emma.data.schema import Box, Gold, Sample, TaskType
+from emma.eval.tasks.base import derived_question
 
 GROUNDING_QUESTION = "Locate the {label} in this image and give its bounding box."
 
@@ -41,14 +42,17 @@ def derive_organ_grounding(sample: Sample) -> list[Sample]:
     key = image_key(sample)
     out: list[Sample] = []
     for label, boxes in sorted(boxes_by_label(sample.gold.boxes).items()):
+        question = GROUNDING_QUESTION.format(label=label.lower())
+        gold = Gold(answer=label, boxes=boxes)
         out.append(
-            Sample(
-                id=f"{key}/{label}",
-                task=TaskType.GROUNDING,
-                images=[sample.images[0]],
-                turns=[Turn(role="user", content=GROUNDING_QUESTION.format(label=label.lower()), images=[0])],
-                gold=Gold(answer=label, boxes=boxes),
-                meta=sample.meta.model_copy(update={"question_type": label, "answer_type": None}),
+            derived_question(
+                sample,
+                f"{key}/{label}",
+                TaskType.GROUNDING,
+                question,
+                gold,
+                question_type=label,
+                answer_type=None,
             )
         )
     return out
