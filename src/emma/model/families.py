@@ -91,7 +91,6 @@ class FamilySpec:
     """
 
     name: str
-    model_types: tuple[str, ...]
     box_convention: BoxConvention
     box_syntax: BoxSyntax
     box_syntax_example: str
@@ -103,6 +102,7 @@ class FamilySpec:
     smart_resize: SmartResize | None = None
     base_view: tuple[int, int] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    model_types: tuple[str, ...] = ()  # transformers config.model_type values (default: the name alone)
     # Module names (transformers 5.x) of the vision tower and of the projector/connector; everything else
     # is the language model. emma.train.freeze decides from these what each training stage trains.
     vision_modules: tuple[str, ...] = ("model.vision_tower",)
@@ -112,6 +112,10 @@ class FamilySpec:
     # ``vllm serve --max-model-len``: the family's trained context, capped at 32768 tokens so that the KV
     # cache of a 2B-8B model fits beside its bf16 weights on one 24 GB card (emma.infer.launch)
     vllm_max_model_len: int = 32768
+
+    def __post_init__(self) -> None:
+        if not self.model_types:
+            object.__setattr__(self, "model_types", (self.name,))
 
 
 _QWEN_IMAGE_TOKENS = (
@@ -142,10 +146,9 @@ _QWEN_JSON = {
     "box_syntax_example": '```json\n[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]\n```',
 }
 
-FAMILIES: dict[str, FamilySpec] = {
-    "qwen2_5_vl": FamilySpec(
+_SPECS: tuple[FamilySpec, ...] = (
+    FamilySpec(
         name="qwen2_5_vl",
-        model_types=("qwen2_5_vl",),
         box_convention=BoxConvention.RESIZED_PIXELS,
         **_QWEN_JSON,
         **_QWEN,
@@ -160,7 +163,7 @@ FAMILIES: dict[str, FamilySpec] = {
             "Each image costs (h/28)*(w/28) tokens, so large images dominate the context."
         ),
     ),
-    "qwen3_vl": FamilySpec(
+    FamilySpec(
         name="qwen3_vl",
         model_types=("qwen3_vl", "qwen3_vl_moe"),
         box_convention=BoxConvention.NORM1000,
@@ -176,9 +179,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "smart_resize factor 32 (patch 16 x merge 2)."
         ),
     ),
-    "qwen2_vl": FamilySpec(
+    FamilySpec(
         name="qwen2_vl",
-        model_types=("qwen2_vl",),
         box_convention=BoxConvention.NORM1000,
         box_syntax=BoxSyntax.QWEN2_TOKENS,
         box_syntax_example="<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>",
@@ -192,7 +194,7 @@ FAMILIES: dict[str, FamilySpec] = {
             "or the box tokens are lost. ChatML template with a default system prompt."
         ),
     ),
-    "idefics3": FamilySpec(
+    FamilySpec(
         name="idefics3",
         model_types=("idefics3", "smolvlm"),
         aliases=("smolvlm",),
@@ -211,9 +213,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "global view; each tile costs image_seq_len tokens, so images are expensive."
         ),
     ),
-    "fast_vlm": FamilySpec(
+    FamilySpec(
         name="fast_vlm",
-        model_types=("fast_vlm",),
         aliases=("fastvlm",),
         **_EMMA_BOXES,
         image_tokens=("<image>",),
@@ -227,9 +228,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "squashes each image to its size (emma-tiny: 224x224, 49 tokens); ChatML template."
         ),
     ),
-    "llava": FamilySpec(
+    FamilySpec(
         name="llava",
-        model_types=("llava",),
         **_EMMA_BOXES,
         image_tokens=("<image>",),
         max_images=4,
@@ -244,9 +244,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "when the edges matter. Trained on single images: several work but quality drops."
         ),
     ),
-    "llava_onevision": FamilySpec(
+    FamilySpec(
         name="llava_onevision",
-        model_types=("llava_onevision",),
         **_EMMA_BOXES,
         image_tokens=("<image>",),
         max_images=8,
@@ -258,9 +257,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "(up to 2304x2304), so one image can cost thousands of tokens."
         ),
     ),
-    "gemma3": FamilySpec(
+    FamilySpec(
         name="gemma3",
-        model_types=("gemma3",),
         aliases=("medgemma",),
         **_EMMA_BOXES,
         image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
@@ -273,9 +271,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "each image to 896x896 (256 soft tokens); pan-and-scan crops are off by default."
         ),
     ),
-    "internvl": FamilySpec(
+    FamilySpec(
         name="internvl",
-        model_types=("internvl",),
         box_convention=BoxConvention.NORM1000,
         box_syntax=BoxSyntax.REF_BOX,
         box_syntax_example="<ref>label</ref><box>[[x1, y1, x2, y2]]</box>",
@@ -289,7 +286,8 @@ FAMILIES: dict[str, FamilySpec] = {
             "into up to max_patches 448x448 crops plus a thumbnail, 256 tokens each."
         ),
     ),
-}
+)
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in _SPECS}
 
 _BY_NAME: dict[str, str] = {alias: key for key, spec in FAMILIES.items() for alias in spec.aliases}
 _BY_MODEL_TYPE: dict[str, str] = {mt: key for key, spec in FAMILIES.items() for mt in spec.model_types}
