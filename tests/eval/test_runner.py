@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from emma.data.sources import run_importer
-from emma.errors import InputError
+from emma.errors import DataFormatError, InputError
 from emma.eval.ablate import noise_like, shuffle_donors
 from emma.eval.predictions import PredictionCache, read_prediction_file
-from emma.eval.runner import EvalOptions, compare_runs, run_eval
+from emma.eval.runner import PER_SAMPLE_FILE, RESULTS_FILE, EvalOptions, compare_runs, load_run, run_eval
 from emma.eval.tasks import get_task
 from emma.infer.types import GenerationRequest, GenerationResponse
 
@@ -551,3 +551,13 @@ def test_a_judge_failing_on_some_answers_gives_null_judge_metrics(
     again = run_eval(options, judge_engine=good)
     assert good.asked == counts["judge_errors"]
     assert again.results["metrics"]["judge_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("line", ["{bad", "[1]", "null", '"text"', '{"values": {}}'])
+def test_load_run_refuses_a_line_that_is_not_a_per_sample_row(tmp_path: Path, line: str) -> None:
+    (tmp_path / RESULTS_FILE).write_text("{}", encoding="utf-8")
+    (tmp_path / PER_SAMPLE_FILE).write_text(
+        '{"id": "a", "values": {"m": 1}}\n\n' + line + "\n", encoding="utf-8"
+    )
+    with pytest.raises(DataFormatError, match="line 3 is not a per-sample row"):
+        load_run(tmp_path)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from emma.data.durable import append_lines, cut_torn_tail
+from emma.data.jsonl import json_lines
 from emma.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,10 @@ class PredictionCache:
         if self.path.exists():
             cut_torn_tail(self.path)
             with self.path.open("r", encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
+                for _, obj in json_lines(fh):
                     try:
-                        record = Prediction.from_obj(json.loads(line))
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                        record = Prediction.from_obj(obj)  # INVALID: TypeError
+                    except (KeyError, TypeError, ValueError):
                         self.invalid_lines += 1
                         continue
                     self._records.setdefault(record.key, record)
@@ -171,14 +170,7 @@ def read_prediction_file(path: str | os.PathLike[str]) -> PredictionFile:
         raise DataFormatError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
     with fh:
         try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    out.invalid_lines.append(lineno)
-                    continue
+            for lineno, obj in json_lines(fh):
                 if not isinstance(obj, dict) or "id" not in obj or "prediction" not in obj:
                     out.invalid_lines.append(lineno)
                     continue

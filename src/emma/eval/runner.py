@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from emma.data.durable import atomic_write, exclusive_folder
+from emma.data.jsonl import json_lines
 from emma.data.store import Dataset
 from emma.errors import DataFormatError, EmmaError, InputError
 from emma.eval.ablate import ablate_images, check_mode, shuffle_donors
@@ -802,13 +803,12 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]
     if not path.is_file():
         raise DataFormatError(f"{run_dir}: no {PER_SAMPLE_FILE}")
     with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+        for lineno, row in json_lines(fh):
             try:
-                row = json.loads(line)
+                if not isinstance(row, dict):  # INVALID (not JSON) or another JSON value
+                    raise TypeError(type(row).__name__)
                 values[str(row["id"])] = {str(k): float(v) for k, v in (row.get("values") or {}).items()}
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 raise DataFormatError(f"{path}: line {lineno} is not a per-sample row") from None
     return results, values
 

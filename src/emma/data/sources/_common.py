@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from emma.data.jsonl import INVALID, json_lines
 from emma.data.schema import Gold, ImageRef, TaskType, Turn
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 from emma.io.limits import DEFAULT_LIMITS, Limits
@@ -251,13 +252,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     try:
         with path.open("r", encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataFormatError(f"{path}: line {lineno} is not valid JSON") from None
+            for lineno, rec in json_lines(fh):
+                if rec is INVALID:
+                    raise DataFormatError(f"{path}: line {lineno} is not valid JSON")
                 if not isinstance(rec, dict):
                     raise DataFormatError(f"{path}: line {lineno} is not a JSON object")
                 records.append(rec)
