@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from emma.data.jsonl import INVALID, json_lines
-from emma.data.schema import Gold, ImageRef, TaskType, Turn
+from emma.data.schema import Gold, ImageRef, Meta, Sample, TaskType, Turn
 from emma.errors import CorruptFileError, DataFormatError, ImageTooLargeError
 from emma.io.limits import DEFAULT_LIMITS, Limits
 from emma.io.provenance import Provenance
@@ -201,6 +201,17 @@ def choice_turns(question: str, options: list[str], index: int, n_images: int = 
         Turn(role="assistant", content=f"{OPTION_LETTERS[index]}. {options[index]}"),
     ]
     return turns, Gold(answer=options[index], options=options, answer_index=index)
+
+
+def choice_sample(
+    sample_id: str, images: list[ImageRef], question: str, options: list[str], index: int, meta: Meta
+) -> Sample:
+    """A multiple-choice sample (:func:`choice_turns`): ``question`` about all of ``images``, answered by
+    option ``index``."""
+    turns, gold = choice_turns(question, options, index, len(images))
+    return Sample(
+        id=sample_id, task=TaskType.MULTIPLE_CHOICE, images=images, turns=turns, gold=gold, meta=meta
+    )
 
 
 def qa_turns(question: str, answer: str) -> list[Turn]:

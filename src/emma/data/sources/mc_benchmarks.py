@@ -53,11 +53,11 @@ from typing import Any, Unpack
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from emma.data.schema import Meta, Sample, TaskType
+from emma.data.schema import Meta, Sample
 from emma.data.sources._common import (
     INVALID_RECORD,
     OPTION_LETTERS,
-    choice_turns,
+    choice_sample,
     clean_text,
     normalize_modality,
     read_json_list,
@@ -141,22 +141,16 @@ def _gmai_sample(row: dict[str, str], split: str, options: list[str], answer: in
         if clean_text(row.get(k))
     }
     extra["index"] = index
-    turns, gold = choice_turns(clean_text(row.get("question")), options, answer)
-    return Sample(
-        id=f"{split}-{index}",
-        task=TaskType.MULTIPLE_CHOICE,
-        images=[source_ref(GMAI_NAME, f"{split}/{index}")],
-        turns=turns,
-        gold=gold,
-        meta=Meta(
-            modality=normalize_modality(row.get("modality")),
-            split=split,
-            source=GMAI_NAME,
-            license=GMAI_LICENSE,
-            question_type=task,
-            extra=extra,
-        ),
+    meta = Meta(
+        modality=normalize_modality(row.get("modality")),
+        split=split,
+        source=GMAI_NAME,
+        license=GMAI_LICENSE,
+        question_type=task,
+        extra=extra,
     )
+    image = source_ref(GMAI_NAME, f"{split}/{index}")
+    return choice_sample(f"{split}-{index}", [image], clean_text(row.get("question")), options, answer, meta)
 
 
 def _gmai_image(
@@ -309,26 +303,20 @@ def _mmmu_sample(
     n_images: int,
 ) -> Sample:
     img_type = clean_text(rec.get("img_type"))
-    turns, gold = choice_turns(clean_text(rec.get("question")), options, answer, n_images)
-    return Sample(
-        id=rid,
-        task=TaskType.MULTIPLE_CHOICE,
-        images=[source_ref(MMMU_NAME, f"{rid}/image_{k}") for k in range(1, n_images + 1)],
-        turns=turns,
-        gold=gold,
-        meta=Meta(
-            modality=normalize_modality(img_type.strip("[]'\" ").split("'")[0]) if img_type else None,
-            split=split,
-            source=MMMU_NAME,
-            license=MMMU_LICENSE,
-            question_type=_subject_of(rid, subject_folder),
-            extra={
-                "subfield": clean_text(rec.get("subfield")) or None,
-                "img_type": img_type or None,
-                "topic_difficulty": clean_text(rec.get("topic_difficulty")) or None,
-            },
-        ),
+    meta = Meta(
+        modality=normalize_modality(img_type.strip("[]'\" ").split("'")[0]) if img_type else None,
+        split=split,
+        source=MMMU_NAME,
+        license=MMMU_LICENSE,
+        question_type=_subject_of(rid, subject_folder),
+        extra={
+            "subfield": clean_text(rec.get("subfield")) or None,
+            "img_type": img_type or None,
+            "topic_difficulty": clean_text(rec.get("topic_difficulty")) or None,
+        },
     )
+    images = [source_ref(MMMU_NAME, f"{rid}/image_{k}") for k in range(1, n_images + 1)]
+    return choice_sample(rid, images, clean_text(rec.get("question")), options, answer, meta)
 
 
 def _add_mmmu_record(run: ImportRun, record: tuple[str, str, Path, int, dict[str, Any]]) -> None:

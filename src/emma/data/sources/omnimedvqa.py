@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
-from emma.data.schema import Meta, Sample, TaskType
+from emma.data.schema import Meta, Sample
 from emma.data.sources._common import (
     INVALID_RECORD,
-    choice_turns,
+    choice_sample,
     clean_text,
     normalize_modality,
     read_json_list,
@@ -81,27 +81,21 @@ def record_to_sample(rec: dict[str, Any], default_id: str, access: str) -> Sampl
     image_path = clean_text(rec.get("image_path")).replace("\\", "/")
     if not image_path:
         return None
-    turns, gold = choice_turns(question, options, index)
-    return Sample(
-        id=clean_text(rec.get("question_id")) or default_id,
-        task=TaskType.MULTIPLE_CHOICE,
-        images=[source_ref(NAME, image_path)],
-        turns=turns,
-        gold=gold,
-        meta=Meta(
-            modality=normalize_modality(modality_type),
-            split="test",
-            source=NAME,
-            license=LICENSE,
-            study_key=image_path,
-            question_type=clean_text(rec.get("question_type")) or None,
-            extra={
-                "dataset": clean_text(rec.get("dataset")) or None,
-                "access": access,
-                "modality_type": modality_type or None,
-            },
-        ),
+    meta = Meta(
+        modality=normalize_modality(modality_type),
+        split="test",
+        source=NAME,
+        license=LICENSE,
+        study_key=image_path,
+        question_type=clean_text(rec.get("question_type")) or None,
+        extra={
+            "dataset": clean_text(rec.get("dataset")) or None,
+            "access": access,
+            "modality_type": modality_type or None,
+        },
     )
+    sample_id = clean_text(rec.get("question_id")) or default_id
+    return choice_sample(sample_id, [source_ref(NAME, image_path)], question, options, index, meta)
 
 
 def _resolve_image(root: Path, image_path: str) -> Path | None:

@@ -35,11 +35,11 @@ import re
 from pathlib import Path
 from typing import Any, Unpack
 
-from emma.data.schema import Meta, Sample, TaskType
+from emma.data.schema import Meta, Sample
 from emma.data.sources._common import (
     INVALID_RECORD,
     OPTION_LETTERS,
-    choice_turns,
+    choice_sample,
     clean_text,
     normalize_question,
     read_csv,
@@ -84,20 +84,15 @@ def row_to_sample(row: dict[str, Any], split: str, n: int) -> tuple[Sample | Non
     given = clean_text(row.get("Answer"))
     mismatch = bool(given) and normalize_question(clean_choice(given, label)) != normalize_question(answer)
     match = _PMCID.match(figure)
-    turns, gold = choice_turns(question, choices, index)
-    sample = Sample(
-        id=f"{split}-{n}",
-        task=TaskType.MULTIPLE_CHOICE,
-        images=[source_ref(NAME, f"images/{figure}")],
-        turns=turns,
-        gold=gold,
-        meta=Meta(
-            split=split,
-            source=NAME,
-            license=LICENSE,
-            study_key=match.group(1) if match else figure,
-            extra={"figure": figure},
-        ),
+    meta = Meta(
+        split=split,
+        source=NAME,
+        license=LICENSE,
+        study_key=match.group(1) if match else figure,
+        extra={"figure": figure},
+    )
+    sample = choice_sample(
+        f"{split}-{n}", [source_ref(NAME, f"images/{figure}")], question, choices, index, meta
     )
     return sample, mismatch
 
