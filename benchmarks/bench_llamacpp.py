@@ -13,7 +13,8 @@ Set-up. emma-tiny is materialised, its language model exported (``--quant``, def
 packaged converter, and started with ``emma.infer.launch.launch_engine("llamacpp", ...)`` (llama-cpp-
 python's server in a subprocess on loopback; EMMA's OpenAIEngine streams from it). The transformers
 engine runs in this process on float32. Both use ``--threads`` CPU threads (torch intra-op threads;
-llama.cpp ``n_threads``). Requests: ``--prompts`` fixed short clinical questions, greedy, ``--max-tokens``
+llama.cpp ``n_threads``; default 1: on a shared 2-core CPU two threads of either engine spin-wait for
+each other, with 10x swings). Requests: ``--prompts`` fixed short clinical questions, greedy, ``--max-tokens``
 new tokens each (both engines stop at their end-of-turn token, so completion lengths may differ: tokens/s
 counts the tokens each actually generated).
 
@@ -25,12 +26,14 @@ completion tokens / wall seconds. The engines alternate within each run; a warm-
 over ``--runs`` runs.
 
 Memory: resident set after loading and peak (``VmHWM``) of the llama.cpp server process; for the
-in-process engine the growth of this process's resident set from before the model was loaded (the
-interpreter, torch and the client libraries are not counted) and this process's peak.
+in-process engine the growth of this process's resident set from before the model was loaded to after
+a first generation (the interpreter, torch and the client libraries are not counted) and this process's
+peak. Completion tokens of llama.cpp streams are their chunks (its server sends one per token and no
+usage in streams).
 
 Usage::
 
-    nice -n 19 python benchmarks/bench_llamacpp.py [--runs 5] [--max-tokens 48] [--threads 2] [--quant q8_0]
+    nice -n 19 python benchmarks/bench_llamacpp.py [--runs 5] [--max-tokens 48] [--threads 1] [--quant q8_0]
         [--out benchmarks/results/bench_llamacpp.json]
 """
 
@@ -116,9 +119,12 @@ def _requests(prompts: Sequence[str], max_tokens: int) -> list[Any]:
 def _stream_one(engine: Any, request: Any, start: float, phase: Phase, lock: threading.Lock) -> None:
     first: float | None = None
     final = None
+    deltas = 0
     for chunk in engine.stream(request):
-        if chunk.delta and first is None:
-            first = time.perf_counter() - start
+        if chunk.delta:
+            deltas += 1
+            if first is None:
+                first = time.perf_counter() - start
         if chunk.response is not None:
             final = chunk.response
     with lock:
@@ -126,7 +132,8 @@ def _stream_one(engine: Any, request: Any, start: float, phase: Phase, lock: thr
             phase.errors.append(final.error if final is not None and final.error else "no final chunk")
             return
         phase.first_token_s.append(first if first is not None else time.perf_counter() - start)
-        phase.completion_tokens.append(final.completion_tokens)
+        # llama-cpp-python's server sends no usage in streams; it sends one chunk per token
+        phase.completion_tokens.append(final.completion_tokens or deltas)
 
 
 def measure_sequential(engine: Any, name: str, requests: Sequence[Any], run: int) -> Phase:
@@ -237,26 +244,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each engine.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of each engine (2 spin-wait on a shared 2-core CPU).",
+    )
     parser.add_argument("--quant", default="q8_0", help="GGUF quantisation of the language model.")
     parser.add_argument("--concurrency", type=int, default=4, help="The concurrent level besides 1.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.runs < 1 or args.max_tokens < 1 or args.threads < 1 or args.concurrency < 2:
         parser.error("--runs, --max-tokens, --threads must be >= 1 and --concurrency >= 2")
 
     import torch
 
-    from emma.infer.launch import launch_engine
-    from emma.infer.transformers_engine import TransformersEngine
     from emma.model.emma_tiny import materialize
-    from emma.model.registry import load_model
 
     torch.set_num_threads(args.threads)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
     requests = _requests(prompts, args.max_tokens)
     folder = materialize()
-    work = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
+    with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as work:
+        return _run(args, folder, Path(work), requests, prompts)
+
+
+def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any], prompts: list[str]) -> int:
+    from emma.infer.launch import launch_engine
+    from emma.infer.transformers_engine import TransformersEngine
+    from emma.model.registry import load_model
+
     gguf, export_s = export_language_model(folder, work, args.quant)
     print(
         f"exported {gguf.name} ({gguf.stat().st_size / 2**20:.1f} MiB) in {export_s:.1f} s", file=sys.stderr
@@ -266,14 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers_engine = TransformersEngine(
         load_model("emma-tiny", device="cpu", dtype="float32"), max_batch_size=args.concurrency
     )
-    rss_loaded = _status_kib("self", "VmRSS")
     start = time.perf_counter()
     llamacpp_engine = launch_engine(
         LLAMACPP, str(gguf), threads=args.threads, concurrency=args.concurrency, startup_timeout_s=120
     )
     llamacpp_start_s = time.perf_counter() - start
     server_pid = llamacpp_engine.server.pid
-    server_rss_loaded = _status_kib(server_pid, "VmRSS")
     loops: dict[str, tuple[Callable[..., Phase], Callable[..., Phase]]] = {
         TRANSFORMERS: (measure_sequential, measure_batch),
         LLAMACPP: (measure_sequential, measure_threads),
@@ -284,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name, engine in engines.items():  # warm-up
             loops[name][0](engine, name, _fresh(requests[:1]), -1)
+        rss_loaded = _status_kib("self", "VmRSS")  # model pages touched by a generation
+        server_rss_loaded = _status_kib(server_pid, "VmRSS")
         for run in range(args.runs):
             order = list(engines) if run % 2 == 0 else list(reversed(engines))
             for name in order:
@@ -320,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     result = {
         "benchmark": "bench_llamacpp",
-        "command": "nice -n 19 python benchmarks/bench_llamacpp.py " + " ".join(argv or sys.argv[1:]),
+        "command": "nice -n 19 python benchmarks/bench_llamacpp.py " + " ".join(args.argv),
         "model": "emma-tiny (language model only in llama.cpp; text-only requests to both engines)",
         "gguf": {"quant": args.quant, "file": gguf.name, "export_s": round(export_s, 1)},
         "llamacpp_start_s": round(llamacpp_start_s, 2),
