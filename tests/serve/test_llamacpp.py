@@ -178,3 +178,36 @@ def test_images_through_emma_io_reach_llamacpp_with_a_projector(
         assert with_image.usage.prompt_tokens > without.usage.prompt_tokens
     finally:
         engine.close()
+
+
+def test_a_client_leaving_a_stream_through_emma_stops_llamacpp(
+    llama: LaunchedEngine, serve, make_settings
+) -> None:
+    """The client closes its stream through EMMA after a few tokens: EMMA cancels the request, the
+    engine closes the upstream stream and llama.cpp stops generating, so the next request is answered
+    long before the abandoned one would have finished (llama.cpp serves one request at a time)."""
+    long = 1500
+    (full,) = llama.generate([_request("Tell a long story.", long)])
+    assert full.completion_tokens > long // 2  # the random model rarely ends early
+    with serve(create_app_for(llama, make_settings(max_tokens=long))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        messages = [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Tell a long story."},
+        ]
+        stream = client.chat.completions.create(
+            model=llama.model_name, messages=messages, max_tokens=long, stream=True
+        )
+        seen = 0
+        for event in stream:
+            seen += bool(event.choices and event.choices[0].delta.content)
+            if seen == 3:
+                break
+        stream.close()
+        start = time.perf_counter()
+        after = client.chat.completions.create(
+            model=llama.model_name, messages=[{"role": "user", "content": "Next."}], max_tokens=4
+        )
+        waited = time.perf_counter() - start
+    assert after.choices[0].finish_reason in ("stop", "length")
+    assert waited < full.latency_s / 2, (waited, full.latency_s)
