@@ -293,3 +293,13 @@ def test_engine_error_keeps_the_conversation(peer: _Peer) -> None:
     assert session.history == [] and len(session.pending) == 1
     peer.answers.append("fine")
     assert session.ask("hello").text == "fine" and len(session.images) == 1
+
+
+def test_a_turn_result_carries_every_field_of_the_mode_answer() -> None:
+    """ChatSession builds its result from interpret()'s ModeAnswer field for field."""
+    from dataclasses import fields
+
+    from emma.infer.chat import ChatTurnResult
+    from emma.infer.modes import ModeAnswer
+
+    assert {f.name for f in fields(ModeAnswer)} <= {f.name for f in fields(ChatTurnResult)}

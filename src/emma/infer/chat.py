@@ -263,16 +263,7 @@ class ChatSession:
     def _parse(self, text: str, mode: ChatMode) -> ChatTurnResult:
         sizes = [(im.width, im.height) for im in self.images]
         answer = interpret(text, mode, self.family, sizes, self.engine.capabilities.processor)
-        return ChatTurnResult(
-            text=text,
-            mode=mode,
-            boxes=answer.boxes,
-            box_errors=answer.box_errors,
-            structured=answer.structured,
-            structured_errors=answer.structured_errors,
-            structured_repaired=answer.structured_repaired,
-            report=answer.report,
-        )
+        return ChatTurnResult(text=text, **vars(answer))  # every ModeAnswer field is a ChatTurnResult field
 
     # ------------------------------------------------------------------------------ export
 
