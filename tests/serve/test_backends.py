@@ -76,7 +76,8 @@ def test_vllm_command_carries_the_family_limits_and_the_processors_template(tiny
 
 def test_launch_generate_stream_and_stop(tiny_model_dir, record: Path) -> None:
     folder = tiny_model_dir("fast_vlm")
-    engine = launch_engine("vllm", str(folder), family="fastvlm", command=SCRIPTED, startup_timeout_s=60)
+    # no family given: read from the folder's config.json
+    engine = launch_engine("vllm", str(folder), command=SCRIPTED, startup_timeout_s=60)
     try:
         assert isinstance(engine, LaunchedEngine) and engine.family == "fast_vlm"
         assert engine.model_name == folder.name

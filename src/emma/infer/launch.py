@@ -330,7 +330,8 @@ def launch_engine(
 
     ``model``: a GGUF file (llamacpp); a model folder or hub id (vllm). ``extra_args`` go to the backend's
     command line as they are. ``max_model_len``: llama.cpp's context (default 4096) or vLLM's
-    ``--max-model-len`` (default the family's). ``family`` gives EMMA's prompt and box conventions.
+    ``--max-model-len`` (default the family's). ``family`` gives EMMA's prompt and box conventions (for
+    vLLM on a model folder, read from its ``config.json`` when not given).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown engine backend {backend[:20]!r}; known: {', '.join(BACKENDS)}")
@@ -339,6 +340,11 @@ def launch_engine(
         from emma.model.families import get_family
 
         family = get_family(family).name
+    elif backend == "vllm" and Path(model).is_dir():
+        from emma.model.loading import detect_family
+
+        with contextlib.suppress(EmmaError):  # a family EMMA does not know: vLLM's own defaults
+            family = detect_family(Path(model))
     port = free_port()
     key = secrets.token_urlsafe(24)
     if backend == "llamacpp":
