@@ -3,7 +3,7 @@
 One home for "an engine server in a subprocess": :func:`launch_engine` builds the server's command line
 (:func:`llamacpp_command`, :func:`vllm_command`), starts it on a free loopback port in its own process
 group, waits until ``GET /v1/models`` answers (bounded by a timeout; a server that exits first fails at
-once with the tail of its log), and returns a :class:`LaunchedEngine`: the ordinary
+once with the last lines of its output), and returns a :class:`LaunchedEngine`: the ordinary
 :class:`~emma.infer.openai_engine.OpenAIEngine` pointed at it, whose ``close`` also stops the server
 (SIGTERM to its process group, then SIGKILL after a grace period). Streaming, cancellation and error
 reporting are OpenAIEngine's. ``emma serve --backend llamacpp|vllm`` puts EMMA's server (DICOM and
@@ -40,11 +40,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
 
 import httpx
 
@@ -58,6 +58,7 @@ DEFAULT_STOP_GRACE_S = 15.0
 LLAMACPP_CONTEXT = 4096
 _LOG_TAIL_LINES = 5
 _LOG_TAIL_CHARS = 300
+_LINE_CHARS = 2000
 _POLL_S = 0.2
 
 
@@ -179,20 +180,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _read_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 16384))
-            text = handle.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[-_LOG_TAIL_LINES:])[-_LOG_TAIL_CHARS:]
-
-
 class ServerProcess:
-    """One engine server in a subprocess (its own process group), its output in a private log file.
+    """One engine server in a subprocess (its own process group); the last lines of its output are kept
+    in memory (a thread drains the pipe, so neither memory nor a log file grows with a long run).
 
     ``wait_ready`` polls ``GET {base_url}/models`` with the key until it answers 200 and names the
     served model; ``stop`` ends the whole process group (vLLM runs its engine in child processes).
@@ -211,34 +201,45 @@ class ServerProcess:
         self.base_url = base_url
         self.label = label
         self._api_key = api_key
-        self._dir = Path(tempfile.mkdtemp(prefix=f"emma-{label}-"))
-        self.log_path = self._dir / "server.log"
-        self._log: IO[bytes] | None = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
+        self._lines: deque[str] = deque(maxlen=_LOG_TAIL_LINES)
         child_env = {k: v for k, v in os.environ.items() if k not in ("EMMA_API_KEY", "OPENAI_API_KEY")}
         child_env.update(env or {})
         try:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=self._log,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=child_env,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
             )
         except OSError as exc:
-            self._close_log()
             raise LaunchError(
                 f"cannot start the {label} server ({self.argv[0]}): {exc.strerror or exc}"
             ) from None
+        self._drain = threading.Thread(target=self._read_output, name=f"emma-{label}-output", daemon=True)
+        self._drain.start()
         self.model_id: str | None = None
+
+    def _read_output(self) -> None:
+        """Keep the last lines of the server's output (each cut to ``_LINE_CHARS``) until it closes."""
+        assert self.proc.stdout is not None
+        with self.proc.stdout as stream:
+            while line := stream.readline(_LINE_CHARS):
+                text = " ".join(line.decode(errors="replace").split())
+                if text:
+                    self._lines.append(text)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def log_tail(self) -> str:
-        return _read_tail(self.log_path)
+        """The server's last output lines, on one line (for error messages)."""
+        if self.proc.poll() is not None:
+            self._drain.join(timeout=1.0)  # the lines written before it exited
+        return " | ".join(list(self._lines))[-_LOG_TAIL_CHARS:]
 
     def wait_ready(self, timeout_s: float) -> str:
         """The served model's id once ``/v1/models`` answers; :class:`LaunchError` if the server exits
@@ -281,16 +282,8 @@ class ServerProcess:
                 self._signal_group(signal.SIGKILL)
                 self.proc.wait()
         self._signal_group(signal.SIGKILL)  # children left behind by a leader that exited
-        self._close_log()
+        self._drain.join(timeout=grace_s)
         return self.proc.returncode
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
-                self._dir.rmdir()
 
 
 class LaunchedEngine(OpenAIEngine):
@@ -331,7 +324,8 @@ def launch_engine(
     ``model``: a GGUF file (llamacpp); a model folder or hub id (vllm). ``extra_args`` go to the backend's
     command line as they are. ``max_model_len``: llama.cpp's context (default 4096) or vLLM's
     ``--max-model-len`` (default the family's). ``family`` gives EMMA's prompt and box conventions (for
-    vLLM on a model folder, read from its ``config.json`` when not given).
+    vLLM on a model folder, read from its ``config.json`` when not given). Call it from a thread that
+    outlives the engine, e.g. the main thread: on Linux the server gets SIGTERM when that thread ends.
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown engine backend {backend[:20]!r}; known: {', '.join(BACKENDS)}")
