@@ -22,7 +22,7 @@ delta's checksum and the encoder file's, rebuilds the full model once into the c
 delta's checksum and read the cached safetensors.
 
 :func:`init_dir` builds the untrained starting point (both bases + a random projector) that
-``recipes/emma-tiny.yaml`` trains (``base_model: emma-tiny:init``).
+``recipes/emma-tiny.yaml`` trains (step 1 of 2) (``base_model: emma-tiny:init``).
 """
 
 from __future__ import annotations
