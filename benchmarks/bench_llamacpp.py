@@ -14,18 +14,20 @@ packaged converter, and started with ``emma.infer.launch.launch_engine("llamacpp
 python's server in a subprocess on loopback; EMMA's OpenAIEngine streams from it). The transformers
 engine runs in this process on float32. Both use ``--threads`` CPU threads (torch intra-op threads;
 llama.cpp ``n_threads``; default 1: on a shared 2-core CPU two threads of either engine spin-wait for
-each other, with 10x swings). Requests: ``--prompts`` fixed short clinical questions, greedy, ``--max-tokens``
+each other, with 10x swings). ``--llama-server BINARY`` adds llama.cpp's own C++ server on the same GGUF
+(``launch_engine("llama-server", ...)``: ``--concurrency`` slots decoded together, continuous batching).
+Requests: ``--concurrency`` fixed short clinical questions, greedy, ``--max-tokens``
 new tokens each (both engines stop at their end-of-turn token, so completion lengths may differ: tokens/s
 counts the tokens each actually generated).
 
 Loops. Each run measures, for each engine, concurrency 1 (the prompts one after another, streamed) and
 concurrency 4 (four streams at once: the transformers engine as one ``stream_many`` batch, which is how
-``emma serve`` serves concurrent streams; llama.cpp as four client threads, which its server takes one at
-a time). Per phase: first-token times (from each request's start; at concurrency 4 all start together),
+``emma serve`` serves concurrent streams; llama.cpp as four client threads, which llama-cpp-python's
+server takes one at a time and llama-server decodes together). Per phase: first-token times (from each request's start; at concurrency 4 all start together),
 completion tokens / wall seconds. The engines alternate within each run; a warm-up pass first; medians
 over ``--runs`` runs.
 
-Memory: resident set after loading and peak (``VmHWM``) of the llama.cpp server process; for the
+Memory: resident set after a first generation and peak (``VmHWM``) of each llama.cpp server process; for the
 in-process engine the growth of this process's resident set from before the model was loaded to after
 a first generation (the interpreter, torch and the client libraries are not counted) and this process's
 peak. Completion tokens of llama.cpp streams are their chunks (its server sends one per token and no
@@ -34,7 +36,7 @@ usage in streams).
 Usage::
 
     nice -n 19 python benchmarks/bench_llamacpp.py [--runs 5] [--max-tokens 48] [--threads 1] [--quant q8_0]
-        [--out benchmarks/results/bench_llamacpp.json]
+        [--llama-server /path/to/llama-server] [--out benchmarks/results/bench_llamacpp.json]
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ TARGET_TOKENS_PER_S = 50.0
 TARGET_FIRST_TOKEN_S = 1.0
 TRANSFORMERS = "transformers"
 LLAMACPP = "llamacpp"
+LLAMA_SERVER = "llama-server"
 
 
 @dataclass
@@ -199,7 +202,7 @@ def export_language_model(folder: Path, out: Path, quant: str) -> tuple[Path, fl
 
 def _summary(phases: Sequence[Phase]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for engine in (TRANSFORMERS, LLAMACPP):
+    for engine in dict.fromkeys(p.engine for p in phases):
         for concurrency in sorted({p.concurrency for p in phases}):
             runs = [p.stats() for p in phases if p.engine == engine and p.concurrency == concurrency]
             if not runs:
@@ -252,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quant", default="q8_0", help="GGUF quantisation of the language model.")
     parser.add_argument("--concurrency", type=int, default=4, help="The concurrent level besides 1.")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        help="Also measure llama.cpp's C++ llama-server (this binary), same GGUF.",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -281,27 +289,38 @@ def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any]
     )
 
     rss_before = _status_kib("self", "VmRSS")
-    transformers_engine = TransformersEngine(
-        load_model("emma-tiny", device="cpu", dtype="float32"), max_batch_size=args.concurrency
-    )
-    start = time.perf_counter()
-    llamacpp_engine = launch_engine(
-        LLAMACPP, str(gguf), threads=args.threads, concurrency=args.concurrency, startup_timeout_s=120
-    )
-    llamacpp_start_s = time.perf_counter() - start
-    server_pid = llamacpp_engine.server.pid
-    loops: dict[str, tuple[Callable[..., Phase], Callable[..., Phase]]] = {
-        TRANSFORMERS: (measure_sequential, measure_batch),
-        LLAMACPP: (measure_sequential, measure_threads),
+    engines: dict[str, Any] = {
+        TRANSFORMERS: TransformersEngine(
+            load_model("emma-tiny", device="cpu", dtype="float32"), max_batch_size=args.concurrency
+        )
     }
-    engines = {TRANSFORMERS: transformers_engine, LLAMACPP: llamacpp_engine}
+    loops: dict[str, tuple[Callable[..., Phase], Callable[..., Phase]]] = {
+        TRANSFORMERS: (measure_sequential, measure_batch)
+    }
+    servers = [(LLAMACPP, None)] + ([(LLAMA_SERVER, [str(args.llama_server)])] if args.llama_server else [])
+    start_s: dict[str, float] = {}
     phases: list[Phase] = []
     loads: list[float] = []
+    server_memory: dict[str, dict[str, float | None]] = {}
     try:
+        for name, command in servers:
+            start = time.perf_counter()
+            engines[name] = launch_engine(
+                name,
+                str(gguf),
+                threads=args.threads,
+                concurrency=args.concurrency,
+                command=command,
+                startup_timeout_s=120,
+            )
+            start_s[name] = round(time.perf_counter() - start, 2)
+            loops[name] = (measure_sequential, measure_threads)
         for name, engine in engines.items():  # warm-up
             loops[name][0](engine, name, _fresh(requests[:1]), -1)
         rss_loaded = _status_kib("self", "VmRSS")  # model pages touched by a generation
-        server_rss_loaded = _status_kib(server_pid, "VmRSS")
+        for name, _ in servers:
+            pid = engines[name].server.pid
+            server_memory[name] = {"rss_loaded_mib": _mib(_status_kib(pid, "VmRSS"))}
         for run in range(args.runs):
             order = list(engines) if run % 2 == 0 else list(reversed(engines))
             for name in order:
@@ -310,38 +329,41 @@ def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any]
                 phases.append(concurrent(engines[name], name, _fresh(requests), run))
             loads.append(os.getloadavg()[0])
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
-        server_peak = _status_kib(server_pid, "VmHWM")
+        for name, _ in servers:
+            server_memory[name]["peak_mib"] = _mib(_status_kib(engines[name].server.pid, "VmHWM"))
     finally:
-        llamacpp_engine.close()
-        transformers_engine.close()
+        for engine in engines.values():
+            engine.close()
 
     summary = _summary(phases)
     memory = {
-        "llamacpp_server_rss_loaded_mib": _mib(server_rss_loaded),
-        "llamacpp_server_peak_mib": _mib(server_peak),
+        "servers": server_memory,
         "transformers_model_rss_growth_mib": _mib((rss_loaded or 0) - (rss_before or 0)),
         "bench_process_peak_mib": _mib(_status_kib("self", "VmHWM")),
         "gguf_file_mib": round(gguf.stat().st_size / 2**20, 1),
     }
-    at_c = summary.get(f"{LLAMACPP}@{args.concurrency}", {})
-    goal = {
+    goal: dict[str, Any] = {
         "tokens_per_s_target": TARGET_TOKENS_PER_S,
         "first_token_target_s": TARGET_FIRST_TOKEN_S,
-        "llamacpp_tokens_per_s": at_c.get("tokens_per_s"),
-        "llamacpp_ttft_max_s": at_c.get("ttft_max_s"),
-        "met": bool(
-            at_c.get("tokens_per_s") is not None
-            and at_c["tokens_per_s"] >= TARGET_TOKENS_PER_S
-            and at_c.get("ttft_max_s") is not None
-            and at_c["ttft_max_s"] < TARGET_FIRST_TOKEN_S
-        ),
     }
+    for name, _ in servers:
+        at_c = summary.get(f"{name}@{args.concurrency}", {})
+        goal[name] = {
+            "tokens_per_s": at_c.get("tokens_per_s"),
+            "ttft_max_s": at_c.get("ttft_max_s"),
+            "met": bool(
+                at_c.get("tokens_per_s") is not None
+                and at_c["tokens_per_s"] >= TARGET_TOKENS_PER_S
+                and at_c.get("ttft_max_s") is not None
+                and at_c["ttft_max_s"] < TARGET_FIRST_TOKEN_S
+            ),
+        }
     result = {
         "benchmark": "bench_llamacpp",
         "command": "nice -n 19 python benchmarks/bench_llamacpp.py " + " ".join(args.argv),
         "model": "emma-tiny (language model only in llama.cpp; text-only requests to both engines)",
         "gguf": {"quant": args.quant, "file": gguf.name, "export_s": round(export_s, 1)},
-        "llamacpp_start_s": round(llamacpp_start_s, 2),
+        "server_start_s": start_s,
         "settings": {
             "runs": args.runs,
             "max_tokens": args.max_tokens,
@@ -365,7 +387,7 @@ def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _print_table(summary, memory)
-    print(f"goal (llama.cpp @ {args.concurrency}): {json.dumps(goal)}")
+    print(f"goal at concurrency {args.concurrency}: {json.dumps(goal)}")
     print(f"wrote {args.out}")
     return 0
 

@@ -256,6 +256,27 @@ def test_cli_serve_backend_vllm_starts_and_stops_the_backend(
 def test_cli_refuses_backend_options_without_a_backend() -> None:
     result = CliRunner().invoke(app, ["serve", "--mmproj", "x.gguf"])
     assert result.exit_code == 2
-    assert "need --backend llamacpp or vllm" in result.output
+    assert "need --backend llamacpp, llama-server or vllm" in result.output
     result = CliRunner().invoke(app, ["serve", "--backend", "ollama"])
     assert result.exit_code == 2 and "--backend must be one of" in result.output
+
+
+def test_llama_server_command(tmp_path: Path) -> None:
+    from emma.infer.launch import llama_server_command
+
+    gguf = tmp_path / "model-q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    argv = llama_server_command(gguf, port=8123, parallel=4, threads=1)
+    assert argv[0] == "llama-server"
+    flags = {
+        flag: argv[argv.index(flag) + 1] for flag in ("--model", "--alias", "--host", "--port", "--parallel")
+    }
+    assert flags["--model"] == str(gguf.resolve()) and flags["--alias"] == "model-q8_0"
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8123" and flags["--parallel"] == "4"
+    assert "--cont-batching" in argv and "--no-webui" in argv and "--mmproj" not in argv
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"")
+    with pytest.raises(Exception, match="not a .gguf file"):
+        llama_server_command(other, port=1)
+    with pytest.raises(Exception, match="GGUF model not found"):
+        llama_server_command(tmp_path / "missing.gguf", port=1)

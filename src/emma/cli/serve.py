@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from emma.serve.app import ServeSettings
 
 DEFAULT_MODEL = "emma-tiny"
-BACKENDS = ("transformers", "llamacpp", "vllm")
+BACKENDS = ("transformers", "llamacpp", "llama-server", "vllm")
 
 
 def _audit_to_stderr() -> None:
@@ -90,20 +90,25 @@ def serve(
     backend: str = typer.Option(
         "transformers",
         "--backend",
-        help="transformers (in-process), llamacpp (--model a .gguf file) or vllm (--model a folder or hub "
-        "id): EMMA starts that engine server on loopback, stays in front of it and stops it on exit.",
+        help="transformers (in-process); llamacpp (llama-cpp-python's server) or llama-server (llama.cpp's "
+        "C++ server, batching --max-batch-size requests), --model a .gguf file; vllm, --model a folder or hub "
+        "id: EMMA starts that engine server on loopback, stays in front of it and stops it on exit.",
     ),
     mmproj: Path | None = typer.Option(
-        None, "--mmproj", help="llamacpp: the vision projector GGUF (emma export --to gguf); else text-only."
+        None,
+        "--mmproj",
+        help="llamacpp, llama-server: the vision projector GGUF (emma export --to gguf); else text-only.",
     ),
     family: str | None = typer.Option(
-        None, "--family", help="llamacpp/vllm: the model family (prompt and box conventions, vLLM limits)."
+        None,
+        "--family",
+        help="llamacpp, llama-server, vllm: the model family (prompt and box conventions, vLLM limits).",
     ),
     max_model_len: int | None = typer.Option(
         None,
         "--max-model-len",
         min=1,
-        help="llamacpp: context tokens (4096); vllm: --max-model-len (family's).",
+        help="llamacpp, llama-server: context tokens (4096); vllm: --max-model-len (family's).",
     ),
     backend_command: str | None = typer.Option(
         None, "--backend-command", help="The engine server's executable (e.g. a vllm in another environment)."
@@ -205,7 +210,7 @@ def _engine(
         engine_only = (mmproj, family, max_model_len, backend_command, backend_args or None)
         if any(x is not None for x in engine_only):
             raise fail(
-                "--mmproj, --family, --max-model-len, --backend-command, --backend-arg need --backend llamacpp or vllm"
+                "--mmproj, --family, --max-model-len, --backend-command, --backend-arg need --backend llamacpp, llama-server or vllm"
             )
         if model.strip().lower().startswith("openai:"):
             return load_engine(model)

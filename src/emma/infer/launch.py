@@ -21,6 +21,9 @@ back.
   ResNet tower). ``--interrupt_requests False``: by default that server ends a running stream as soon as
   another request arrives, which a server with several clients in front of it must not do. It runs one
   request at a time (no batching): concurrent requests wait for each other.
+- **llama-server** (llama.cpp's own C++ server, when installed: a llama.cpp build, a distribution
+  package): the same GGUF files, decoded in ``concurrency`` slots together (continuous batching), so
+  concurrent requests do not wait for each other; key in ``LLAMA_API_KEY``.
 - **vLLM** (GPU machines; ``vllm serve``): the family's image limit (``--limit-mm-per-prompt``), its
   serving context (:attr:`emma.model.families.FamilySpec.vllm_max_model_len`, ``--max-model-len``) and,
   for a model folder, the processor's own chat template file (the one the in-process engine applies, so
@@ -51,7 +54,7 @@ import httpx
 from emma.errors import EmmaError, InputError, require_at_least
 from emma.infer.openai_engine import OpenAIEngine
 
-BACKENDS = ("llamacpp", "vllm")
+BACKENDS = ("llamacpp", "llama-server", "vllm")
 LOOPBACK = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT_S = 600.0  # vLLM loads and compiles a model for minutes on a GPU
 DEFAULT_STOP_GRACE_S = 15.0
@@ -121,6 +124,44 @@ def llamacpp_command(
             "--chat_format",
             "mtmd",
         ]
+    return argv
+
+
+def llama_server_command(
+    model: Path,
+    *,
+    port: int,
+    mmproj: Path | None = None,
+    context_tokens: int = LLAMACPP_CONTEXT,
+    parallel: int = 4,
+    threads: int | None = None,
+    served_name: str | None = None,
+    command: Sequence[str] | None = None,
+) -> list[str]:
+    """llama.cpp's own C++ ``llama-server`` on ``model``: ``parallel`` slots decoded together
+    (continuous batching) sharing ``context_tokens`` of KV cache, the GGUF's chat template (``--jinja``),
+    no web UI, loopback only."""
+    require_at_least("context_tokens", context_tokens, 1)
+    require_at_least("parallel", parallel, 1)
+    model = _model_file(model, "GGUF model")
+    argv = list(command) if command else ["llama-server"]
+    argv += [
+        "--model",
+        str(model),
+        "--alias",
+        served_name or model.stem,
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
+    argv += ["--ctx-size", str(context_tokens), "--parallel", str(parallel), "--cont-batching", "--jinja"]
+    argv += ["--no-webui"]
+    if threads is not None:
+        require_at_least("threads", threads, 1)
+        argv += ["--threads", str(threads), "--threads-batch", str(threads)]
+    if mmproj is not None:
+        argv += ["--mmproj", str(_model_file(mmproj, "vision projector (mmproj)"))]
     return argv
 
 
@@ -319,9 +360,11 @@ def launch_engine(
     concurrency: int = 8,
     timeout: float = 600,
 ) -> LaunchedEngine:
-    """Start ``backend`` ("llamacpp" or "vllm") on ``model`` and return an engine on it (see the module).
+    """Start ``backend`` ("llamacpp", "llama-server" or "vllm") on ``model`` and return an engine on it
+    (see the module).
 
-    ``model``: a GGUF file (llamacpp); a model folder or hub id (vllm). ``extra_args`` go to the backend's
+    ``model``: a GGUF file (llamacpp, llama-server); a model folder or hub id (vllm). ``concurrency``:
+    requests the engine sends at once, and llama-server's slots. ``extra_args`` go to the backend's
     command line as they are. ``max_model_len``: llama.cpp's context (default 4096) or vLLM's
     ``--max-model-len`` (default the family's). ``family`` gives EMMA's prompt and box conventions (for
     vLLM on a model folder, read from its ``config.json`` when not given). Call it from a thread that
@@ -354,6 +397,18 @@ def launch_engine(
         )
         env = {"API_KEY": key}
         images = None if mmproj is not None else 0  # a language model alone would drop images silently
+    elif backend == "llama-server":
+        argv = llama_server_command(
+            Path(model),
+            port=port,
+            mmproj=mmproj,
+            context_tokens=max_model_len or LLAMACPP_CONTEXT,
+            parallel=concurrency,
+            threads=threads,
+            command=command,
+        )
+        env = {"LLAMA_API_KEY": key}
+        images = None if mmproj is not None else 0
     else:
         if mmproj is not None:
             raise InputError("--mmproj is for llama.cpp; vLLM reads the vision tower from the model")
