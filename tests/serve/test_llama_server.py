@@ -65,22 +65,27 @@ def test_generate_and_stream_agree_and_images_are_refused(server: LaunchedEngine
 
 def test_concurrent_requests_are_decoded_together(server: LaunchedEngine) -> None:
     """Four long streams at once: every one's first token comes before any of them ends (one at a
-    time, as llama-cpp-python's server runs them, the fourth would start after three had ended)."""
+    time, as llama-cpp-python's server runs them, the fourth would start after three had ended). The
+    prompts are ones the random model answers at full length (greedy: the same each time)."""
+    candidates = [f"Story number {i}." for i in range(16)]
+    answers = server.generate([_request(text, 200) for text in candidates])
+    long = [text for text, answer in zip(candidates, answers, strict=True) if answer.completion_tokens == 200]
+    assert len(long) >= 4, [a.completion_tokens for a in answers]
     firsts: list[float] = []
     ends: list[float] = []
     lock = threading.Lock()
-    start = time.perf_counter()
 
-    def one(i: int) -> None:
+    def one(text: str) -> None:
         first = None
-        for chunk in server.stream(_request(f"Story number {i}.", 200)):
+        for chunk in server.stream(_request(text, 200)):
             if chunk.delta and first is None:
                 first = time.perf_counter() - start
         with lock:
             firsts.append(first if first is not None else float("inf"))
             ends.append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=one, args=(text,)) for text in long[:4]]
+    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
