@@ -280,3 +280,33 @@ def test_llama_server_command(tmp_path: Path) -> None:
         llama_server_command(other, port=1)
     with pytest.raises(Exception, match="GGUF model not found"):
         llama_server_command(tmp_path / "missing.gguf", port=1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_a_killed_launcher_takes_its_server_with_it(record: Path) -> None:
+    """SIGKILL gives the launching process no chance to stop its server: the kernel's parent-death
+    signal does."""
+    code = (
+        "import sys, time\n"
+        "from emma.infer.launch import launch_engine\n"
+        f"engine = launch_engine('vllm', 'org/model', command={SCRIPTED!r}, startup_timeout_s=60)\n"
+        "print(engine.server.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout is not None
+        server_pid = int(launcher.stdout.readline())
+        os.kill(server_pid, 0)
+    finally:
+        launcher.kill()
+        launcher.wait(30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(server_pid, signal.SIGKILL)
+    pytest.fail("the server outlived its killed launcher")

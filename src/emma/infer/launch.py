@@ -46,7 +46,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -211,14 +212,21 @@ def vllm_command(
     return argv
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the thread that started it ends, so that a killed
-    ``emma serve`` leaves no engine server (and no GPU memory) behind."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: a function for the child before exec that asks for SIGTERM when the thread that started
+    it ends, so that a killed ``emma serve`` leaves no engine server (and no GPU memory) behind. The
+    C function is looked up here, in the parent: between fork and exec the child only calls it (no
+    library loading, no lock another thread of the parent could have held)."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
     pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return partial(prctl, pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 class ServerProcess:
@@ -253,7 +261,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=child_env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
         except OSError as exc:
             raise LaunchError(
