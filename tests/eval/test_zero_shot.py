@@ -4,6 +4,7 @@ zero-shot and in-distribution splits, and `emma eval compare` (unpaired gap, pai
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def test_eval_reports_zero_shot_and_in_distribution_separately(tmp_path: Path) -
     assert block["leakage_check"]["term_in_training"] == 0
     assert block["recipe"]["train_splits"] == ["train"]
     assert set(block["zero_shot"]["metrics"]) == set(zs["metrics"])
+    # The zero-shot split gathers the group from every source split: broken down by where each came from.
+    sources = Counter(s.meta.extra["source_split"] for s in open_dataset(data).iter_samples("test"))
+    assert len(sources) > 1
+    assert {k: v["n"] for k, v in zs["breakdowns"]["source_split"].items()} == dict(sources)
     report = (tmp_path / "zs" / "report.md").read_text()
     assert "## Zero-shot protocol: body_part=abdomen held out" in report
     assert "clean: the held-out group is absent from training" in report
@@ -93,6 +98,7 @@ def test_ordinary_dataset_has_no_zero_shot_block(tmp_path: Path) -> None:
     preds.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in golds.items()))
     results = evaluate(src, "test", tmp_path / "run", "--predictions", preds)
     assert results["zero_shot"] is None
+    assert "source_split" not in results["breakdowns"]  # all "test": nothing to break down
 
 
 @pytest.mark.skipif(not REAL_VQA_RAD.is_dir(), reason="shared VQA-RAD data not present")

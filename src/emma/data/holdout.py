@@ -44,6 +44,7 @@ HOLDOUT_KEYS: tuple[str, ...] = ("finding", "modality", "body_part", "question_t
 ZERO_SHOT_SPLIT = "test"
 IN_DISTRIBUTION_SPLIT = "test_seen"
 RECIPE_KEY = "holdout"
+SOURCE_SPLIT_KEY = "source_split"  # meta.extra of a held-out dataset's sample: its split in the source
 
 #: Words that name the same group as a value (normalised); the value itself is always a term.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -404,7 +405,10 @@ def build_holdout(
                 if target in recipe.train_splits and recipe.has_label(sample):
                     sample = _strip_label(sample, recipe)
                     count(f"label_removed_{split}")
-                stored = sample.model_copy(update={"meta": sample.meta.model_copy(update={"split": target})})
+                meta = sample.meta.model_copy(
+                    update={"split": target, "extra": {**sample.meta.extra, SOURCE_SPLIT_KEY: split}}
+                )
+                stored = sample.model_copy(update={"meta": meta})
                 writer.add(stored, [source.image_bytes(ref) for ref in sample.images])
                 count(f"kept_{target}")
             recipe.counts = dict(sorted(counts.items()))

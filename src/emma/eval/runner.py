@@ -15,7 +15,7 @@
    :mod:`emma.eval.scorers` (``compat="medevalkit"`` swaps in :mod:`emma.eval.compat`, labelled as such
    everywhere), :mod:`emma.eval.report_metrics` and, with a judge, :mod:`emma.eval.judge` (it only adds
    ``judge_*`` metrics); metrics with 95% percentile-bootstrap CIs, counts, and breakdowns by modality,
-   body part and question type. With an ablation the same questions are also generated with the
+   body part, question type and (when the samples mix them) source split. With an ablation the same questions are also generated with the
    ablated images and the metric deltas get paired-bootstrap CIs and permutation p-values.
    ``train_data`` adds a contamination check (:mod:`emma.eval.contamination`).
    A dataset cut by ``emma data holdout`` adds a ``zero_shot`` block: the recipe, the split's role and
@@ -74,7 +74,10 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 PER_SAMPLE_FILE = "per_sample.jsonl"
-BREAKDOWN_KEYS = ("modality", "body_part", "question_type")
+BREAKDOWN_KEYS = ("modality", "body_part", "question_type", "source_split")
+# Reported only when the evaluated samples come from several groups: a plain test split is all "test",
+# a holdout's zero-shot split gathers the group from every source split (docs/zero-shot.md).
+MIXED_ONLY_KEYS = ("source_split",)
 ERROR = "error"  # parse status of a sample whose generation failed
 
 ProgressFn = Callable[[int, int], None]
@@ -321,7 +324,7 @@ def breakdowns(
         groups: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(str(getattr(item, key) or "unknown"), []).append(i)
-        if set(groups) == {"unknown"}:
+        if set(groups) == {"unknown"} or (key in MIXED_ONLY_KEYS and len(groups) < 2):
             continue
         table: dict[str, dict[str, Any]] = {}
         for name in sorted(groups, key=lambda g: (-len(groups[g]), g)):

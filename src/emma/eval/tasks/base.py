@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from emma.data.holdout import SOURCE_SPLIT_KEY
 from emma.data.schema import Gold, ImageRef, Sample, TaskType, Turn
 from emma.infer.types import SamplingParams
 
@@ -75,6 +76,11 @@ class EvalItem:
     @property
     def question_type(self) -> str | None:
         return self.sample.meta.question_type
+
+    @property
+    def source_split(self) -> str | None:
+        """The split the sample came from in its source dataset (a holdout's zero-shot split mixes them)."""
+        return self.sample.meta.extra.get(SOURCE_SPLIT_KEY) or self.sample.meta.split
 
     @property
     def prompt_hash(self) -> str:
