@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from emma.model.registry import parse_spec, resolve_folder
+from emma.text.normalize import normalize_answer
 from emma.train.export import export_gguf
 from emma.train.gguf_export import dequantized_copy
 
@@ -65,17 +66,29 @@ def _eval(model: str, run: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _agreement(run_a: Path, run_b: Path) -> float:
-    """Share of the shared samples whose answer text is the same in both runs."""
+    """Share of the shared samples whose answers are the same in both runs (after the scorers' answer
+    normalisation: "No" and "no" are the same answer)."""
 
     def answers(run: Path) -> dict[str, str]:
         rows = (
             json.loads(line) for line in (run / "per_sample.jsonl").read_text(encoding="utf-8").splitlines()
         )
-        return {row["id"]: row["prediction"] for row in rows}
+        return {row["id"]: normalize_answer(row["prediction"] or "") for row in rows}
 
     a, b = answers(run_a), answers(run_b)
     shared = a.keys() & b.keys()
     return sum(a[i] == b[i] for i in shared) / max(len(shared), 1)
+
+
+def _delta(d: dict[str, Any], sep: str = " | ") -> str:
+    """A compared metric's delta, CI and permutation p as table text (``sep`` joins them)."""
+    if not d:
+        return sep.join(["-"] * 3)
+    ci = d.get("ci95", [float("nan"), float("nan")])
+    p = d.get("p_permutation", float("nan"))
+    return sep.join(
+        [f"{d['delta']:+.4f}", f"[{ci[0]:+.4f}, {ci[1]:+.4f}]", f"({p:.3f})" if sep == " " else f"{p:.4f}"]
+    )
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -90,16 +103,19 @@ def _markdown(result: dict[str, Any]) -> str:
     ]
     full = result["variants"]["full"]
     lines.append(f"| full precision | - | {full['metrics'][headline]:.4f} | - | - | - | - |")
-    for name, v in result["variants"].items():
-        if name == "full":
-            continue
+    others = {name: v for name, v in result["variants"].items() if name != "full"}
+    for name, v in others.items():
         d = v["compare"]["metrics"].get(headline, {})
-        ci = d.get("ci95", [float("nan"), float("nan")])
         lines.append(
-            f"| {name} | {v['gguf_bytes'] / 2**20:.1f} | {v['metrics'][headline]:.4f} | "
-            f"{d.get('delta', float('nan')):+.4f} | [{ci[0]:+.4f}, {ci[1]:+.4f}] | {d.get('p_permutation', float('nan')):.4f} | "
+            f"| {name} | {v['gguf_bytes'] / 2**20:.1f} | {v['metrics'][headline]:.4f} | {_delta(d)} | "
             f"{v['same_answer']:.1%} |"
         )
+    lines += ["", "Every metric, delta vs full [95% CI] (permutation p):", ""]
+    metrics = [m for m in full["metrics"] if m != headline]
+    lines += ["| variant | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, v in others.items():
+        cells = [_delta(v["compare"]["metrics"].get(m, {}), sep=" ") for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", result["note"], ""]
     return "\n".join(lines)
 
