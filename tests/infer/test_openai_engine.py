@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from emma.infer.engine import Engine
 from emma.infer.factory import load_engine
 from emma.infer.openai_engine import OpenAIEngine
 from emma.infer.types import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from emma.serve.batcher import Batcher
 
 
 @dataclass
@@ -284,6 +286,62 @@ def test_stream_cancel_stops_early(peer: tuple[str, PeerState]) -> None:
             request.cancel.set()
     assert final.finish_reason == "cancelled"
     assert len(final.text.split()) < 10
+
+
+def test_stream_many_runs_the_streams_together(peer: tuple[str, PeerState]) -> None:
+    url, state = peer
+    state.delay_s = 0.2
+    engine = OpenAIEngine(url, "m", concurrency=4, max_retries=0)
+    assert engine.capabilities.batched_streams
+    texts = ["first stream", "second one here", "BAD third"]
+    deltas: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finals = {}
+    for index, chunk in engine.stream_many([_req(t) for t in texts]):
+        assert index not in finals  # nothing after a stream's last chunk
+        deltas[index].append(chunk.delta)
+        if chunk.response is not None:
+            finals[index] = chunk.response
+    assert state.max_in_flight == 3  # one at a time would be 1
+    for i in (0, 1):
+        assert finals[i].finish_reason == "stop" and "".join(deltas[i]) == finals[i].text
+        assert finals[i].text.startswith(f"echo {texts[i]}")
+    assert finals[2].finish_reason == "error" and "400" in (finals[2].error or "")
+
+
+def test_stream_many_closed_early_returns(peer: tuple[str, PeerState]) -> None:
+    url, _ = peer
+    engine = OpenAIEngine(url, "m", concurrency=2)
+    long = " ".join(f"w{i}" for i in range(300))
+    pairs = engine.stream_many([_req(long), _req(long)])
+    index, chunk = next(pairs)
+    assert chunk.delta and index in (0, 1)
+    started = time.perf_counter()
+    pairs.close()  # stops both streams at their next chunk
+    assert time.perf_counter() - started < 5
+
+
+def test_batcher_sends_concurrent_streams_to_the_server_together(peer: tuple[str, PeerState]) -> None:
+    url, state = peer
+    state.delay_s = 0.2
+    engine = OpenAIEngine(url, "m", concurrency=4)
+
+    async def scenario() -> list[str]:
+        batcher = Batcher(engine, count_prompts=False, batch_wait_ms=2000)
+        await batcher.start()
+        try:
+            arrivals = [batcher.arrival() for _ in range(3)]  # three requests on their way
+
+            async def one(text: str, arrival: Any) -> str:
+                chunks = await batcher.open_stream(_req(text), arrival=arrival)
+                return "".join([c.delta async for c in chunks])
+
+            return await asyncio.gather(*(one(f"s{i}", a) for i, a in enumerate(arrivals)))
+        finally:
+            await batcher.stop()
+
+    texts = asyncio.run(scenario())
+    assert [t.split(" ")[1] for t in texts] == ["s0", "s1", "s2"]
+    assert state.max_in_flight == 3  # the batcher ran them as one group, not one after another
 
 
 def test_stream_error_in_final_chunk(peer: tuple[str, PeerState]) -> None:

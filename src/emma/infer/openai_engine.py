@@ -5,11 +5,14 @@ Our own ``emma serve``, vLLM, llama.cpp's server and Ollama all work. Requests g
 exponential backoff (0.5 s doubling up to 8 s, 25 % jitter) and honours a ``Retry-After`` header of up
 to two minutes; ``max_retries`` sets how many retries it makes. ``generate`` runs requests on a thread
 pool and a per-engine semaphore keeps at most ``concurrency`` HTTP requests in flight, however many
-threads call the engine.
+threads call the engine. ``stream_many`` runs several streams the same way, so a server in front of
+this engine (``emma serve --backend vllm|llama-server``) hands concurrent streams to the model server
+together, where its own continuous batching serves them.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -137,10 +140,11 @@ class OpenAIEngine:
 
     @property
     def capabilities(self) -> EngineCapabilities:
-        """A remote server: counting a prompt costs a request, streams go one at a time, and the server
-        bounds prompts itself (its 400 answers become ``error_kind "input"`` responses). ``max_images``:
-        a request with more images gets an ``error_kind "input"`` response without being sent."""
-        return EngineCapabilities(in_process=False, max_images=self._max_images)
+        """A remote server: counting a prompt costs a request, concurrent streams go out together
+        (``stream_many``, up to ``concurrency`` in flight), and the server bounds prompts itself (its 400
+        answers become ``error_kind "input"`` responses). ``max_images``: a request with more images gets
+        an ``error_kind "input"`` response without being sent."""
+        return EngineCapabilities(in_process=False, batched_streams=True, max_images=self._max_images)
 
     def close(self) -> None:
         self._client.close()
@@ -274,6 +278,40 @@ class OpenAIEngine:
                 error_kind=kind,
             ),
         )
+
+    def stream_many(self, requests: Sequence[GenerationRequest]) -> Iterator[tuple[int, StreamChunk]]:
+        """Several :meth:`stream` calls at once (up to ``concurrency`` in flight): ``(index, chunk)``
+        pairs in the order they arrive; each request's last chunk carries its response. Closing the
+        iterator early stops every stream at its next chunk."""
+        if not requests:
+            return
+        arrived: queue.Queue[tuple[int, StreamChunk] | None] = queue.Queue()
+        stop = threading.Event()
+
+        def run(index: int, request: GenerationRequest) -> None:
+            chunks = self.stream(request)
+            try:
+                for chunk in chunks:
+                    if stop.is_set():
+                        break
+                    arrived.put((index, chunk))
+            finally:
+                chunks.close()
+                arrived.put(None)  # this stream is over
+
+        with ThreadPoolExecutor(max_workers=min(self._concurrency, len(requests))) as pool:
+            for index, request in enumerate(requests):
+                pool.submit(run, index, request)
+            try:
+                running = len(requests)
+                while running:
+                    item = arrived.get()
+                    if item is None:
+                        running -= 1
+                    else:
+                        yield item
+            finally:
+                stop.set()
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """Prompt tokens as the server counts them (images included), from a one-token completion.

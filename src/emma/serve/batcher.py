@@ -18,9 +18,10 @@ engine thread decodes).
   when a chat request comes in, and it closes when the request is queued or refused), so a lone
   request is never delayed. The whole batch goes to ``engine.generate`` in one call.
 - Streaming requests are batched the same way with other streams of the same sampling settings
-  (``SamplingParams.batch_key``) when the engine has ``stream_many`` (the TransformersEngine does):
-  one batched generation, each stream getting its own chunks as they come and ending as soon as its
-  own answer does. Engines with only ``stream`` (the Engine interface) stream one request at a time.
+  (``SamplingParams.batch_key``) when the engine has ``stream_many`` (the TransformersEngine does:
+  one batched generation; the OpenAIEngine too: the streams go to its server together), each stream
+  getting its own chunks as they come and ending as soon as its own answer does. Engines with only
+  ``stream`` (the Engine interface) stream one request at a time.
   Streams and non-streaming batches run in queue order; a stream that arrives while a batch runs
   waits for it (no continuous batching).
 - Prompt bound: unusable input or a prompt over ``max_prompt_tokens`` fails that request alone
