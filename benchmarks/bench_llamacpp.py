@@ -27,6 +27,13 @@ server takes one at a time and llama-server decodes together). Per phase: first-
 completion tokens / wall seconds. The engines alternate within each run; a warm-up pass first; medians
 over ``--runs`` runs.
 
+``--through-emma`` (with ``--llama-server``) adds the same llama-server behind ``emma serve --backend
+llama-server`` (the real CLI in a subprocess; serve_client's ``ServerProcess``), measured the same way
+through EMMA's OpenAI-compatible API: once as served (``--max-batch-size`` = the concurrency: EMMA hands
+concurrent streams to llama-server together, ``OpenAIEngine.stream_many``) and once with
+``--max-batch-size 1`` (EMMA's queue runs one stream at a time), in the same runs: what EMMA's layer in
+front costs, and what sending streams together gains.
+
 Memory: resident set after a first generation and peak (``VmHWM``) of each llama.cpp server process; for the
 in-process engine the growth of this process's resident set from before the model was loaded to after
 a first generation (the interpreter, torch and the client libraries are not counted) and this process's
@@ -36,13 +43,14 @@ usage in streams).
 Usage::
 
     nice -n 19 python benchmarks/bench_llamacpp.py [--runs 5] [--max-tokens 48] [--threads 1] [--quant q8_0]
-        [--llama-server /path/to/llama-server] [--out benchmarks/results/bench_llamacpp.json]
+        [--llama-server /path/to/llama-server [--through-emma]] [--out benchmarks/results/bench_llamacpp.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -70,6 +78,8 @@ TARGET_FIRST_TOKEN_S = 1.0
 TRANSFORMERS = "transformers"
 LLAMACPP = "llamacpp"
 LLAMA_SERVER = "llama-server"
+THROUGH_EMMA = "emma serve > llama-server"
+THROUGH_EMMA_SERIAL = "emma serve --max-batch-size 1 > llama-server"
 
 
 @dataclass
@@ -260,11 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="Also measure llama.cpp's C++ llama-server (this binary), same GGUF.",
     )
+    parser.add_argument(
+        "--through-emma",
+        action="store_true",
+        help="Also measure that llama-server behind emma serve (as served, and one stream at a time).",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.runs < 1 or args.max_tokens < 1 or args.threads < 1 or args.concurrency < 2:
         parser.error("--runs, --max-tokens, --threads must be >= 1 and --concurrency >= 2")
+    if args.through_emma and not args.llama_server:
+        parser.error("--through-emma needs --llama-server")
 
     import torch
 
@@ -276,6 +293,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = materialize()
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as work:
         return _run(args, folder, Path(work), requests, prompts)
+
+
+class _EmmaFront:
+    """An OpenAIEngine on ``emma serve`` (a ServerProcess) that stops the server when closed."""
+
+    def __init__(self, process: Any, concurrency: int) -> None:
+        from emma.infer.openai_engine import OpenAIEngine
+
+        self.process = process
+        self._engine = OpenAIEngine(process.url + "/v1", process.model_name, concurrency=concurrency)
+        self.stream = self._engine.stream
+
+    def close(self) -> None:
+        self._engine.close()
+        self.process.stop()
+
+
+def emma_in_front(args: argparse.Namespace, gguf: Path, work: Path, label: str, batch: int) -> _EmmaFront:
+    """``emma serve --backend llama-server`` on the GGUF, ``--max-batch-size batch``, ready."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_client import ServerProcess
+
+    extra = ["--backend", "llama-server", "--backend-command", str(args.llama_server)]
+    # the thread flags launch_engine gives the llama-server measured directly (a batch of streams is a
+    # multi-token decode: llama.cpp runs it on --threads-batch)
+    for flag in ("--threads", "--threads-batch"):
+        extra += [f"--backend-arg={flag}", f"--backend-arg={args.threads}"]
+    process = ServerProcess(
+        "".join(c if c.isalnum() else "_" for c in label),
+        str(gguf),
+        max_batch_size=batch,
+        device="cpu",
+        dtype="auto",
+        log_dir=work,
+        threads=args.threads,
+        extra_args=extra,
+    )
+    try:
+        process.wait_ready(timeout_s=180)
+    except BaseException:
+        process.stop()
+        raise
+    return _EmmaFront(process, args.concurrency)
 
 
 def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any], prompts: list[str]) -> int:
@@ -297,7 +357,15 @@ def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any]
     loops: dict[str, tuple[Callable[..., Phase], Callable[..., Phase]]] = {
         TRANSFORMERS: (measure_sequential, measure_batch)
     }
-    servers = [(LLAMACPP, None)] + ([(LLAMA_SERVER, [str(args.llama_server)])] if args.llama_server else [])
+    servers = [(LLAMACPP, None)] if importlib.util.find_spec("llama_cpp") is not None else []
+    if not servers:
+        print(
+            "llama-cpp-python is not installed (pip install 'emma-med[llamacpp]'): its server skipped",
+            file=sys.stderr,
+        )
+    servers += [(LLAMA_SERVER, [str(args.llama_server)])] if args.llama_server else []
+    if not servers:
+        raise SystemExit("nothing to compare: install llama-cpp-python or give --llama-server")
     start_s: dict[str, float] = {}
     phases: list[Phase] = []
     loads: list[float] = []
@@ -315,10 +383,16 @@ def _run(args: argparse.Namespace, folder: Path, work: Path, requests: list[Any]
             )
             start_s[name] = round(time.perf_counter() - start, 2)
             loops[name] = (measure_sequential, measure_threads)
+        if args.through_emma:
+            for name, batch in ((THROUGH_EMMA, args.concurrency), (THROUGH_EMMA_SERIAL, 1)):
+                start = time.perf_counter()
+                engines[name] = emma_in_front(args, gguf, work, name, batch)
+                start_s[name] = round(time.perf_counter() - start, 2)
+                loops[name] = (measure_sequential, measure_threads)
         for name, engine in engines.items():  # warm-up
             loops[name][0](engine, name, _fresh(requests[:1]), -1)
         rss_loaded = _status_kib("self", "VmRSS")  # model pages touched by a generation
-        for name, _ in servers:
+        for name, _ in servers:  # the llama.cpp servers EMMA started itself (not those behind emma serve)
             pid = engines[name].server.pid
             server_memory[name] = {"rss_loaded_mib": _mib(_status_kib(pid, "VmRSS"))}
         for run in range(args.runs):
