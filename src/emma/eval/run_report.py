@@ -1,9 +1,9 @@
 """Run reports: ``report.md`` and a self-contained ``report.html`` with plots.
 
 Both say exactly what was measured: the metrics with their 95% bootstrap CIs and the counts behind
-them (unparseable answers included), breakdowns by modality, body part, question type and (when mixed) source split (headline
-metric with CI error bars), the ablation deltas with paired CIs, the contamination check, problems of a
-predictions file, examples of answers that could not be parsed, and the configuration (prompts
+them (unparseable answers included), breakdowns by modality, body part, question type and (when the
+samples mix them) source split (headline metric with CI error bars), the ablation deltas with paired
+CIs, the contamination check, problems of a predictions file, examples of answers that could not be parsed, and the configuration (prompts
 verbatim, decoding, versions, data hash, scorer; a compat scorer is flagged at the top).
 
 Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global

@@ -15,8 +15,9 @@
    :mod:`emma.eval.scorers` (``compat="medevalkit"`` swaps in :mod:`emma.eval.compat`, labelled as such
    everywhere), :mod:`emma.eval.report_metrics` and, with a judge, :mod:`emma.eval.judge` (it only adds
    ``judge_*`` metrics); metrics with 95% percentile-bootstrap CIs, counts, and breakdowns by modality,
-   body part, question type and (when the samples mix them) source split. With an ablation the same questions are also generated with the
-   ablated images and the metric deltas get paired-bootstrap CIs and permutation p-values.
+   body part, question type and (when the samples mix them) source split. With an ablation the same
+   questions are also generated with the ablated images and the metric deltas get paired-bootstrap CIs
+   and permutation p-values.
    ``train_data`` adds a contamination check (:mod:`emma.eval.contamination`).
    A dataset cut by ``emma data holdout`` adds a ``zero_shot`` block: the recipe, the split's role and
    metrics by group (:mod:`emma.eval.zero_shot`).
