@@ -3,8 +3,9 @@
 Both say exactly what was measured: the metrics with their 95% bootstrap CIs and the counts behind
 them (unparseable answers included), breakdowns by modality, body part, question type and (when the
 samples mix them) source split (headline metric with CI error bars), the ablation deltas with paired
-CIs, the contamination check, problems of a predictions file, examples of answers that could not be parsed, and the configuration (prompts
-verbatim, decoding, versions, data hash, scorer; a compat scorer is flagged at the top).
+CIs, the contamination check, problems of a predictions file, examples of answers that could not be
+parsed, and the configuration (prompts verbatim, decoding, versions, data hash, scorer; a compat scorer
+is flagged at the top).
 
 Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
 state) and saved as PNG files beside the reports (``plot_*.png``); the HTML embeds them as data URIs so
