@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from serve_cli import emma_serve
 from typer.testing import CliRunner
 
 from emma.cli import app
@@ -209,32 +210,9 @@ def test_cli_serve_backend_vllm_starts_and_stops_the_backend(
 
     port = free_port()
     env = {**os.environ, "EMMA_API_KEY": "front-key"}
-    command = [
-        sys.executable,
-        "-c",
-        "from emma.cli import app; app()",
-        "serve",
-        "--backend",
-        "vllm",
-        "--model",
-        str(tiny_model_dir("fast_vlm")),
-        "--backend-command",
-        f"{sys.executable} {SCRIPT}",
-        "--port",
-        str(port),
-    ]
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 — closed below
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-500:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    args = ["--backend", "vllm", "--model", str(tiny_model_dir("fast_vlm"))]
+    args += ["--backend-command", f"{sys.executable} {SCRIPT}"]
+    with emma_serve(args, port, tmp_path / "serve.log", env):
         base = f"http://127.0.0.1:{port}/v1"
         body = {"messages": [{"role": "user", "content": "left right"}], "max_tokens": 8}
         assert httpx.post(f"{base}/chat/completions", json=body, timeout=30).status_code == 401
@@ -245,10 +223,6 @@ def test_cli_serve_backend_vllm_starts_and_stops_the_backend(
         assert answer.json()["choices"][0]["message"]["content"] == "right left"
         backend_pid = _records(record)[0]["pid"]
         os.kill(backend_pid, 0)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
     with pytest.raises(ProcessLookupError):
         os.kill(backend_pid, 0)
 

@@ -217,60 +217,31 @@ def test_cli_serve_backend_llamacpp(text_gguf: Path, tmp_path: Path, png_url: st
     """``emma serve --backend llamacpp`` for real: text answered, images refused (text-only GGUF), and
     llama.cpp's server gone once EMMA ends on SIGTERM."""
     import os
-    import signal
-    import subprocess
-    import sys
 
-    import httpx
+    from serve_cli import emma_serve
 
     from emma.infer.launch import free_port
 
     port = free_port()
-    command = [sys.executable, "-c", "from emma.cli import app; app()", "serve", "--backend", "llamacpp"]
-    command += [
-        "--model",
-        str(text_gguf),
-        "--port",
-        str(port),
-        "--backend-arg",
-        "--n_threads",
-        "--backend-arg",
-        "1",
-    ]
+    args = ["--backend", "llamacpp", "--model", str(text_gguf), "--backend-arg", "--n_threads"]
+    args += ["--backend-arg", "1"]
     env = {k: v for k, v in os.environ.items() if k != "EMMA_API_KEY"}
-    with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        children: list[int] = []
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-500:]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            children = [
-                int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            ]
-            assert children, "no engine server under emma serve"
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-            answer = client.chat.completions.create(
-                model=text_gguf.stem, messages=[{"role": "user", "content": "Hello?"}], max_tokens=4
+    with emma_serve(args, port, tmp_path / "serve.log", env, timeout_s=180) as proc:
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children, "no engine server under emma serve"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model=text_gguf.stem, messages=[{"role": "user", "content": "Hello?"}], max_tokens=4
+        )
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        content = [
+            {"type": "image_url", "image_url": {"url": png_url}},
+            {"type": "text", "text": "What?"},
+        ]
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            client.chat.completions.create(
+                model=text_gguf.stem, messages=[{"role": "user", "content": content}], max_tokens=4
             )
-            assert answer.choices[0].finish_reason in ("stop", "length")
-            content = [
-                {"type": "image_url", "image_url": {"url": png_url}},
-                {"type": "text", "text": "What?"},
-            ]
-            with pytest.raises(openai.BadRequestError, match="takes no images"):
-                client.chat.completions.create(
-                    model=text_gguf.stem, messages=[{"role": "user", "content": content}], max_tokens=4
-                )
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
