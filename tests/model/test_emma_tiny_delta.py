@@ -23,6 +23,9 @@ from emma.model.emma_tiny import (
     _verified_manifest,
     apply_delta,
 )
+from emma.model.vision_encoders import ENCODERS
+
+ASTRA = ENCODERS["astra"]
 
 EMB = "model.language_model.embed_tokens.weight"
 Q = "model.language_model.layers.0.self_attn.q_proj.weight"
@@ -230,7 +233,7 @@ def test_new_rows_start_at_the_mean() -> None:
 
 
 def test_chat_format_is_smollm2s_chatml_with_one_image_placeholder() -> None:
-    processor = emma_tiny._processor()
+    processor = emma_tiny._processor(ASTRA)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "<|im_start|>user\n<image>\nWhich organ?<|im_end|>\n<|im_start|>assistant\n"
@@ -246,7 +249,7 @@ def test_chat_format_is_smollm2s_chatml_with_one_image_placeholder() -> None:
 
 def test_base_config_from_the_emma_tiny_config_loads_the_same_base_weights() -> None:
     base = emma_tiny.load_base_language_model()
-    config = emma_tiny._config(base, emma_tiny._processor().tokenizer)
+    config = emma_tiny._config(base, emma_tiny._processor(ASTRA).tokenizer, ASTRA)
     again = emma_tiny.load_base_language_model(emma_tiny.base_config_of(config))
     assert again.config.vocab_size == base.config.vocab_size
     theirs = again.state_dict()

