@@ -126,3 +126,47 @@ def test_only_a_frozen_tower_without_a_projector_inside_is_cached(
     qwen = load_model(str(tiny_model_dir("qwen2_5_vl")), device="cpu", dtype="fp32")
     apply_trainable(qwen.model, qwen.family, "alignment")
     assert frozen_tower(qwen.model, qwen.family) is None  # Qwen's merger (projector) is inside model.visual
+
+
+def test_a_stage_trains_only_the_towers_top_block_in_eval_mode(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """``vision_trainable``: with LoRA, only the named stage of the pretrained tower changes (at its own
+    learning rate); the rest of the tower and every batch-norm statistic stay exactly as they were."""
+    base = tiny_model_dir("fast_vlm")
+    samples, loader = _samples(9)
+    top = "encoder.stages.1"
+    stage = _stage(
+        kind="vqa",
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        train_vision=True,
+        vision_trainable=[top],
+        vision_learning_rate=1e-2,
+    )
+    cache = TowerFeatureCache()
+    result = run_sft_stage(stage, base, tmp_path / "top", samples, loader, seed=1, feature_cache=cache)
+    assert cache.misses == cache.hits == 0  # a tower that trains is not cached
+    before, after = _state(base), _state(result.final_dir)
+    tower = "model.vision_tower."
+    changed = {n for n in before if n.startswith(tower) and not torch.equal(before[n], after[n])}
+    assert changed, "the top block did not train"
+    assert all(n.startswith(tower + top + ".") for n in changed), sorted(changed)[:3]
+    stats = [n for n in before if n.startswith(tower) and ("running_" in n or "num_batches" in n)]
+    assert stats and not any(n in changed for n in stats)  # eval mode: batch-norm statistics untouched
+
+
+def test_vision_trainable_names_modules_of_the_tower_and_needs_train_vision(
+    tiny_model_dir: Callable[[str], Path],
+) -> None:
+    import pytest
+
+    from emma.errors import InputError
+
+    loaded = load_model(str(tiny_model_dir("fast_vlm")), device="cpu", dtype="fp32")
+    summary = apply_trainable(loaded.model, loaded.family, "vqa", True, ["encoder.stages.1"])
+    top = sum(p.numel() for p in loaded.model.model.vision_tower.encoder.stages[1].parameters())
+    assert summary.by_part["vision"] == top > 0
+    with pytest.raises(InputError, match="no module"):
+        apply_trainable(loaded.model, loaded.family, "vqa", True, ["encoder.stages.9"])
+    with pytest.raises(ValueError, match="needs train_vision"):
+        _stage(vision_trainable=["encoder.stages.1"])

@@ -24,23 +24,38 @@ from typing import Any
 
 from emma.train.freeze import _PEFT_PREFIX, _under, projector_modules, vision_modules
 
-__all__ = ["TowerFeatureCache", "frozen_tower"]
+__all__ = ["TowerFeatureCache", "frozen_tower", "tower_module"]
 
 _TYPE = "__output_type__"
 
 
-def frozen_tower(model: Any, family: str) -> Any | None:
-    """The vision tower module when it is frozen and holds no projector part, else None."""
+def tower_module(model: Any, family: str) -> Any | None:
+    """The vision tower module when the family has one that holds no projector part, else None."""
     towers = vision_modules(family)
     if len(towers) != 1 or any(_under(p, towers[0]) for p in projector_modules(family)):
         return None
     for name, module in model.named_modules():
         if name.removeprefix(_PEFT_PREFIX) == towers[0]:
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                return module
-            return None
+            return module
     return None
+
+
+def frozen_tower(model: Any, family: str) -> Any | None:
+    """The vision tower module when it is frozen and holds no projector part, else None."""
+    module = tower_module(model, family)
+    if module is None:
+        return None
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return module
+    return None
+
+
+def _pin_eval(tower: Any) -> Callable[[], None]:
+    """Keep ``tower`` (all its submodules) in eval mode through the Trainer's ``model.train()`` calls."""
+    tower.eval()
+    tower.train = lambda mode=True: tower  # type: ignore[method-assign,assignment]
+    return lambda: vars(tower).pop("train", None)
 
 
 def _fingerprint(module: Any) -> bytes:
@@ -90,18 +105,20 @@ class TowerFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def attach(self, model: Any, family: str) -> Callable[[], None] | None:
+    def attach(self, model: Any, family: str, partly_frozen: bool = False) -> Callable[[], None] | None:
         """Cache ``model``'s vision tower if it is frozen (see module doc); returns a function that
-        restores the tower's own forward, or None when nothing was attached."""
+        restores the tower's own forward, or None when nothing was attached. ``partly_frozen``: a
+        pretrained tower of which only some submodules train (a stage's ``vision_trainable``) is not
+        cached, but kept in eval mode all the same (its batch-norm statistics stay the pretrained ones)."""
         import torch
 
         tower = frozen_tower(model, family)
         if tower is None:
-            return None
-        tower.eval()
+            partial = tower_module(model, family) if partly_frozen else None
+            return _pin_eval(partial) if partial is not None else None
         # The Trainer calls model.train() at every step: a frozen tower stays in eval mode (its batch-norm
         # statistics must not drift with the training batches, cached or not).
-        tower.train = lambda mode=True: tower  # type: ignore[method-assign,assignment]
+        unpin = _pin_eval(tower)
         original = tower.forward
         tower_key = _fingerprint(tower)
 
@@ -139,7 +156,7 @@ class TowerFeatureCache:
             tower.forward = forward
 
         def detach() -> None:
-            for name in ("forward", "train"):
-                vars(tower).pop(name, None)
+            vars(tower).pop("forward", None)
+            unpin()
 
         return detach

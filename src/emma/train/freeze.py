@@ -18,7 +18,8 @@ Everything else (``model.language_model`` / ``model.text_model``, ``lm_head``) i
 
 Stages: ``alignment`` trains the projector only; ``instruction`` and ``vqa`` train projector + language
 model (fully, or through LoRA adapters: :func:`lora_config`), and the vision tower when
-``train_vision`` (at its own learning rate: :func:`param_groups`).
+``train_vision`` (at its own learning rate: :func:`param_groups`) — the whole tower, or only the submodules
+``vision_trainable`` names under it (a pretrained tower's top block, e.g. ``encoder.stages.3`` of a ResNet).
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ def trains(part: Part, kind: str, train_vision: bool) -> bool:
     raise InputError(f"unknown stage kind {kind!r}")
 
 
+def vision_targets(family: str, vision_trainable: list[str] | None = None) -> list[str]:
+    """The vision modules that train when a stage sets ``train_vision``: the tower, or the named
+    submodules of it (``vision_trainable``, names relative to the tower)."""
+    towers = vision_modules(family)
+    if not vision_trainable:
+        return towers
+    if len(towers) != 1:
+        raise InputError(f"vision_trainable needs a family with one vision tower; {family} has {towers}")
+    return [f"{towers[0]}.{name.strip('.')}" for name in vision_trainable]
+
+
 def summarize(model: Any, family: str) -> TrainableSummary:
     by_part: dict[str, int] = {"vision": 0, "projector": 0, "language": 0}
     trainable = total = 0
@@ -96,17 +108,32 @@ def summarize(model: Any, family: str) -> TrainableSummary:
     return TrainableSummary(trainable=trainable, total=total, by_part=by_part)
 
 
-def apply_trainable(model: Any, family: str, kind: str, train_vision: bool = False) -> TrainableSummary:
+def apply_trainable(
+    model: Any, family: str, kind: str, train_vision: bool = False, vision_trainable: list[str] | None = None
+) -> TrainableSummary:
     """Set ``requires_grad`` for full (non-LoRA) training of a stage; returns the counts.
 
     ``alignment``: projector only (+ vision tower when ``train_vision``: a tower trained from scratch,
     as emma-tiny's is, learns in alignment with the language model frozen); ``instruction`` / ``vqa``:
-    projector + language model (+ vision tower when ``train_vision``). With LoRA use :func:`lora_config`
-    instead (PEFT freezes the base weights).
+    projector + language model (+ vision tower when ``train_vision``, or only its ``vision_trainable``
+    submodules). With LoRA use :func:`lora_config` instead (PEFT freezes the base weights).
     """
+    targets = vision_targets(family, vision_trainable)
+    _check_targets(model, targets)
     for name, param in model.named_parameters():
-        param.requires_grad_(trains(part_of(name, family), kind, train_vision))
+        part = part_of(name, family)
+        on = trains(part, kind, train_vision)
+        if on and part == "vision":
+            on = any(_under(name.removeprefix(_PEFT_PREFIX), t) for t in targets)
+        param.requires_grad_(on)
     return summarize(model, family)
+
+
+def _check_targets(model: Any, targets: list[str]) -> None:
+    names = {name.removeprefix(_PEFT_PREFIX) for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise InputError(f"vision_trainable: no module {missing[0]!r} in this model")
 
 
 def lora_target_regex(model: Any, family: str, target_modules: list[str] | str = "all-linear") -> str:
@@ -152,13 +179,18 @@ def lora_config(
     dropout: float,
     target_modules: list[str] | str = "all-linear",
     train_vision: bool = False,
+    vision_trainable: list[str] | None = None,
 ) -> Any:
     """A ``peft.LoraConfig``: adapters on the language model, projector (± vision) as ``modules_to_save``."""
     from peft import LoraConfig
 
     if kind == "alignment":
         raise InputError("LoRA is for instruction/vqa stages; an alignment stage trains the projector fully")
-    to_save = projector_modules(family) + (vision_modules(family) if train_vision else [])
+    to_save = projector_modules(family)
+    if train_vision:
+        targets = vision_targets(family, vision_trainable)
+        _check_targets(model, targets)
+        to_save += targets
     return LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -76,7 +76,7 @@ def prepare_model(model_dir: str | Path, stage: StageConfig, *, wrap: bool = Tru
     model, processor, family = loaded.model, loaded.processor, loaded.family
     kind = stage.kind
     if stage.lora is None:
-        trainable = apply_trainable(model, family, kind, stage.train_vision)
+        trainable = apply_trainable(model, family, kind, stage.train_vision, stage.vision_trainable)
         return PreparedModel(model, processor, family, loaded.dtype, trainable)
     config = lora_config(
         model,
@@ -87,6 +87,7 @@ def prepare_model(model_dir: str | Path, stage: StageConfig, *, wrap: bool = Tru
         dropout=stage.lora.dropout,
         target_modules=stage.lora.target_modules,
         train_vision=stage.train_vision,
+        vision_trainable=stage.vision_trainable,
     )
     if not wrap:
         return PreparedModel(model, processor, family, loaded.dtype, None, config)

@@ -104,6 +104,10 @@ class StageConfig(_Strict):
     grad_accum: int = Field(1, gt=0)
     lora: LoraConfig | None = None
     train_vision: bool = False
+    # with train_vision: only these submodules of the vision tower train (names relative to the tower,
+    # e.g. [encoder.stages.3], a ResNet's last stage); the rest of a pretrained tower stays frozen, and
+    # the whole tower stays in eval mode (its batch-norm statistics are the pretrained ones)
+    vision_trainable: list[str] | None = None
     max_length: int = Field(2048, gt=0)
     save_steps: int = Field(500, gt=0)
     logging_steps: int = Field(10, gt=0)
@@ -147,6 +151,8 @@ class StageConfig(_Strict):
             raise ValueError(f"stage {self.name!r}: a vision stage trains the tower itself; no lora")
         if self.vision_learning_rate is not None and not self.train_vision:
             raise ValueError(f"stage {self.name!r}: vision_learning_rate needs train_vision: true")
+        if self.vision_trainable and not self.train_vision:
+            raise ValueError(f"stage {self.name!r}: vision_trainable needs train_vision: true")
         return self
 
 

@@ -169,7 +169,8 @@ def run_sft_stage(
         projector_start = start(model, processor, family, samples, image_loader, seed=seed)
     model.train()
     cache = feature_cache if feature_cache is not None else TowerFeatureCache()
-    uncache = cache.attach(model, family)  # a frozen tower: eval mode, each image's features once
+    # a frozen tower: eval mode, each image's features once; a partly trained one: eval mode
+    uncache = cache.attach(model, family, partly_frozen=bool(stage.vision_trainable))
 
     cuda = torch.cuda.is_available()
     args = SFTConfig(
