@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# emma-tiny's vision tower compared inside the model (issue 13): step 1 of the shipped recipe
+# (recipes/emma-tiny.yaml: concept-started projector, one LoRA stage, seed 0) cut to 150 steps, once per
+# variant, each evaluated on VQA-RAD test and compared, paired, with the shipped tower (Astra, layer4):
+#   lite0         EfficientNet-Lite0 (ImageNet) instead of Astra    base_model: emma-tiny:init:lite0
+#   astra-l4-top  Astra layer4 (its last stage) trained, LR 3e-5    train_vision + vision_trainable
+#   astra-l3      Astra cut after layer3: 14x14 = 196 image tokens  base_model: emma-tiny:init:astra-layer3
+# Needs the data of the recipe's header (runs/data/vqa-rad, runs/data/vqa-rad-facts) and
+# ../shared/data/vqa-rad; about 15 min of training per variant on an idle 2-core CPU (layer3: longer).
+# Usage: bash scripts/compare_towers.sh [variant ...]   (default: all; the baseline always runs first)
+# Finished runs are skipped, so an interrupted comparison continues where it stopped.
+set -euo pipefail
+
+STEPS=150
+DATA=../shared/data/vqa-rad
+RECIPE=recipes/emma-tiny.yaml
+
+declare -A SETS=(
+    [astra-l4]=""
+    [lite0]="base_model=emma-tiny:init:lite0"
+    [astra-l4-top]="stages.0.train_vision=true stages.0.vision_trainable=[encoder.stages.3] stages.0.vision_learning_rate=3e-5"
+    [astra-l3]="base_model=emma-tiny:init:astra-layer3"
+)
+
+run() {
+    local name=$1 out=runs/train/cmp-$1 args=()
+    for kv in ${SETS[$name]}; do args+=(--set "$kv"); done
+    if [[ ! -f $out/vqa/stage_done.json ]]; then
+        emma train --recipe "$RECIPE" --set "output_dir=$out" --set "stages.0.max_steps=$STEPS" "${args[@]}" --resume
+    fi
+    if [[ ! -f runs/eval/cmp-$name/results.json ]]; then
+        emma eval --task vqa-rad --data "$DATA" --model "$out/vqa/final" --out "runs/eval/cmp-$name"
+    fi
+}
+
+variants=("$@")
+[[ ${#variants[@]} -gt 0 ]] || variants=(lite0 astra-l4-top astra-l3)
+run astra-l4
+for v in "${variants[@]}"; do
+    [[ -n ${SETS[$v]+x} ]] || { echo "unknown variant $v (known: ${!SETS[*]})" >&2; exit 2; }
+    run "$v"
+    emma eval compare runs/eval/cmp-astra-l4 "runs/eval/cmp-$v"
+done
