@@ -46,8 +46,12 @@ def test_parse_tiny_and_init_specs() -> None:
     assert parse_spec("tiny:llava") == ModelSpec(kind="tiny", family="llava")
     assert parse_spec("tiny:llava").name == "tiny-llava"
     assert parse_spec("emma-tiny:init") == ModelSpec(kind="emma-tiny-init")
+    assert parse_spec("emma-tiny:init:lite0") == ModelSpec(kind="emma-tiny-init", encoder="lite0")
+    assert parse_spec("emma-tiny:init:lite0").name == "emma-tiny:init:lite0"
     with pytest.raises(ModelSpecError, match="unknown tiny family 'nope'"):
         parse_spec("tiny:nope")
+    with pytest.raises(ModelSpecError, match="unknown emma-tiny encoder 'vgg'"):
+        parse_spec("emma-tiny:init:vgg")
 
 
 def test_load_model_accepts_tiny_spec() -> None:
