@@ -256,3 +256,28 @@ def test_base_config_from_the_emma_tiny_config_loads_the_same_base_weights() -> 
     assert theirs.keys() == base.state_dict().keys()
     assert all(torch.equal(tensor, theirs[name]) for name, tensor in base.state_dict().items())
     assert emma_tiny.base_config_of(type(config)()) is None  # a config without emma's keys
+
+
+def test_an_init_on_another_packaged_encoder_builds_loads_and_names_its_tower(tmp_path: Path) -> None:
+    """``emma-tiny:init:lite0``: the same model class with EfficientNet-Lite0 as its tower, the encoder's
+    normalisation in the processor, and the encoder named in the config (what materialize reads)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = emma_tiny.build_init(tmp_path / "init", seed=0, encoder="lite0")
+    model = AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
+    processor = AutoProcessor.from_pretrained(str(folder))
+    assert type(model.model.vision_tower).__name__ == "EfficientNetModel"
+    assert emma_tiny.encoder_of(model.config).name == "lite0"
+    assert emma_tiny.encoder_of(json.loads((folder / "config.json").read_text())).name == "lite0"
+    assert emma_tiny.encoder_of({}).name == "astra"  # a config from before the choice: Astra
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]}],
+        add_generation_prompt=True,
+    )
+    batch = processor(images=[Image.new("RGB", (64, 48), (255, 255, 255))], text=[text], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 49
+    assert float(batch["pixel_values"].max()) == pytest.approx(1.0)  # (1 - 0.5) / 0.5: Lite's input
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
