@@ -240,7 +240,11 @@ def run_sft_stage(
         "global_step": trainer.state.global_step,
         "resumed_from": checkpoint.name if checkpoint else None,
         "trainable": asdict(trainable),
-        "tower_features": {"cached": uncache is not None, "computed": cache.misses, "reused": cache.hits},
+        "tower_features": {
+            "cached": uncache is not None and cache.enabled,
+            "computed": cache.misses,
+            "reused": cache.hits,
+        },
         "projector_init": asdict(projector_start) if projector_start is not None else None,
     }
     (final_dir / STAGE_INFO).write_text(json.dumps(info, indent=1))
