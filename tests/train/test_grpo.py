@@ -97,3 +97,20 @@ def test_grpo_rejects_non_grpo_stage(tmp_path: Path) -> None:
     stage = StageConfig(name="s", kind="vqa", datasets=["d"])
     with pytest.raises(GRPOStageError, match="not grpo"):
         run_grpo_stage(stage, tmp_path, tmp_path, [], seed=0)
+
+
+def test_grpo_keeps_a_frozen_pretrained_tower_in_eval_mode(tiny_model_dir, tmp_path: Path) -> None:
+    """FastVLM's ResNet tower is frozen under LoRA: GRPO's model.train() must not put its batch norms in
+    training mode (which would use batch statistics and overwrite the pretrained running statistics)."""
+    base_dir = tiny_model_dir("fast_vlm")
+    stage = _stage(lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    result = run_grpo_stage(
+        stage, base_dir, tmp_path, _samples(), seed=0, extra_rewards=[_variety], report_to=[]
+    )
+    assert result.steps == 2
+    base = load_model(str(base_dir), device="cpu", dtype="fp32").model.state_dict()
+    trained = load_model(str(result.final_dir), device="cpu", dtype="fp32").model.state_dict()
+    tower = [k for k in base if k.startswith("model.vision_tower.")]
+    assert any("running_mean" in k for k in tower)
+    changed = [k for k in tower if not torch.equal(base[k], trained[k])]
+    assert not changed, f"the frozen tower changed: {changed[:3]}"

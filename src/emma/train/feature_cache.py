@@ -24,7 +24,7 @@ from typing import Any
 
 from emma.train.freeze import _PEFT_PREFIX, _under, projector_modules, vision_modules
 
-__all__ = ["TowerFeatureCache", "frozen_tower", "tower_module"]
+__all__ = ["TowerFeatureCache", "frozen_tower", "pin_tower_eval", "tower_module"]
 
 _TYPE = "__output_type__"
 
@@ -56,6 +56,16 @@ def _pin_eval(tower: Any) -> Callable[[], None]:
     tower.eval()
     tower.train = lambda mode=True: tower  # type: ignore[method-assign,assignment]
     return lambda: vars(tower).pop("train", None)
+
+
+def pin_tower_eval(model: Any, family: str, partly_frozen: bool = False) -> Callable[[], None] | None:
+    """Keep a frozen vision tower (or, with ``partly_frozen``, one of which a stage trains only some
+    submodules) in eval mode, so that its batch-norm statistics stay the pretrained ones under the
+    Trainer's ``model.train()``; returns the function that undoes it, or None (a tower that trains whole,
+    or none to pin). For trainers that do not cache the tower (GRPO): :meth:`TowerFeatureCache.attach`
+    pins it too."""
+    tower = frozen_tower(model, family) or (tower_module(model, family) if partly_frozen else None)
+    return _pin_eval(tower) if tower is not None else None
 
 
 def _fingerprint(module: Any) -> bytes:
@@ -114,8 +124,7 @@ class TowerFeatureCache:
 
         tower = frozen_tower(model, family)
         if tower is None:
-            partial = tower_module(model, family) if partly_frozen else None
-            return _pin_eval(partial) if partial is not None else None
+            return pin_tower_eval(model, family, partly_frozen)
         # The Trainer calls model.train() at every step: a frozen tower stays in eval mode (its batch-norm
         # statistics must not drift with the training batches, cached or not).
         unpin = _pin_eval(tower)

@@ -119,7 +119,8 @@ def apply_trainable(
     submodules). With LoRA use :func:`lora_config` instead (PEFT freezes the base weights).
     """
     targets = vision_targets(family, vision_trainable)
-    _check_targets(model, targets)
+    if vision_trainable:
+        _check_targets(model, targets)
     for name, param in model.named_parameters():
         part = part_of(name, family)
         on = trains(part, kind, train_vision)
@@ -189,7 +190,8 @@ def lora_config(
     to_save = projector_modules(family)
     if train_vision:
         targets = vision_targets(family, vision_trainable)
-        _check_targets(model, targets)
+        if vision_trainable:
+            _check_targets(model, targets)
         to_save += targets
     return LoraConfig(
         r=r,

@@ -137,6 +137,7 @@ def run_grpo_stage(
     from datasets import Dataset
     from trl import GRPOConfig
 
+    from emma.train.feature_cache import pin_tower_eval
     from emma.train.freeze import summarize
     from emma.train.prepare import mixed_bf16, prepare_model
     from emma.train.progress import default_report_to
@@ -201,9 +202,13 @@ def run_grpo_stage(
             f"GRPOTrainer cannot run this {family} model: {str(exc).splitlines()[0]}"
         ) from exc
     trainable = summarize(trainer.model, family).trainable
+    # a frozen (or partly trained) pretrained tower keeps its batch-norm statistics: eval mode throughout
+    unpin = pin_tower_eval(trainer.model, family, partly_frozen=bool(stage.vision_trainable))
     checkpoint = last_checkpoint(out_dir) if resume else None
     # A checkpoint already at max_steps (killed before final/ was written) is restored, not trained on.
     train_or_restore(trainer, checkpoint)
+    if unpin is not None:
+        unpin()
 
     final = out_dir / FINAL
     trained = trainer.model
