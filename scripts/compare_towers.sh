@@ -29,7 +29,10 @@ run() {
         emma train --recipe "$RECIPE" --set "output_dir=$out" --set "stages.0.max_steps=$STEPS" "${args[@]}" --resume
     fi
     if [[ ! -f runs/eval/cmp-$name/results.json ]]; then
-        emma eval --task vqa-rad --data "$DATA" --model "$out/vqa/final" --out "runs/eval/cmp-$name"
+        # the baseline also answers with blank images: does any closed answer read the image?
+        local ablate=()
+        [[ $name == astra-l4 ]] && ablate=(--ablate blank)
+        emma eval --task vqa-rad --data "$DATA" --model "$out/vqa/final" --out "runs/eval/cmp-$name" "${ablate[@]}"
     fi
 }
 
