@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# emma-tiny's vision tower compared inside the model (issue 13): step 1 of the shipped recipe
+# emma-tiny's vision tower compared inside the model (issue 13): step 1 of the recipe
 # (recipes/emma-tiny.yaml: concept-started projector, one LoRA stage, seed 0) cut to 150 steps, once per
-# variant, each evaluated on VQA-RAD test and compared, paired, with the shipped tower (Astra, layer4):
+# variant, each evaluated on VQA-RAD test and compared, paired, with Astra layer4 (the tower shipped when
+# this comparison was made; the shipped model has since moved to EfficientNet-Lite0, MODEL_CARD.md):
 #   lite0         EfficientNet-Lite0 (ImageNet) instead of Astra    base_model: emma-tiny:init:lite0
 #   astra-l4-top  Astra layer4 (its last stage) trained, LR 3e-5    train_vision + vision_trainable
 #   astra-l3      Astra cut after layer3: 14x14 = 196 image tokens  base_model: emma-tiny:init:astra-layer3
@@ -16,9 +17,9 @@ DATA=../shared/data/vqa-rad
 RECIPE=recipes/emma-tiny.yaml
 
 declare -A SETS=(
-    [astra-l4]=""
+    [astra-l4]="base_model=emma-tiny:init:astra"
     [lite0]="base_model=emma-tiny:init:lite0"
-    [astra-l4-top]="stages.0.train_vision=true stages.0.vision_trainable=[encoder.stages.3] stages.0.vision_learning_rate=3e-5"
+    [astra-l4-top]="base_model=emma-tiny:init:astra stages.0.train_vision=true stages.0.vision_trainable=[encoder.stages.3] stages.0.vision_learning_rate=3e-5"
     [astra-l3]="base_model=emma-tiny:init:astra-layer3"
 )
 

@@ -64,16 +64,19 @@ def test_emma_tiny_loads_offline_and_answers_about_a_radiograph(monkeypatch: pyt
 
 
 def test_the_shipped_delta_leaves_the_packaged_encoder_alone() -> None:
-    """The vision tower is Astra's, from its package (checked by SHA-256), not a copy in the repository."""
+    """The vision tower is EfficientNet-Lite0's, from its package (checked by SHA-256), not a copy in the
+    repository; the config names it, so `materialize` builds the right tower."""
     from safetensors import safe_open
 
-    from emma.model.vision_encoders import ASTRA_SHA256
+    from emma.model.emma_tiny import DEFAULT_ENCODER, encoder_of
+    from emma.model.vision_encoders import LITE0_PACKAGE, LITE0_SHA256
 
     manifest = json.loads((asset_dir() / MANIFEST_FILE).read_text())
-    assert manifest["encoder"]["sha256"] == ASTRA_SHA256
+    assert manifest["encoder"] == {"package": LITE0_PACKAGE, "sha256": LITE0_SHA256}
     with safe_open(str(asset_dir() / DELTA_FILE), framework="pt") as delta:
         names = list(delta.keys())
     assert not any(name.startswith("model.vision_tower.") for name in names)
     assert any(name.startswith("model.multi_modal_projector.") for name in names)
     config = json.loads((asset_dir() / "config.json").read_text())
-    assert config["model_type"] == "fast_vlm" and config["vision_config"]["model_type"] == "resnet"
+    assert config["model_type"] == "fast_vlm" and config["vision_config"]["model_type"] == "efficientnet"
+    assert encoder_of(config).name == DEFAULT_ENCODER == "lite0"

