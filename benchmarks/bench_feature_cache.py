@@ -66,7 +66,9 @@ def _stage(steps: int) -> StageConfig:
 def _one(samples: list[Any], loader: Any, steps: int, cached: bool) -> dict[str, float]:
     cache = TowerFeatureCache(enabled=cached)
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        result = run_sft_stage(_stage(steps), init_dir(encoder="astra"), Path(tmp), samples, loader, feature_cache=cache)
+        result = run_sft_stage(
+            _stage(steps), init_dir(encoder="astra"), Path(tmp), samples, loader, feature_cache=cache
+        )
     runtime = next(h["train_runtime"] for h in reversed(result.log_history) if "train_runtime" in h)
     return {"train_runtime_s": float(runtime), "computed": cache.misses, "reused": cache.hits}
 
