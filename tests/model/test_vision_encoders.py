@@ -3,6 +3,7 @@ mapping, kernel collapse, the real file) and EfficientNet-Lite0 as an EfficientN
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,4 @@ def test_a_weight_file_that_fails_its_checksum_is_refused(tmp_path: Path) -> Non
     path.write_bytes(b"not the weights")
     with pytest.raises(EncoderWeightsError, match="fail their checksum: delete the file and reinstall 'pkg'"):
         _checked(path, "0" * 64, "pkg", "the weights")
-    import hashlib
-
     assert _checked(path, hashlib.sha256(b"not the weights").hexdigest(), "pkg", "the weights") == path
