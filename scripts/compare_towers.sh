@@ -6,9 +6,11 @@
 #   lite0         EfficientNet-Lite0 (ImageNet) instead of Astra    base_model: emma-tiny:init:lite0
 #   astra-l4-top  Astra layer4 (its last stage) trained, LR 3e-5    train_vision + vision_trainable
 #   astra-l3      Astra cut after layer3: 14x14 = 196 image tokens  base_model: emma-tiny:init:astra-layer3
+#   lite0-320     EfficientNet-Lite0 on 320 px images: 10x10 = 100  base_model: emma-tiny:init:lite0-320
 # Needs the data of the recipe's header (runs/data/vqa-rad, runs/data/vqa-rad-facts) and
 # ../shared/data/vqa-rad; about 15 min of training per variant on an idle 2-core CPU (layer3: longer).
-# Usage: bash scripts/compare_towers.sh [variant ...]   (default: all; the baseline always runs first)
+# Usage: [BASE=lite0] bash scripts/compare_towers.sh [variant ...]   (default: the first three; the
+# baseline, BASE or astra-l4, always runs first, and every variant is compared with it)
 # Finished runs are skipped, so an interrupted comparison continues where it stopped.
 set -euo pipefail
 
@@ -21,7 +23,9 @@ declare -A SETS=(
     [lite0]="base_model=emma-tiny:init:lite0"
     [astra-l4-top]="base_model=emma-tiny:init:astra stages.0.train_vision=true stages.0.vision_trainable=[encoder.stages.3] stages.0.vision_learning_rate=3e-5"
     [astra-l3]="base_model=emma-tiny:init:astra-layer3"
+    [lite0-320]="base_model=emma-tiny:init:lite0-320"
 )
+BASE=${BASE:-astra-l4}
 
 run() {
     local name=$1 out=runs/train/cmp-$1 args=()
@@ -32,16 +36,17 @@ run() {
     if [[ ! -f runs/eval/cmp-$name/results.json ]]; then
         # the baseline also answers with blank images: does any closed answer read the image?
         local ablate=()
-        [[ $name == astra-l4 ]] && ablate=(--ablate blank)
+        [[ $name == "$BASE" ]] && ablate=(--ablate blank)
         emma eval --task vqa-rad --data "$DATA" --model "$out/vqa/final" --out "runs/eval/cmp-$name" "${ablate[@]}"
     fi
 }
 
 variants=("$@")
 [[ ${#variants[@]} -gt 0 ]] || variants=(lite0 astra-l4-top astra-l3)
-run astra-l4
+[[ -n ${SETS[$BASE]+x} ]] || { echo "unknown baseline $BASE (known: ${!SETS[*]})" >&2; exit 2; }
+run "$BASE"
 for v in "${variants[@]}"; do
     [[ -n ${SETS[$v]+x} ]] || { echo "unknown variant $v (known: ${!SETS[*]})" >&2; exit 2; }
     run "$v"
-    emma eval compare runs/eval/cmp-astra-l4 "runs/eval/cmp-$v"
+    emma eval compare "runs/eval/cmp-$BASE" "runs/eval/cmp-$v"
 done

@@ -247,6 +247,30 @@ def test_chat_format_is_smollm2s_chatml_with_one_image_placeholder() -> None:
     assert float(pixels.min()) == 0.0 and float(pixels.max()) == 1.0  # [0, 1], no mean/std
 
 
+def test_an_encoder_at_another_input_size_sets_the_processor_and_the_token_count() -> None:
+    """``lite0-320``: images squashed to 320 px, whose 10 x 10 feature map gives 100 image tokens, and the
+    processor's count matches what the tower produces."""
+    from PIL import Image
+    from transformers import AutoModel
+
+    from emma.model.vision_encoders import encoder_named
+
+    encoder = encoder_named("lite0-320")
+    processor = emma_tiny._processor(encoder)
+    config = emma_tiny._config(emma_tiny.load_base_language_model(), processor.tokenizer, encoder)
+    assert config.image_seq_length == 100
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]}],
+        add_generation_prompt=True,
+    )
+    batch = processor(images=[Image.new("RGB", (500, 400), (9, 9, 9))], text=[text], return_tensors="pt")
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == 100
+    assert batch["pixel_values"].shape == (1, 3, 320, 320)
+    tower = AutoModel.from_config(encoder.config()).eval()
+    with torch.no_grad():
+        assert tower(batch["pixel_values"]).last_hidden_state.shape[-2:] == (10, 10)
+
+
 def test_base_config_from_the_emma_tiny_config_loads_the_same_base_weights() -> None:
     base = emma_tiny.load_base_language_model()
     config = emma_tiny._config(base, emma_tiny._processor(ASTRA).tokenizer, ASTRA)

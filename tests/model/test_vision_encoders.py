@@ -97,9 +97,10 @@ def test_an_open_squeeze_excitation_gate_multiplies_by_exactly_one() -> None:
 
 
 def test_encoder_table_names_token_counts_and_refuses_unknown_names() -> None:
-    assert encoder_named("astra").tokens(224) == 49
-    assert encoder_named("astra-layer3").tokens(224) == 196
-    assert encoder_named("lite0").tokens(224) == 49
+    assert encoder_named("astra").tokens() == 49
+    assert encoder_named("astra-layer3").tokens() == 196
+    assert encoder_named("lite0").tokens() == 49
+    assert encoder_named("lite0-320").tokens() == 100
     with pytest.raises(InputError, match="unknown image encoder"):
         encoder_named("vgg16")
 

@@ -64,12 +64,13 @@ MANIFEST_FILE = "manifest.json"
 _DONE = "emma_tiny_built.json"
 
 # 224 px images squashed to a square; EfficientNet-Lite0 (stride 32) → 7 x 7 = 49 image tokens.
-# Other packaged encoders (``emma-tiny:init:<encoder>``, emma.model.vision_encoders.ENCODERS) are for
-# comparing towers inside the model; a built model's config names its encoder.
-IMAGE_SIZE = 224
+# Other packaged encoders and input sizes (``emma-tiny:init:<encoder>``,
+# emma.model.vision_encoders.ENCODERS) are for comparing towers inside the model; a built model's config
+# names its encoder.
 DEFAULT_ENCODER = "lite0"
 UNNAMED_ENCODER = "astra"  # configs built before they named their encoder (shipped v7b and earlier)
-IMAGE_TOKENS = encoder_named(DEFAULT_ENCODER).tokens(IMAGE_SIZE)
+IMAGE_SIZE = encoder_named(DEFAULT_ENCODER).image_size
+IMAGE_TOKENS = encoder_named(DEFAULT_ENCODER).tokens()
 _IMAGE_TOKEN = "<image>"
 _TEXT_PREFIX = "model.language_model."
 _VISION_PREFIX = "model.vision_tower."
@@ -157,12 +158,13 @@ def _processor(encoder: Encoder) -> Any:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = tokenizer_with([_IMAGE_TOKEN])
-    # Squash to IMAGE_SIZE x IMAGE_SIZE (no crop: the edges of a radiograph matter), scale to [0, 1],
-    # then the encoder's own normalisation (Lite0's (x - 0.5) / 0.5; Astra's: none).
+    # Squash to a square of the encoder's input size (no crop: the edges of a radiograph matter), scale to
+    # [0, 1], then the encoder's own normalisation (Lite0's (x - 0.5) / 0.5; Astra's: none).
     norm = encoder.mean is not None and encoder.std is not None
+    side = {"height": encoder.image_size, "width": encoder.image_size}
     image_processor = CLIPImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size=side,
+        crop_size=side,
         do_center_crop=False,
         do_normalize=norm,
         image_mean=[encoder.mean] * 3 if norm else None,
@@ -199,7 +201,7 @@ def _config(base_lm: Any, tokenizer: Any, encoder: Encoder) -> Any:
         text_config=text,
         vision_config=encoder.config().to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
-        image_seq_length=encoder.tokens(IMAGE_SIZE),
+        image_seq_length=encoder.tokens(),
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )

@@ -260,7 +260,7 @@ def load_lite0_encoder_state(verify: bool = True) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Encoder:
     """One packaged image encoder as emma-tiny's vision tower: its transformers config, its converted
-    weights, and the input it expects (images squashed to ``image_size``, scaled to [0, 1], then
+    weights, and the input it expects (images squashed to ``image_size`` px square, scaled to [0, 1], then
     ``(x - mean) / std``; ``stride`` px per image token along each side)."""
 
     name: str
@@ -271,9 +271,11 @@ class Encoder:
     std: float | None
     config: Callable[[], Any]
     state: Callable[[bool], dict[str, Any]]  # verify checksum → transformers weights
+    image_size: int = 224
 
-    def tokens(self, image_size: int) -> int:
-        return (image_size // self.stride) ** 2
+    def tokens(self) -> int:
+        """Image tokens per image: the last feature map's cells."""
+        return (self.image_size // self.stride) ** 2
 
 
 ENCODERS: dict[str, Encoder] = {
@@ -309,6 +311,18 @@ ENCODERS: dict[str, Encoder] = {
         0.5,
         lite0_config,
         load_lite0_encoder_state,
+    ),
+    # The same network on 320 px images: 10x10x1280 (about twice the image tokens).
+    "lite0-320": Encoder(
+        "lite0-320",
+        LITE0_PACKAGE,
+        LITE0_SHA256,
+        32,
+        0.5,
+        0.5,
+        lite0_config,
+        load_lite0_encoder_state,
+        image_size=320,
     ),
 }
 

@@ -32,7 +32,7 @@ from emma.data.schema import ImageRef, Sample
 from emma.errors import InputError
 from emma.train.freeze import _PEFT_PREFIX, projector_modules, vision_modules
 
-__all__ = ["ProjectorInit", "concept_projector", "image_concepts", "standardize_projector"]
+__all__ = ["ProjectorInit", "concept_projector", "image_concepts", "standardize_projector", "tower_tokens"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _module(model: Any, name: str) -> Any:
     raise InputError(f"module {name!r} not found in the model")
 
 
-def _tower_tokens(model: Any, processor: Any, family: str, images: list[Any]) -> Any:
+def tower_tokens(model: Any, processor: Any, family: str, images: list[Any]) -> Any:
     """The frozen tower's feature tokens for ``images``: (images, tokens per image, channels), fp32."""
     import torch
 
@@ -119,7 +119,7 @@ def standardize_projector(
     if not chosen:
         raise InputError("projector_init: the stage has no images")
     images = [image_loader(refs[k]).convert("RGB") for k in chosen]
-    tokens = _tower_tokens(model, processor, family, images).reshape(-1, first.in_features)
+    tokens = tower_tokens(model, processor, family, images).reshape(-1, first.in_features)
     with torch.no_grad():
         before = float(projector(tokens.to(first.weight.dtype)).norm(dim=-1).mean())
         mu, sigma = tokens.mean(0), tokens.std(0).clamp_min(1e-3)
@@ -216,7 +216,7 @@ def concept_projector(
     if not keys:
         raise InputError("projector_init: concepts needs samples with body_part or modality labels")
     images = [image_loader(refs[k]).convert("RGB") for k in keys]
-    tokens = _tower_tokens(model, processor, family, images)  # images, tokens, channels
+    tokens = tower_tokens(model, processor, family, images)  # images, tokens, channels
     per_image = tokens.shape[1]
     flat = tokens.reshape(-1, tokens.shape[-1])
     mu, sigma = flat.mean(0), flat.std(0).clamp_min(1e-3)
