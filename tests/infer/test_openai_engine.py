@@ -203,6 +203,15 @@ def test_generate_maps_messages_sampling_and_usage(peer: tuple[str, PeerState]) 
     assert state.auth[0] == "Bearer k1"
 
 
+def test_ignore_eos_is_sent_in_the_body_only_when_asked(peer: tuple[str, PeerState]) -> None:
+    url, state = peer
+    engine = OpenAIEngine(url, "m")
+    engine.generate([_req("forced", ignore_eos=True), _req("plain")])
+    bodies = {b["messages"][0]["content"]: b for b in state.bodies}
+    assert bodies["forced"]["ignore_eos"] is True
+    assert "ignore_eos" not in bodies["plain"]
+
+
 def test_length_and_stop(peer: tuple[str, PeerState]) -> None:
     url, _ = peer
     engine = OpenAIEngine(url, "m")

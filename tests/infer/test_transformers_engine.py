@@ -333,3 +333,25 @@ def test_stream_many_isolates_unusable_input(engine: TransformersEngine) -> None
         )
     with pytest.raises(ValueError, match="same sampling"):
         list(engine.stream_many([_req(_prompts()[0]), _req(_prompts()[0], max_new_tokens=3)]))
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens() -> None:
+    """Every token but one is an end-of-sequence token: greedy decoding stops at once, unless
+    ``ignore_eos`` masks them all, when it runs to ``max_new_tokens`` (generate and stream alike)."""
+    loaded = _spread_weights(load_tiny("qwen2_5_vl"))
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    keep = loaded.processor.tokenizer.encode("yes", add_special_tokens=False)[0]  # the one non-ending token
+    loaded.model.generation_config.eos_token_id = [i for i in range(vocab) if i != keep]
+    engine = TransformersEngine(loaded, max_batch_size=2)
+    assert keep not in engine._eos_ids
+    stopped = engine.generate([_req(_prompts()[1])])[0]
+    assert (stopped.finish_reason, stopped.completion_tokens, stopped.text) == ("stop", 1, "")
+    forced = engine.generate([_req(_prompts()[1], ignore_eos=True), _req(_prompts()[0], ignore_eos=True)])
+    assert [(r.finish_reason, r.completion_tokens) for r in forced] == [("length", 12)] * 2
+    streamed = list(engine.stream(_req(_prompts()[1], ignore_eos=True)))
+    final = streamed[-1].response
+    assert final is not None and (final.finish_reason, final.completion_tokens) == ("length", 12)
+    assert "".join(c.delta for c in streamed) == forced[0].text != ""
+    assert (
+        _req(_prompts()[1], ignore_eos=True).sampling.batch_key() != _req(_prompts()[1]).sampling.batch_key()
+    )

@@ -536,3 +536,17 @@ def test_engine_failure_in_a_stream_batch_reaches_every_stream(tiny_engine: Any)
     assert largest == 2
     assert [type(o).__name__ for o in outcomes] == ["EngineFailure", "EngineFailure"]
     assert all("SECRET" not in str(o) for o in outcomes)
+
+
+def test_ignore_eos_reaches_the_engine_strictly_typed(
+    tiny_engine: Any, make_settings: Any, instrument: Any
+) -> None:
+    engine = instrument(tiny_engine)
+    with TestClient(create_app(engine, make_settings())) as c:
+        body = {"messages": _user(_text("Count.")), "max_tokens": 5}
+        r = c.post(CHAT, json={**body, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
+        assert c.post(CHAT, json=body).status_code == 200
+        assert [q.sampling.ignore_eos for q in engine.requests] == [True, False]
+        _error(c.post(CHAT, json={**body, "ignore_eos": "yes"}), 422, "validation_error")

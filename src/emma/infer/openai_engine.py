@@ -175,6 +175,8 @@ class OpenAIEngine:
             params["stop"] = list(s.stop)
         if s.seed is not None:
             params["seed"] = s.seed
+        if s.ignore_eos:  # not an OpenAI parameter: vLLM's and llama.cpp's servers read it from the body
+            params["extra_body"] = {"ignore_eos": True}
         if request.logprob_words and max_tokens is None and not stream:
             params["logprobs"] = True
             params["top_logprobs"] = TOP_LOGPROBS

@@ -565,6 +565,9 @@ class TransformersEngine:
             if config.top_k is None:
                 config.top_k = 0  # OpenAI semantics: no top-k unless the model's config sets one (not 50)
         config.stop_strings = list(sampling.stop) or None
+        if sampling.ignore_eos:  # every end-of-sequence id the engine knows is masked until the last token
+            config.eos_token_id = sorted(self._eos_ids) or None
+            config.min_new_tokens = sampling.max_new_tokens
         return config
 
     def _run(

@@ -59,6 +59,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Generate exactly max_new_tokens: end-of-sequence tokens are never picked (vLLM's and llama.cpp's
+    # ``ignore_eos``; stop strings still end the text). For benchmarks that need a fixed decode length.
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -68,8 +71,15 @@ class SamplingParams:
     def batch_key(self) -> tuple[object, ...]:
         """Requests with equal keys can share one batched generation (greedy ignores top_p and seed)."""
         if self.greedy:
-            return (self.max_new_tokens, 0.0, 1.0, tuple(self.stop), None)
-        return (self.max_new_tokens, self.temperature, self.top_p, tuple(self.stop), self.seed)
+            return (self.max_new_tokens, 0.0, 1.0, tuple(self.stop), None, self.ignore_eos)
+        return (
+            self.max_new_tokens,
+            self.temperature,
+            self.top_p,
+            tuple(self.stop),
+            self.seed,
+            self.ignore_eos,
+        )
 
 
 @dataclass

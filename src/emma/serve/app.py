@@ -292,6 +292,7 @@ def _sampling(body: ChatCompletionRequest, settings: ServeSettings) -> SamplingP
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=stop,
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
 
 

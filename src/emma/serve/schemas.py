@@ -112,6 +112,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    ignore_eos: StrictBool = Field(
+        default=False,
+        description="Not OpenAI's (vLLM's and llama.cpp's): generate max_tokens tokens, never ending at the "
+        "end-of-sequence token (benchmarks).",
+    )
     n: StrictInt | None = Field(default=None, ge=1)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
