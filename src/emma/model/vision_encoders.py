@@ -23,6 +23,7 @@ scaled to Lite's (x - 0.5) / 0.5 (its training normalisation, 127 and 128 on 0-2
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable
@@ -278,6 +279,8 @@ class Encoder:
         return (self.image_size // self.stride) ** 2
 
 
+_LITE0 = Encoder("lite0", LITE0_PACKAGE, LITE0_SHA256, 32, 0.5, 0.5, lite0_config, load_lite0_encoder_state)
+
 ENCODERS: dict[str, Encoder] = {
     # Astra's CT ResNet-152 to layer4: 7x7x2048 at 224 px (emma-tiny's shipped tower).
     "astra": Encoder(
@@ -302,28 +305,9 @@ ENCODERS: dict[str, Encoder] = {
         lambda verify: load_astra_encoder_state(3, verify),
     ),
     # ImageNet EfficientNet-Lite0: 7x7x1280 at 224 px.
-    "lite0": Encoder(
-        "lite0",
-        LITE0_PACKAGE,
-        LITE0_SHA256,
-        32,
-        0.5,
-        0.5,
-        lite0_config,
-        load_lite0_encoder_state,
-    ),
+    "lite0": _LITE0,
     # The same network on 320 px images: 10x10x1280 (about twice the image tokens).
-    "lite0-320": Encoder(
-        "lite0-320",
-        LITE0_PACKAGE,
-        LITE0_SHA256,
-        32,
-        0.5,
-        0.5,
-        lite0_config,
-        load_lite0_encoder_state,
-        image_size=320,
-    ),
+    "lite0-320": dataclasses.replace(_LITE0, name="lite0-320", image_size=320),
 }
 
 
