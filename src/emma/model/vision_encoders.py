@@ -282,7 +282,7 @@ class Encoder:
 _LITE0 = Encoder("lite0", LITE0_PACKAGE, LITE0_SHA256, 32, 0.5, 0.5, lite0_config, load_lite0_encoder_state)
 
 ENCODERS: dict[str, Encoder] = {
-    # Astra's CT ResNet-152 to layer4: 7x7x2048 at 224 px (emma-tiny's shipped tower).
+    # Astra's CT ResNet-152 to layer4: 7x7x2048 at 224 px (v7b's tower; v8b, shipped, has Lite0).
     "astra": Encoder(
         "astra",
         ASTRA_PACKAGE,
