@@ -5,8 +5,8 @@
 
 The stage is step 1 of ``recipes/emma-tiny.yaml`` (kind ``vqa``, LoRA r 16 on all linear layers + the
 projector, batch 8, fp32) without its projector start, from ``emma-tiny:init:astra`` (SmolLM2-135M +
-Astra's ResNet-152, the tower shipped when this was measured; the shipped EfficientNet-Lite0 costs ~7x less
-per image, so the cache saves less there), for one epoch over every VQA-RAD train question on the first ``--images`` train images.
+Astra's ResNet-152, the tower shipped when this was measured; not measured on the lighter EfficientNet-Lite0
+shipped since), for one epoch over every VQA-RAD train question on the first ``--images`` train images.
 VQA-RAD train asks 5.7 questions of each image, so, as in the real stage, most samples show an image
 already seen. ``cached``: :class:`~emma.train.feature_cache.TowerFeatureCache` (each image's tower output
 computed once); ``uncached``: the same with ``enabled=False`` (the tower, still frozen and in eval mode,

@@ -113,6 +113,21 @@ def stream_once(engine: Any, request: Any) -> Sample:
     return sample
 
 
+def parameters_by_part(engine: Any) -> dict[str, int] | None:
+    """Parameters of the vision tower, projector and language model (emma.train.freeze's partition)."""
+    from emma.errors import InputError
+    from emma.train.freeze import part_of
+
+    parts: dict[str, int] = {}
+    try:
+        for name, param in engine.model.named_parameters():
+            part = part_of(name, engine.family or "")
+            parts[part] = parts.get(part, 0) + param.numel()
+    except InputError:  # a family without a known partition
+        return None
+    return parts
+
+
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """One fresh process: imports, load, then ``requests`` streamed requests; timings and peak RSS.
 
@@ -143,6 +158,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_s,
         "model": engine.model_name,
         "parameters": sum(p.numel() for p in engine.model.parameters()),  # type: ignore[attr-defined]
+        "parameters_by_part": parameters_by_part(engine),
         "torch_threads": torch.get_num_threads(),
         "requests": [],
     }
@@ -163,30 +179,32 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         one_token_s = statistics.median(stream_once(engine, request(1)).latency_s for _ in range(probes))
         out["one_token_s"] = one_token_s
         forced = [stream_once(engine, request(int(config["max_tokens"]), True)) for _ in range(probes)]
-        out["forced"] = [
-            {
-                "completion_tokens": f.completion_tokens,
-                "latency_s": f.latency_s,
-                "decode_tokens_per_s": (f.completion_tokens - 1) / (f.latency_s - one_token_s)
-                if f.completion_tokens >= 2 and f.latency_s > one_token_s
-                else None,
-            }
-            for f in forced
-        ]
-        for sample in samples:
+
+        def decode_rate(sample: Any) -> float | None:
+            """Tokens after the first over the time after a one-token request's."""
             decode_s = sample.latency_s - one_token_s
-            rate = (
+            return (
                 (sample.completion_tokens - 1) / decode_s
                 if sample.completion_tokens >= 2 and decode_s > 0
                 else None
             )
+
+        out["forced"] = [
+            {
+                "completion_tokens": f.completion_tokens,
+                "latency_s": f.latency_s,
+                "decode_tokens_per_s": decode_rate(f),
+            }
+            for f in forced
+        ]
+        for sample in samples:
             out["requests"].append(
                 {
                     "ttft_s": sample.ttft_s,
                     "latency_s": sample.latency_s,
                     "completion_tokens": sample.completion_tokens,
                     "prompt_tokens": sample.prompt_tokens,
-                    "decode_tokens_per_s": rate,
+                    "decode_tokens_per_s": decode_rate(sample),
                     "end_to_end_tokens_per_s": sample.completion_tokens / sample.latency_s,
                 }
             )

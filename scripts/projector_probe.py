@@ -6,10 +6,10 @@
 The fact questions ("Is this an image of the abdomen?", balanced yes/no per image; `emma data facts`)
 cannot be answered from the wording, only from the image. Train images are split 80/20 by image; the
 projector of emma-tiny's untrained start (``--base``: ``emma-tiny:init:astra``, Astra's tower, with which
-the model card's numbers were measured; ``emma-tiny:init:lite0`` for the shipped tower) is trained on the 80 % (with ``--lora``
-also LoRA r16 on the language model), and every 25 steps the script prints the held-out accuracy of
-"yes" vs "no" at the answer's first token, with the real images and with blank ones. A projector that
-carries the image lifts the real-image accuracy above 0.5 and above the blank-image one.
+the model card's numbers were measured; ``emma-tiny:init:lite0`` for the shipped tower) is trained on the
+80 % (with ``--lora`` also LoRA r16 on the language model), and every 25 steps the script prints the
+held-out accuracy of "yes" vs "no" at the answer's first token, with the real images and with blank ones.
+A projector that carries the image lifts the real-image accuracy above 0.5 and above the blank-image one.
 """
 
 from __future__ import annotations
